@@ -1,0 +1,96 @@
+"""Helpers shared by activities: token loading and platform error mapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+from temporalio.exceptions import ApplicationError
+
+from core.crypto import TokenVault
+from core.db import Channel, utcnow
+from core.platforms import PlatformError
+
+
+def token_context(channel_id: str) -> str:
+    return f"channel:{channel_id}:token"
+
+
+def webhook_secret_context(channel_id: str) -> str:
+    return f"channel:{channel_id}:webhook_secret"
+
+
+@dataclass
+class ChannelCredentials:
+    channel_id: str
+    workspace_id: str
+    platform: str
+    external_id: str
+    platform_user_id: str
+    status: str
+    token: str
+
+
+def load_credentials(engine: Engine, vault: TokenVault, channel_id: str, *, allow_statuses: set[str]) -> ChannelCredentials:
+    """Load a channel and decrypt its token inside the activity.
+
+    Raises a non-retryable ``ChannelUnavailable`` when the channel is gone,
+    has no token, or is in a status the caller does not allow.
+    """
+    with Session(engine) as db:
+        channel = db.get(Channel, channel_id)
+        if channel is None:
+            raise ApplicationError(f"channel {channel_id} does not exist", type="ChannelUnavailable", non_retryable=True)
+        if channel.status not in allow_statuses:
+            raise ApplicationError(
+                f"channel {channel_id} is {channel.status}", type="ChannelUnavailable", non_retryable=True
+            )
+        if not channel.token_ciphertext:
+            raise ApplicationError(f"channel {channel_id} has no token", type="ChannelUnavailable", non_retryable=True)
+        token = vault.decrypt(channel.token_ciphertext, token_context(channel_id))
+        return ChannelCredentials(
+            channel_id=channel.id,
+            workspace_id=channel.workspace_id,
+            platform=channel.platform,
+            external_id=channel.external_id,
+            platform_user_id=channel.platform_user_id,
+            status=channel.status,
+            token=token,
+        )
+
+
+def set_channel_status(engine: Engine, channel_id: str, status: str, detail: str = "") -> None:
+    with Session(engine) as db:
+        channel = db.get(Channel, channel_id)
+        if channel is None:
+            return
+        channel.status = status
+        channel.status_detail = detail
+        channel.updated_at = utcnow()
+        db.add(channel)
+        db.commit()
+
+
+def to_application_error(err: PlatformError, *, engine: Engine | None = None, channel_id: str = "") -> ApplicationError:
+    """Classify a platform error for Temporal's retry machinery.
+
+    throttled -> retryable after the advised delay; unavailable -> retryable
+    with the policy's backoff; token_invalid -> non-retryable and the channel
+    is marked ``needs_reconnect``; outside_window / rejected -> non-retryable
+    (retrying a rejected call can duplicate visible side effects).
+    """
+    message = str(err)
+    if err.kind == "throttled":
+        delay = timedelta(seconds=err.retry_after) if err.retry_after else None
+        return ApplicationError(message, type="PlatformThrottled", next_retry_delay=delay)
+    if err.kind == "unavailable":
+        return ApplicationError(message, type="PlatformUnavailable")
+    if err.kind == "token_invalid":
+        if engine is not None and channel_id:
+            set_channel_status(engine, channel_id, "needs_reconnect", "the platform rejected the access token (190)")
+        return ApplicationError(message, type="TokenInvalid", non_retryable=True)
+    if err.kind == "outside_window":
+        return ApplicationError(message, type="OutsideMessagingWindow", non_retryable=True)
+    return ApplicationError(message, type="PlatformRejected", non_retryable=True)

@@ -1,0 +1,184 @@
+"""CRM activities: contacts, the message log, run records.
+
+Synchronous (they run on the worker's thread pool) and idempotent: a retry
+after a crash finds its own earlier write and does not repeat it.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from core.contracts import (
+    AutomationSnapshot,
+    ContactRef,
+    ContactSnapshot,
+    RecordInboundInput,
+    RecordInboundResult,
+    RecordRunInput,
+    UpdateContactInput,
+)
+from core.db import Automation, Channel, Contact, Message, Run, utcnow
+
+TERMINAL_RUN_STATES = {"completed", "failed", "cancelled", "terminated"}
+
+
+def snapshot(contact: Contact, *, is_new: bool = False) -> ContactSnapshot:
+    return ContactSnapshot(
+        id=contact.id,
+        external_id=contact.external_id,
+        first_name=contact.first_name,
+        last_name=contact.last_name,
+        username=contact.username,
+        fields=dict(contact.fields or {}),
+        tags=list(contact.tags or []),
+        human_takeover=contact.human_takeover,
+        is_new=is_new,
+        processing_restricted=contact.processing_restricted,
+    )
+
+
+class CrmActivities:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @activity.defn(name="record_inbound")
+    def record_inbound(self, input: RecordInboundInput) -> RecordInboundResult:
+        """Log an inbound event, create or refresh its contact, and return the
+        channel's active automations for trigger matching.
+
+        The message row is unique per (channel, platform event id): a
+        redelivered event comes back ``duplicate=True`` and nothing runs.
+        """
+        ev = input.event
+        with Session(self.engine, expire_on_commit=False) as db:
+            channel = db.get(Channel, input.channel_id)
+            if channel is None or channel.status != "active":
+                return RecordInboundResult(duplicate=False, channel_active=False)
+            contact = db.get(Contact, input.contact_id)
+            is_new = contact is None
+            has_previous = bool(contact and contact.last_inbound_at)
+            now = utcnow()
+            if contact is None:
+                contact = Contact(
+                    id=input.contact_id,
+                    workspace_id=input.workspace_id,
+                    channel_id=input.channel_id,
+                    external_id=ev.sender_id,
+                )
+            for attr in ("first_name", "last_name", "username"):
+                value = getattr(ev, attr)
+                if value:
+                    setattr(contact, attr, value)
+            if ev.kind in ("message", "postback", "referral"):
+                contact.last_inbound_at = now
+            contact.updated_at = now
+            db.add(contact)
+            db.add(
+                Message(
+                    workspace_id=input.workspace_id,
+                    channel_id=input.channel_id,
+                    contact_id=input.contact_id,
+                    direction="in",
+                    kind=ev.kind,
+                    text=ev.text,
+                    payload=ev.payload or ev.ref,
+                    platform_event_id=ev.event_id,
+                    created_at=(
+                        datetime.fromtimestamp(ev.timestamp_ms / 1000, UTC)
+                        if ev.timestamp_ms
+                        else now
+                    ),
+                )
+            )
+            try:
+                db.commit()
+            except IntegrityError:
+                db.rollback()
+                return RecordInboundResult(duplicate=True)
+            automations = db.exec(
+                select(Automation)
+                .where(Automation.channel_id == input.channel_id, Automation.status == "active")
+                .order_by(Automation.created_at)
+            ).all()
+            return RecordInboundResult(
+                duplicate=False,
+                contact=snapshot(contact, is_new=is_new),
+                automations=[
+                    AutomationSnapshot(id=a.id, version=a.version, name=a.name, definition=a.definition)
+                    for a in automations
+                ],
+                has_previous_inbound=has_previous,
+            )
+
+    @activity.defn(name="load_contact")
+    def load_contact(self, input: ContactRef) -> ContactSnapshot | None:
+        with Session(self.engine) as db:
+            contact = db.get(Contact, input.contact_id)
+            return snapshot(contact) if contact else None
+
+    @activity.defn(name="update_contact")
+    def update_contact(self, input: UpdateContactInput) -> ContactSnapshot:
+        """Apply tag/field/takeover changes. Idempotent: adding a tag twice or
+        setting the same value again leaves the same state."""
+        with Session(self.engine, expire_on_commit=False) as db:
+            contact = db.get(Contact, input.contact_id)
+            if contact is None:
+                raise ApplicationError(
+                    f"contact {input.contact_id} no longer exists", type="ContactGone", non_retryable=True
+                )
+            tags = list(contact.tags or [])
+            lowered = {t.lower() for t in tags}
+            for tag in input.add_tags:
+                if tag.lower() not in lowered:
+                    tags.append(tag)
+                    lowered.add(tag.lower())
+            removing = {t.lower() for t in input.remove_tags}
+            tags = [t for t in tags if t.lower() not in removing]
+            fields = dict(contact.fields or {})
+            fields.update(input.set_fields)
+            contact.tags = tags
+            contact.fields = fields
+            if input.human_takeover is not None:
+                contact.human_takeover = input.human_takeover
+            contact.updated_at = utcnow()
+            db.add(contact)
+            db.commit()
+            return snapshot(contact)
+
+    @activity.defn(name="record_run")
+    def record_run(self, input: RecordRunInput) -> None:
+        """Create or update the run's row (status and step trail). A terminal
+        status is never overwritten by a late non-terminal one."""
+        with Session(self.engine) as db:
+            run = db.get(Run, input.run_id)
+            if run is None:
+                run = Run(
+                    id=input.run_id,
+                    workspace_id=input.workspace_id,
+                    channel_id=input.channel_id,
+                    contact_id=input.contact_id,
+                    automation_id=input.automation_id,
+                    version=input.version,
+                )
+            elif run.status in TERMINAL_RUN_STATES and input.status not in TERMINAL_RUN_STATES:
+                return
+            run.status = input.status
+            run.trail = [
+                {"step_id": t.step_id, "type": t.type, "status": t.status, "at": t.at, "detail": t.detail}
+                for t in input.trail
+            ]
+            if input.status in TERMINAL_RUN_STATES:
+                run.ended_at = utcnow()
+            db.add(run)
+            try:
+                db.commit()
+            except IntegrityError:
+                # A concurrent first write of the same run won; apply ours on top.
+                db.rollback()
+                self.record_run(input)

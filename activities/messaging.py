@@ -1,0 +1,108 @@
+"""Outbound messaging: one send per idempotency key, whatever the retries."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+from temporalio import activity
+
+from activities.common import ChannelCredentials, load_credentials, to_application_error
+from core.contracts import AckCallbackInput, SendMessageInput, SendMessageResult
+from core.crypto import TokenVault
+from core.db import Message, SendRecord
+from core.platforms import (
+    GraphClient,
+    PlatformError,
+    TelegramClient,
+    build_meta_message,
+    build_telegram_message,
+)
+
+
+class MessagingActivities:
+    def __init__(
+        self,
+        engine: Engine,
+        vault: TokenVault,
+        graph: GraphClient,
+        instagram: GraphClient,
+        telegram: TelegramClient,
+    ):
+        self.engine = engine
+        self.vault = vault
+        self.graph = graph
+        self.instagram = instagram
+        self.telegram = telegram
+
+    def _existing_send(self, key: str) -> str | None:
+        with Session(self.engine) as db:
+            record = db.get(SendRecord, key)
+            return record.platform_message_id if record else None
+
+    def _record_send(self, input: SendMessageInput, creds: ChannelCredentials, message_id: str) -> None:
+        with Session(self.engine) as db:
+            db.add(
+                SendRecord(
+                    idempotency_key=input.idempotency_key,
+                    channel_id=input.channel_id,
+                    platform_message_id=message_id,
+                )
+            )
+            db.add(
+                Message(
+                    workspace_id=creds.workspace_id,
+                    channel_id=input.channel_id,
+                    contact_id=input.contact_id,
+                    direction="out",
+                    text=input.text,
+                    platform_event_id=message_id,
+                    run_id=input.run_id,
+                )
+            )
+            try:
+                db.commit()
+            except IntegrityError:
+                db.rollback()  # a concurrent attempt recorded the same send
+
+    @activity.defn(name="send_message")
+    async def send_message(self, input: SendMessageInput) -> SendMessageResult:
+        """Send one message to a contact.
+
+        Before calling the platform, the idempotency record is checked: an
+        attempt that finds a recorded platform message id returns it without
+        sending again. The record is written as soon as the platform accepts.
+        """
+        existing = await asyncio.to_thread(self._existing_send, input.idempotency_key)
+        if existing is not None:
+            return SendMessageResult(platform_message_id=existing, deduplicated=True)
+        creds = await asyncio.to_thread(
+            load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
+        )
+        try:
+            if creds.platform == "telegram":
+                body = build_telegram_message(input.recipient_id, input.text, input.quick_replies, input.buttons)
+                message_id = await self.telegram.send_message(creds.token, body)
+            else:
+                client = self.instagram if creds.platform == "instagram" else self.graph
+                body = build_meta_message(input.recipient_id, input.text, input.quick_replies, input.buttons)
+                message_id = await client.send_message(creds.external_id, creds.token, body)
+        except PlatformError as err:
+            raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None
+        await asyncio.to_thread(self._record_send, input, creds, message_id)
+        return SendMessageResult(platform_message_id=message_id)
+
+    @activity.defn(name="acknowledge_callback")
+    async def acknowledge_callback(self, input: AckCallbackInput) -> None:
+        """Answer a Telegram inline-button callback so the client stops its spinner."""
+        creds = await asyncio.to_thread(
+            load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
+        )
+        if creds.platform != "telegram":
+            return
+        try:
+            await self.telegram.answer_callback_query(creds.token, input.callback_query_id)
+        except PlatformError as err:
+            raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None

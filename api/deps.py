@@ -1,0 +1,68 @@
+"""FastAPI dependencies: settings, database session, Temporal client, auth."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlmodel import Session, select
+from temporalio.client import Client
+
+from core.crypto import TokenVault, constant_time_equals, hash_api_key
+from core.db import Workspace
+from core.settings import Settings
+
+bearer = HTTPBearer(auto_error=False, description="Workspace API key (or the admin token for /v1/workspaces)")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(request.app.state.engine, expire_on_commit=False) as session:
+        yield session
+
+
+def get_temporal(request: Request) -> Client:
+    client = request.app.state.temporal
+    if client is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Temporal is not reachable; try again shortly")
+    return client
+
+
+def get_vault(request: Request) -> TokenVault:
+    return request.app.state.vault
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_session)]
+TemporalDep = Annotated[Client, Depends(get_temporal)]
+VaultDep = Annotated[TokenVault, Depends(get_vault)]
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+
+
+def _unauthorized(detail: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+def current_workspace(credentials: Credentials, session: SessionDep) -> Workspace:
+    if credentials is None or not credentials.credentials:
+        raise _unauthorized("missing API key: send 'Authorization: Bearer <api key>'")
+    workspace = session.exec(
+        select(Workspace).where(Workspace.api_key_hash == hash_api_key(credentials.credentials))
+    ).first()
+    if workspace is None:
+        raise _unauthorized("invalid API key")
+    return workspace
+
+
+def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
+    if credentials is None or not constant_time_equals(credentials.credentials, settings.admin_token):
+        raise _unauthorized("this endpoint needs the admin token (VECTORY_ADMIN_TOKEN)")
+
+
+CurrentWorkspace = Annotated[Workspace, Depends(current_workspace)]
+AdminDep = Annotated[None, Depends(require_admin)]

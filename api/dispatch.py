@@ -1,0 +1,72 @@
+"""Hand inbound events to Temporal: signal-with-start the contact's
+ConversationWorkflow. The webhook handlers never wait for an automation."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+
+from core.contracts import (
+    CONVERSATION_WORKFLOW,
+    ConversationInput,
+    InboundEvent,
+    contact_id_for,
+    conversation_workflow_id,
+)
+from core.db import Channel
+from workflows.common import search_attributes
+
+MAX_CONCURRENT_SIGNALS = 64
+
+
+async def signal_conversation(
+    client: Client,
+    task_queue: str,
+    channel: Channel,
+    contact_external_id: str,
+    signal: str,
+    arg: object,
+) -> str:
+    contact_id = contact_id_for(channel.id, contact_external_id)
+    workflow_id = conversation_workflow_id(channel.workspace_id, channel.id, contact_id)
+    await client.start_workflow(
+        CONVERSATION_WORKFLOW,
+        ConversationInput(
+            workspace_id=channel.workspace_id,
+            channel_id=channel.id,
+            platform=channel.platform,
+            contact_id=contact_id,
+            contact_external_id=contact_external_id,
+        ),
+        id=workflow_id,
+        task_queue=task_queue,
+        start_signal=signal,
+        start_signal_args=[arg],
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=search_attributes(channel.workspace_id, channel.id, contact_id, "", channel.platform),
+    )
+    return workflow_id
+
+
+async def dispatch_events(
+    client: Client, task_queue: str, routed: list[tuple[Channel, InboundEvent]]
+) -> int:
+    """Signal-with-start one conversation per event, concurrently (bounded).
+
+    Events of one contact keep their order: they are sent to the same
+    workflow one after another.
+    """
+    by_contact: dict[tuple[str, str], list[tuple[Channel, InboundEvent]]] = {}
+    for channel, event in routed:
+        by_contact.setdefault((channel.id, event.sender_id), []).append((channel, event))
+    semaphore = asyncio.Semaphore(MAX_CONCURRENT_SIGNALS)
+
+    async def one_contact(items: list[tuple[Channel, InboundEvent]]) -> None:
+        async with semaphore:
+            for channel, event in items:
+                await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
+
+    await asyncio.gather(*(one_contact(items) for items in by_contact.values()))
+    return len(routed)

@@ -1,0 +1,50 @@
+"""FastAPI app factory: ``uvicorn --factory api.main:create_app``."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from temporalio.client import Client
+
+from api.routes import automations, channels, contacts, runs, webhooks, workspaces
+from core.crypto import TokenVault
+from core.db import engine_for
+from core.settings import Settings, get_settings
+from core.temporal import connect
+
+log = logging.getLogger("vectory.api")
+
+DESCRIPTION = """
+Vectory automates direct messages on Instagram, Facebook Messenger and Telegram.
+Every automation run is a durable Temporal workflow.
+
+Authenticate with `Authorization: Bearer <workspace API key>`; only
+`POST /v1/workspaces` takes the admin token. Objects of another workspace
+answer 404.
+"""
+
+
+def create_app(settings: Settings | None = None, temporal: Client | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if app.state.temporal is None:
+            app.state.temporal = await connect(settings)
+        yield
+
+    app = FastAPI(title="Vectory API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.engine = engine_for(settings.database_url)
+    app.state.vault = TokenVault(settings.keyring())
+    app.state.temporal = temporal
+    for module in (workspaces, channels, automations, contacts, runs, webhooks):
+        app.include_router(module.router)
+
+    @app.get("/healthz", tags=["health"], operation_id="healthz", summary="Liveness")
+    def healthz() -> dict:
+        return {"ok": True}
+
+    return app

@@ -1,0 +1,148 @@
+"""Automations: a trigger plus a flow of steps, versioned."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Response, status
+from pydantic import BaseModel, ValidationError
+from sqlmodel import select
+
+from api.deps import CurrentWorkspace, SessionDep
+from core.db import Automation, AutomationVersion, Channel, new_id, utcnow
+from core.flow import AutomationCreate, AutomationUpdate, definition_dict, merge_definition
+
+router = APIRouter(prefix="/v1/automations", tags=["automations"])
+
+
+class AutomationPublic(BaseModel):
+    id: str
+    name: str
+    channel_id: str
+    status: str
+    version: int
+    trigger: dict[str, Any]
+    steps: list[dict[str, Any]]
+    created_at: datetime
+    updated_at: datetime
+
+
+class AutomationList(BaseModel):
+    data: list[AutomationPublic]
+    count: int
+
+
+def public(a: Automation) -> AutomationPublic:
+    return AutomationPublic(
+        id=a.id,
+        name=a.name,
+        channel_id=a.channel_id,
+        status=a.status,
+        version=a.version,
+        trigger=a.definition["trigger"],
+        steps=a.definition["steps"],
+        created_at=a.created_at,
+        updated_at=a.updated_at,
+    )
+
+
+def get_owned(session, workspace_id: str, automation_id: str) -> Automation:
+    automation = session.get(Automation, automation_id)
+    if automation is None or automation.workspace_id != workspace_id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "automation not found")
+    return automation
+
+
+def _unprocessable(loc: list, msg: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, [{"loc": loc, "msg": msg, "type": "value_error"}])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=AutomationPublic,
+    operation_id="create_automation",
+    summary="Create an automation",
+    description="The flow is validated as a whole: unknown step types, dangling targets and missing texts get 422.",
+)
+def create_automation(body: AutomationCreate, workspace: CurrentWorkspace, session: SessionDep) -> AutomationPublic:
+    channel = session.get(Channel, body.channel_id)
+    if channel is None or channel.workspace_id != workspace.id:
+        raise _unprocessable(["body", "channel_id"], f"no channel {body.channel_id!r} in this workspace")
+    definition = definition_dict(body)
+    automation = Automation(
+        id=new_id("au"),
+        workspace_id=workspace.id,
+        channel_id=channel.id,
+        name=body.name,
+        status=body.status,
+        definition=definition,
+    )
+    session.add(automation)
+    session.flush()
+    session.add(AutomationVersion(automation_id=automation.id, version=1, definition=definition))
+    session.commit()
+    return public(automation)
+
+
+@router.get("", response_model=AutomationList, operation_id="list_automations", summary="List automations")
+def list_automations(
+    workspace: CurrentWorkspace, session: SessionDep, channel_id: str | None = None
+) -> AutomationList:
+    query = select(Automation).where(Automation.workspace_id == workspace.id)
+    if channel_id:
+        query = query.where(Automation.channel_id == channel_id)
+    rows = session.exec(query.order_by(Automation.created_at)).all()
+    return AutomationList(data=[public(a) for a in rows], count=len(rows))
+
+
+@router.get("/{automation_id}", response_model=AutomationPublic, operation_id="get_automation", summary="Get an automation")
+def get_automation(automation_id: str, workspace: CurrentWorkspace, session: SessionDep) -> AutomationPublic:
+    return public(get_owned(session, workspace.id, automation_id))
+
+
+@router.patch(
+    "/{automation_id}",
+    response_model=AutomationPublic,
+    operation_id="update_automation",
+    summary="Update an automation",
+    description="A change to the trigger or steps creates a new version; running runs keep the version they started with.",
+)
+def update_automation(
+    automation_id: str, body: AutomationUpdate, workspace: CurrentWorkspace, session: SessionDep
+) -> AutomationPublic:
+    automation = get_owned(session, workspace.id, automation_id)
+    try:
+        definition = merge_definition(automation.definition, body)
+    except ValidationError as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False, include_context=False)) from None
+    except ValueError as exc:
+        raise _unprocessable(["body"], str(exc)) from None
+    if body.name is not None:
+        automation.name = body.name
+    if body.status is not None:
+        automation.status = body.status
+    if definition != automation.definition:
+        automation.version += 1
+        automation.definition = definition
+        session.add(AutomationVersion(automation_id=automation.id, version=automation.version, definition=definition))
+    automation.updated_at = utcnow()
+    session.add(automation)
+    session.commit()
+    return public(automation)
+
+
+@router.delete(
+    "/{automation_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="delete_automation",
+    summary="Delete an automation (running runs finish on their pinned version)",
+)
+def delete_automation(automation_id: str, workspace: CurrentWorkspace, session: SessionDep) -> Response:
+    automation = get_owned(session, workspace.id, automation_id)
+    for version in session.exec(select(AutomationVersion).where(AutomationVersion.automation_id == automation.id)):
+        session.delete(version)
+    session.delete(automation)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,196 @@
+"""Channels: connect (ConnectChannel workflow) and disconnect (DisconnectChannel)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+from typing import Literal
+
+from fastapi import APIRouter, HTTPException, Response, status
+from pydantic import BaseModel, Field, SecretStr
+from sqlmodel import select
+from temporalio.common import WorkflowIDReusePolicy
+
+from activities.common import token_context
+from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep, VaultDep
+from core.contracts import (
+    CONNECT_CHANNEL_WORKFLOW,
+    DISCONNECT_CHANNEL_WORKFLOW,
+    ChannelRef,
+    ConnectChannelInput,
+    ConnectResult,
+    DisconnectResult,
+)
+from core.db import Channel, new_id
+from workflows.common import search_attributes
+
+router = APIRouter(prefix="/v1/channels", tags=["channels"])
+
+WAIT_FOR_LIFECYCLE = timedelta(seconds=20)
+
+
+class ChannelCreate(BaseModel):
+    platform: Literal["instagram", "messenger", "telegram"]
+    access_token: SecretStr = Field(
+        min_length=1,
+        max_length=4096,
+        description="Instagram/Page access token or Telegram bot token. Encrypted at rest, never returned.",
+    )
+    name: str = Field("", max_length=200)
+    platform_user_id: str = Field(
+        "", max_length=64, description="Meta user whose grant is revoked on disconnect (default: the token's user)."
+    )
+
+
+class ChannelPublic(BaseModel):
+    id: str
+    platform: str
+    name: str
+    external_id: str
+    status: str
+    status_detail: str
+    created_at: datetime
+
+
+class ChannelList(BaseModel):
+    data: list[ChannelPublic]
+    count: int
+
+
+class DisconnectPublic(BaseModel):
+    id: str
+    status: str
+    revoked: bool | None = None
+    stopped_workflows: int | None = None
+    detail: str = ""
+
+
+def public(channel: Channel) -> ChannelPublic:
+    return ChannelPublic(
+        id=channel.id,
+        platform=channel.platform,
+        name=channel.name,
+        external_id=channel.external_id,
+        status=channel.status,
+        status_detail=channel.status_detail,
+        created_at=channel.created_at,
+    )
+
+
+def get_owned(session, workspace_id: str, channel_id: str) -> Channel:
+    channel = session.get(Channel, channel_id)
+    if channel is None or channel.workspace_id != workspace_id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "channel not found")
+    return channel
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ChannelPublic,
+    operation_id="connect_channel",
+    summary="Connect an Instagram account, Facebook Page or Telegram bot",
+    description=(
+        "Runs the ConnectChannel workflow: verifies the token with the platform and subscribes webhooks. "
+        "201 when active; 202 when the platform is slow and the workflow is still retrying; 400 when the "
+        "platform rejects the token (nothing is kept)."
+    ),
+    responses={202: {"model": ChannelPublic}, 400: {"description": "token rejected"}},
+)
+async def connect_channel(
+    body: ChannelCreate,
+    workspace: CurrentWorkspace,
+    session: SessionDep,
+    temporal: TemporalDep,
+    vault: VaultDep,
+    settings: SettingsDep,
+    response: Response,
+) -> ChannelPublic:
+    channel_id = new_id("ch")
+    channel = Channel(
+        id=channel_id,
+        workspace_id=workspace.id,
+        platform=body.platform,
+        name=body.name,
+        platform_user_id=body.platform_user_id,
+        token_ciphertext=vault.encrypt(body.access_token.get_secret_value(), token_context(channel_id)),
+    )
+    session.add(channel)
+    session.commit()
+    handle = await temporal.start_workflow(
+        CONNECT_CHANNEL_WORKFLOW,
+        ConnectChannelInput(workspace_id=workspace.id, channel_id=channel_id, platform=body.platform),
+        id=f"{workspace.id}/channel/{channel_id}/connect",
+        task_queue=settings.task_queue,
+        search_attributes=search_attributes(workspace.id, channel_id, platform=body.platform),
+        result_type=ConnectResult,
+    )
+    try:
+        result = await asyncio.wait_for(handle.result(), WAIT_FOR_LIFECYCLE.total_seconds())
+    except TimeoutError:
+        response.status_code = status.HTTP_202_ACCEPTED
+        session.refresh(channel)
+        return public(channel)
+    session.refresh(channel)
+    if result.status != "active":
+        session.delete(channel)
+        session.commit()
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"the platform did not accept this channel: {result.detail}")
+    return public(channel)
+
+
+@router.get("", response_model=ChannelList, operation_id="list_channels", summary="List channels")
+def list_channels(workspace: CurrentWorkspace, session: SessionDep) -> ChannelList:
+    rows = session.exec(
+        select(Channel).where(Channel.workspace_id == workspace.id).order_by(Channel.created_at)
+    ).all()
+    return ChannelList(data=[public(c) for c in rows], count=len(rows))
+
+
+@router.get("/{channel_id}", response_model=ChannelPublic, operation_id="get_channel", summary="Get a channel")
+def get_channel(channel_id: str, workspace: CurrentWorkspace, session: SessionDep) -> ChannelPublic:
+    return public(get_owned(session, workspace.id, channel_id))
+
+
+@router.delete(
+    "/{channel_id}",
+    response_model=DisconnectPublic,
+    operation_id="disconnect_channel",
+    summary="Disconnect: revoke platform access, delete the token, stop the channel's workflows",
+    description="Runs the DisconnectChannel workflow. 200 when done, 202 while it is still running.",
+    responses={202: {"model": DisconnectPublic}},
+)
+async def disconnect_channel(
+    channel_id: str,
+    workspace: CurrentWorkspace,
+    session: SessionDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+    response: Response,
+) -> DisconnectPublic:
+    channel = get_owned(session, workspace.id, channel_id)
+    if channel.status == "disconnected":
+        return DisconnectPublic(id=channel.id, status=channel.status, detail=channel.status_detail)
+    handle = await temporal.start_workflow(
+        DISCONNECT_CHANNEL_WORKFLOW,
+        ChannelRef(channel_id=channel.id),
+        id=f"{workspace.id}/channel/{channel.id}/disconnect",
+        task_queue=settings.task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        search_attributes=search_attributes(workspace.id, channel.id, platform=channel.platform),
+        result_type=DisconnectResult,
+    )
+    try:
+        result = await asyncio.wait_for(
+            handle.result(), WAIT_FOR_LIFECYCLE.total_seconds()
+        )
+    except TimeoutError:
+        response.status_code = status.HTTP_202_ACCEPTED
+        return DisconnectPublic(id=channel.id, status="disconnecting")
+    return DisconnectPublic(
+        id=channel.id,
+        status="disconnected",
+        revoked=result.revoked,
+        stopped_workflows=result.stopped_workflows,
+        detail=result.detail,
+    )

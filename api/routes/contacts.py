@@ -1,0 +1,195 @@
+"""Contacts (the CRM) and their message log."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query, status
+from pydantic import BaseModel, Field
+from sqlmodel import col, func, select
+
+from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from api.dispatch import signal_conversation
+from core.contracts import ResumeSignal
+from core.db import Channel, Contact, Message, utcnow
+
+router = APIRouter(prefix="/v1/contacts", tags=["contacts"])
+
+
+class ContactPublic(BaseModel):
+    id: str
+    channel_id: str
+    external_id: str
+    first_name: str
+    last_name: str
+    username: str
+    tags: list[str]
+    fields: dict[str, Any]
+    human_takeover: bool
+    processing_restricted: bool
+    last_inbound_at: datetime | None
+    created_at: datetime
+
+
+class ContactList(BaseModel):
+    data: list[ContactPublic]
+    count: int
+
+
+class ContactUpdate(BaseModel):
+    model_config = {"extra": "forbid"}
+    first_name: str | None = Field(None, max_length=200)
+    last_name: str | None = Field(None, max_length=200)
+    tags: list[str] | None = Field(None, max_length=200, description="Replaces the contact's tags.")
+    fields: dict[str, Any] | None = Field(None, description="Merged into the contact's fields; null values delete a field.")
+    processing_restricted: bool | None = Field(None, description="When true, no automation runs for this contact.")
+
+
+class MessagePublic(BaseModel):
+    id: int
+    direction: str
+    kind: str
+    text: str
+    payload: str
+    run_id: str
+    created_at: datetime
+
+
+class MessageList(BaseModel):
+    data: list[MessagePublic]
+    count: int
+
+
+def public(c: Contact) -> ContactPublic:
+    return ContactPublic(
+        id=c.id,
+        channel_id=c.channel_id,
+        external_id=c.external_id,
+        first_name=c.first_name,
+        last_name=c.last_name,
+        username=c.username,
+        tags=list(c.tags or []),
+        fields=dict(c.fields or {}),
+        human_takeover=c.human_takeover,
+        processing_restricted=c.processing_restricted,
+        last_inbound_at=c.last_inbound_at,
+        created_at=c.created_at,
+    )
+
+
+def get_owned(session, workspace_id: str, contact_id: str) -> Contact:
+    contact = session.get(Contact, contact_id)
+    if contact is None or contact.workspace_id != workspace_id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "contact not found")
+    return contact
+
+
+@router.get("", response_model=ContactList, operation_id="list_contacts", summary="List contacts")
+def list_contacts(
+    workspace: CurrentWorkspace,
+    session: SessionDep,
+    channel_id: str | None = None,
+    tag: str | None = None,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+) -> ContactList:
+    query = select(Contact).where(Contact.workspace_id == workspace.id)
+    if channel_id:
+        query = query.where(Contact.channel_id == channel_id)
+    rows = session.exec(query.order_by(Contact.created_at)).all()
+    if tag:
+        rows = [c for c in rows if tag.lower() in {t.lower() for t in c.tags or []}]
+    return ContactList(data=[public(c) for c in rows[offset : offset + limit]], count=len(rows))
+
+
+@router.get("/{contact_id}", response_model=ContactPublic, operation_id="get_contact", summary="Get a contact")
+def get_contact(contact_id: str, workspace: CurrentWorkspace, session: SessionDep) -> ContactPublic:
+    return public(get_owned(session, workspace.id, contact_id))
+
+
+@router.patch("/{contact_id}", response_model=ContactPublic, operation_id="update_contact", summary="Update a contact")
+def update_contact(
+    contact_id: str, body: ContactUpdate, workspace: CurrentWorkspace, session: SessionDep
+) -> ContactPublic:
+    contact = get_owned(session, workspace.id, contact_id)
+    if body.first_name is not None:
+        contact.first_name = body.first_name
+    if body.last_name is not None:
+        contact.last_name = body.last_name
+    if body.tags is not None:
+        contact.tags = list(dict.fromkeys(t.strip() for t in body.tags if t.strip()))
+    if body.fields is not None:
+        fields = dict(contact.fields or {})
+        for key, value in body.fields.items():
+            if value is None:
+                fields.pop(key, None)
+            else:
+                fields[key] = value
+        contact.fields = fields
+    if body.processing_restricted is not None:
+        contact.processing_restricted = body.processing_restricted
+    contact.updated_at = utcnow()
+    session.add(contact)
+    session.commit()
+    return public(contact)
+
+
+@router.get(
+    "/{contact_id}/messages",
+    response_model=MessageList,
+    operation_id="list_contact_messages",
+    summary="The contact's message log, newest first",
+)
+def list_messages(
+    contact_id: str,
+    workspace: CurrentWorkspace,
+    session: SessionDep,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+) -> MessageList:
+    contact = get_owned(session, workspace.id, contact_id)
+    total = session.exec(select(func.count()).select_from(Message).where(Message.contact_id == contact.id)).one()
+    rows = session.exec(
+        select(Message)
+        .where(Message.contact_id == contact.id)
+        .order_by(col(Message.created_at).desc(), col(Message.id).desc())
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    return MessageList(
+        data=[
+            MessagePublic(
+                id=m.id or 0,
+                direction=m.direction,
+                kind=m.kind,
+                text=m.text,
+                payload=m.payload,
+                run_id=m.run_id,
+                created_at=m.created_at,
+            )
+            for m in rows
+        ],
+        count=total,
+    )
+
+
+@router.post(
+    "/{contact_id}/resume",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ContactPublic,
+    operation_id="resume_contact",
+    summary="End a human takeover: automations run again for this contact",
+)
+async def resume_contact(
+    contact_id: str, workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep, settings: SettingsDep
+) -> ContactPublic:
+    contact = get_owned(session, workspace.id, contact_id)
+    channel = session.get(Channel, contact.channel_id)
+    contact.human_takeover = False
+    contact.updated_at = utcnow()
+    session.add(contact)
+    session.commit()
+    if channel is not None and channel.status == "active":
+        await signal_conversation(temporal, settings.task_queue, channel, contact.external_id, "resume", ResumeSignal())
+    return public(contact)

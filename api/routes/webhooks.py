@@ -1,0 +1,172 @@
+"""Platform webhooks: verify, parse, dedupe (in the conversation), hand to
+Temporal, answer 200. Nothing here waits for an automation to run."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from fastapi import APIRouter, HTTPException, Query, Request, status
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel
+from sqlmodel import select
+from temporalio.service import RPCError
+
+from activities.common import webhook_secret_context
+from api.deps import SessionDep, SettingsDep, VaultDep
+from api.dispatch import dispatch_events
+from core.crypto import VaultError, constant_time_equals, meta_signature
+from core.db import Channel
+from core.inbound import MalformedPayload, parse_meta_webhook, parse_telegram_update
+
+log = logging.getLogger("vectory.webhooks")
+
+router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+
+class WebhookAck(BaseModel):
+    received: int
+    dispatched: int
+    ignored: int
+
+
+async def read_limited_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body.extend(chunk)
+        if len(body) > limit:
+            raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE, f"body larger than {limit} bytes")
+    return bytes(body)
+
+
+def parse_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed JSON: {exc}") from None
+
+
+@router.get(
+    "/meta",
+    response_class=PlainTextResponse,
+    operation_id="meta_webhook_verify",
+    summary="Meta webhook verification handshake",
+)
+def meta_verify(
+    settings: SettingsDep,
+    mode: str = Query("", alias="hub.mode"),
+    verify_token: str = Query("", alias="hub.verify_token"),
+    challenge: str = Query("", alias="hub.challenge"),
+) -> PlainTextResponse:
+    if mode == "subscribe" and constant_time_equals(verify_token, settings.meta_verify_token):
+        return PlainTextResponse(challenge)
+    raise HTTPException(status.HTTP_403_FORBIDDEN, "verification failed")
+
+
+async def _dispatch(request: Request, routed) -> None:
+    temporal = request.app.state.temporal
+    if temporal is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "temporarily unavailable; retry")
+    try:
+        await dispatch_events(temporal, request.app.state.settings.task_queue, routed)
+    except RPCError as err:
+        # Temporal unreachable: answer 503 so the platform redelivers (the
+        # durable inbox that accepts events while Temporal is down is a
+        # separate piece of work).
+        log.error("temporal unavailable while dispatching %d events: %s", len(routed), err.status)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "temporarily unavailable; retry") from None
+
+
+@router.post(
+    "/meta",
+    response_model=WebhookAck,
+    operation_id="meta_webhook_receive",
+    summary="Receive Instagram and Messenger webhook events",
+    description=(
+        "Verifies `X-Hub-Signature-256` over the raw body with the app secret (401 when forged), "
+        "parses every entry and messaging item, and signals each contact's conversation workflow. "
+        "Events for accounts that are not connected are acknowledged and ignored."
+    ),
+)
+async def meta_receive(request: Request, settings: SettingsDep, session: SessionDep) -> WebhookAck:
+    body = await read_limited_body(request, settings.max_webhook_body_bytes)
+    signature = request.headers.get("x-hub-signature-256", "")
+    if not signature or not constant_time_equals(signature, meta_signature(settings.meta_app_secret, body)):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid X-Hub-Signature-256")
+    payload = parse_json(body)
+    try:
+        parsed = parse_meta_webhook(payload)
+    except MalformedPayload as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed webhook: {exc}") from None
+    platform = "instagram" if parsed.object == "instagram" else "messenger"
+    account_ids = {e.account_id for e in parsed.events}
+    channels = {}
+    if account_ids:
+        rows = session.exec(
+            select(Channel).where(
+                Channel.platform == platform,
+                Channel.status == "active",
+                Channel.external_id.in_(account_ids),  # type: ignore[attr-defined]
+            )
+        ).all()
+        channels = {c.external_id: c for c in rows}
+    routed = []
+    ignored = len(parsed.ignored)
+    for event in parsed.events:
+        channel = channels.get(event.account_id)
+        if channel is None:
+            ignored += 1
+            log.info("ignored %s event: account not connected", platform)
+            continue
+        routed.append((channel, event))
+    for event_id, reason in parsed.ignored:
+        log.info("ignored event %s: %s", event_id, reason)
+    if routed:
+        await _dispatch(request, routed)
+    return WebhookAck(received=len(parsed.events) + len(parsed.ignored), dispatched=len(routed), ignored=ignored)
+
+
+@router.post(
+    "/telegram/{channel_id}",
+    response_model=WebhookAck,
+    operation_id="telegram_webhook_receive",
+    summary="Receive Telegram bot updates",
+    description="Checks `X-Telegram-Bot-Api-Secret-Token` (403 when wrong) and signals the contact's conversation.",
+)
+async def telegram_receive(
+    channel_id: str,
+    request: Request,
+    settings: SettingsDep,
+    session: SessionDep,
+    vault: VaultDep,
+) -> WebhookAck:
+    body = await read_limited_body(request, settings.max_webhook_body_bytes)
+    channel = session.get(Channel, channel_id)
+    if channel is None or channel.platform != "telegram" or not channel.webhook_secret_ciphertext:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown channel")
+    try:
+        expected = vault.decrypt(channel.webhook_secret_ciphertext, webhook_secret_context(channel.id))
+    except VaultError:
+        log.error("telegram webhook secret of channel %s cannot be decrypted", channel.id)
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid secret token") from None
+    given = request.headers.get("x-telegram-bot-api-secret-token", "")
+    if not given or not constant_time_equals(given, expected):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "invalid secret token")
+    payload = parse_json(body)
+    try:
+        parsed = parse_telegram_update(payload, channel.external_id)
+    except MalformedPayload as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed update: {exc}") from None
+    for event_id, reason in parsed.ignored:
+        log.info("ignored telegram update %s: %s", event_id, reason)
+    routed = [(channel, e) for e in parsed.events] if channel.status == "active" else []
+    if routed:
+        await _dispatch(request, routed)
+    return WebhookAck(
+        received=len(parsed.events) + len(parsed.ignored),
+        dispatched=len(routed),
+        ignored=len(parsed.ignored) + len(parsed.events) - len(routed),
+    )

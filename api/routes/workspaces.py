@@ -1,0 +1,51 @@
+"""Workspaces (tenants)."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+
+from fastapi import APIRouter, status
+from pydantic import BaseModel, Field
+
+from api.deps import AdminDep, CurrentWorkspace, SessionDep
+from core.crypto import hash_api_key
+from core.db import Workspace, new_id
+
+router = APIRouter(tags=["workspaces"])
+
+
+class WorkspaceCreate(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class WorkspaceCreated(BaseModel):
+    id: str
+    name: str
+    api_key: str = Field(description="Shown once. Only its hash is stored.")
+
+
+class WorkspacePublic(BaseModel):
+    id: str
+    name: str
+    created_at: datetime
+
+
+@router.post(
+    "/v1/workspaces",
+    status_code=status.HTTP_201_CREATED,
+    response_model=WorkspaceCreated,
+    operation_id="create_workspace",
+    summary="Create a workspace (admin token); returns its API key once",
+)
+def create_workspace(body: WorkspaceCreate, _: AdminDep, session: SessionDep) -> WorkspaceCreated:
+    api_key = f"vk_{secrets.token_urlsafe(32)}"
+    workspace = Workspace(id=new_id("ws"), name=body.name, api_key_hash=hash_api_key(api_key))
+    session.add(workspace)
+    session.commit()
+    return WorkspaceCreated(id=workspace.id, name=workspace.name, api_key=api_key)
+
+
+@router.get("/v1/workspace", response_model=WorkspacePublic, operation_id="get_workspace", summary="The caller's workspace")
+def get_workspace(workspace: CurrentWorkspace) -> WorkspacePublic:
+    return WorkspacePublic(id=workspace.id, name=workspace.name, created_at=workspace.created_at)

@@ -1,0 +1,335 @@
+"""Dataclasses that cross the Temporal boundary.
+
+One input dataclass per workflow, activity, signal and query. Rules
+(DESIGN.md §3): new fields always get defaults, secrets never appear here
+(activities get a channel id and load the token themselves), and no field
+holds configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+# Workflow and activity names (stable: they are recorded in histories).
+CONVERSATION_WORKFLOW = "ConversationWorkflow"
+AUTOMATION_RUN_WORKFLOW = "AutomationRun"
+CONNECT_CHANNEL_WORKFLOW = "ConnectChannel"
+DISCONNECT_CHANNEL_WORKFLOW = "DisconnectChannel"
+
+
+def contact_id_for(channel_id: str, platform_user_id: str) -> str:
+    """The contact's id: a stable digest of channel + platform user id.
+
+    Webhook handlers derive it without a database read, and it carries no
+    personal data into workflow ids or the Temporal UI.
+    """
+    digest = hashlib.sha256(f"{channel_id}\x00{platform_user_id}".encode()).hexdigest()
+    return f"ct_{digest[:20]}"
+
+
+def conversation_workflow_id(workspace_id: str, channel_id: str, contact_id: str) -> str:
+    return f"{workspace_id}/conv/{channel_id}/{contact_id}"
+
+
+@dataclass
+class Attachment:
+    type: str
+    url: str = ""
+
+
+@dataclass
+class InboundEvent:
+    """One platform event, normalised from a Meta or Telegram webhook.
+
+    ``kind`` is one of: message, postback, referral, reaction, seen.
+    ``event_id`` is the platform's own id (message mid, postback mid,
+    Telegram update id) and is the dedupe key.
+    """
+
+    event_id: str
+    platform: str  # instagram | messenger | telegram
+    account_id: str  # the business account the event was sent to
+    sender_id: str  # the person's platform-scoped id (IGSID / PSID / chat id)
+    kind: str
+    text: str = ""
+    payload: str = ""  # postback / quick-reply / callback payload
+    ref: str = ""  # referral ref (ig.me / m.me links)
+    attachments: list[Attachment] = field(default_factory=list)
+    timestamp_ms: int = 0
+    first_name: str = ""
+    last_name: str = ""
+    username: str = ""
+    callback_query_id: str = ""  # Telegram inline-button callbacks
+
+
+@dataclass
+class ConversationInput:
+    workspace_id: str
+    channel_id: str
+    platform: str
+    contact_id: str
+    contact_external_id: str
+    # Carried across continue-as-new.
+    seen_event_ids: list[str] = field(default_factory=list)
+    active_run: ActiveRun | None = None
+    human_takeover: bool = False
+    events_handled: int = 0
+
+
+@dataclass
+class ActiveRun:
+    workflow_id: str
+    automation_id: str
+    accepting_input: bool = False
+
+
+@dataclass
+class StartAutomationSignal:
+    """Start an automation for this contact (API start)."""
+
+    run_id: str
+    automation: AutomationSnapshot
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunStateSignal:
+    """AutomationRun -> its conversation: input acceptance and completion."""
+
+    run_workflow_id: str
+    state: str  # accepting_input | not_accepting | finished | handoff
+
+
+@dataclass
+class ResumeSignal:
+    reason: str = "resumed through the API"
+
+
+@dataclass
+class AutomationSnapshot:
+    """An automation pinned at one version; a run interprets only this."""
+
+    id: str
+    version: int
+    name: str
+    definition: dict[str, Any]
+
+
+@dataclass
+class ContactSnapshot:
+    id: str
+    external_id: str
+    first_name: str = ""
+    last_name: str = ""
+    username: str = ""
+    fields: dict[str, Any] = field(default_factory=dict)
+    tags: list[str] = field(default_factory=list)
+    human_takeover: bool = False
+    is_new: bool = False
+    processing_restricted: bool = False
+
+
+@dataclass
+class RecordInboundInput:
+    workspace_id: str
+    channel_id: str
+    contact_id: str
+    event: InboundEvent
+
+
+@dataclass
+class RecordInboundResult:
+    duplicate: bool
+    contact: ContactSnapshot | None = None
+    automations: list[AutomationSnapshot] = field(default_factory=list)
+    channel_active: bool = True
+    has_previous_inbound: bool = False
+
+
+@dataclass
+class RunInput:
+    run_id: str  # also the workflow id
+    workspace_id: str
+    channel_id: str
+    platform: str
+    contact: ContactSnapshot
+    automation: AutomationSnapshot
+    conversation_workflow_id: str = ""
+    trigger: InboundEvent | None = None
+    context: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ReplySignal:
+    event: InboundEvent
+
+
+@dataclass
+class ExternalEventSignal:
+    name: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrailEntry:
+    step_id: str
+    type: str
+    status: str  # started | done | skipped | failed | waiting | timed_out | invalid
+    at: str
+    detail: str = ""
+
+
+@dataclass
+class RunStatus:
+    run_id: str
+    automation_id: str
+    version: int
+    status: str  # running | waiting | completed | failed | cancelled
+    current_step: str = ""
+    trail: list[TrailEntry] = field(default_factory=list)
+
+
+@dataclass
+class RunResult:
+    status: str
+    trail: list[TrailEntry] = field(default_factory=list)
+
+
+@dataclass
+class RecordRunInput:
+    run_id: str
+    workspace_id: str
+    channel_id: str
+    contact_id: str
+    automation_id: str
+    version: int
+    status: str
+    trail: list[TrailEntry] = field(default_factory=list)
+
+
+@dataclass
+class QuickReply:
+    title: str
+    payload: str = ""
+
+
+@dataclass
+class Button:
+    title: str
+    payload: str = ""
+    url: str = ""
+
+
+@dataclass
+class SendMessageInput:
+    channel_id: str
+    contact_id: str
+    recipient_id: str
+    idempotency_key: str
+    text: str
+    quick_replies: list[QuickReply] = field(default_factory=list)
+    buttons: list[Button] = field(default_factory=list)
+    run_id: str = ""
+
+
+@dataclass
+class SendMessageResult:
+    platform_message_id: str
+    deduplicated: bool = False
+
+
+@dataclass
+class UpdateContactInput:
+    contact_id: str
+    add_tags: list[str] = field(default_factory=list)
+    remove_tags: list[str] = field(default_factory=list)
+    set_fields: dict[str, Any] = field(default_factory=dict)
+    human_takeover: bool | None = None
+
+
+@dataclass
+class GenerateReplyInput:
+    workspace_id: str
+    contact_id: str
+    instructions: str
+    run_id: str = ""
+    max_history: int = 0  # 0: the configured default
+
+
+@dataclass
+class GenerateReplyResult:
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class ChannelRef:
+    channel_id: str
+
+
+@dataclass
+class ConnectChannelInput:
+    workspace_id: str
+    channel_id: str
+    platform: str
+
+
+@dataclass
+class ChannelVerified:
+    external_id: str
+    name: str = ""
+
+
+@dataclass
+class RevokeResult:
+    revoked: bool
+    detail: str = ""
+
+
+@dataclass
+class DisconnectResult:
+    revoked: bool
+    stopped_workflows: int = 0
+    detail: str = ""
+
+
+@dataclass
+class PurgeDataInput:
+    """What to purge. ``scope``: channel_tokens (for now)."""
+
+    scope: str
+    channel_id: str = ""
+
+
+@dataclass
+class StopWorkflowsResult:
+    stopped: int = 0
+
+
+@dataclass
+class ContactRef:
+    contact_id: str
+
+
+@dataclass
+class ChannelStatusInput:
+    channel_id: str
+    status: str
+    detail: str = ""
+
+
+@dataclass
+class ConnectResult:
+    status: str  # active | failed
+    detail: str = ""
+    external_id: str = ""
+
+
+@dataclass
+class AckCallbackInput:
+    channel_id: str
+    callback_query_id: str
+

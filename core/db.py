@@ -1,0 +1,178 @@
+"""Database engine and SQLModel tables.
+
+SQLite (embedded default) and PostgreSQL run the same code. Secrets are
+stored only as vault ciphertext (``core.crypto``); API keys only as a hash.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import JSON, Column, Engine, Text, UniqueConstraint, event
+from sqlmodel import Field, Session, SQLModel, create_engine
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+class Workspace(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    name: str
+    api_key_hash: str = Field(index=True, unique=True)
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Channel(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    workspace_id: str = Field(index=True, foreign_key="workspace.id")
+    platform: str  # instagram | messenger | telegram
+    name: str = ""
+    # The platform account id: IG professional account id, Page id, bot id.
+    external_id: str = Field(default="", index=True)
+    # Meta user whose grant is revoked on disconnect ("me" when unknown).
+    platform_user_id: str = ""
+    status: str = "connecting"  # connecting | active | needs_reconnect | failed | disconnecting | disconnected
+    status_detail: str = ""
+    token_ciphertext: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    webhook_secret_ciphertext: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Automation(SQLModel, table=True):
+    id: str = Field(primary_key=True)
+    workspace_id: str = Field(index=True, foreign_key="workspace.id")
+    channel_id: str = Field(index=True, foreign_key="channel.id")
+    name: str
+    status: str = "active"  # active | paused
+    version: int = 1
+    definition: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class AutomationVersion(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("automation_id", "version"),)
+    id: int | None = Field(default=None, primary_key=True)
+    automation_id: str = Field(index=True, foreign_key="automation.id")
+    version: int
+    definition: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Contact(SQLModel, table=True):
+    __table_args__ = (UniqueConstraint("channel_id", "external_id"),)
+    id: str = Field(primary_key=True)
+    workspace_id: str = Field(index=True, foreign_key="workspace.id")
+    channel_id: str = Field(index=True, foreign_key="channel.id")
+    external_id: str
+    first_name: str = ""
+    last_name: str = ""
+    username: str = ""
+    tags: list[str] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    fields: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    human_takeover: bool = False
+    processing_restricted: bool = False
+    last_inbound_at: datetime | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Message(SQLModel, table=True):
+    """The message log, inbound and outbound.
+
+    Inbound rows are unique per channel and platform event id: the database
+    half of webhook dedupe (the workflow keeps the other half).
+    """
+
+    __table_args__ = (UniqueConstraint("channel_id", "platform_event_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    workspace_id: str = Field(index=True)
+    channel_id: str = Field(index=True)
+    contact_id: str = Field(index=True)
+    direction: str  # in | out
+    kind: str = "message"
+    text: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
+    payload: str = ""
+    platform_event_id: str | None = None  # inbound: mid / update id; outbound: platform message id
+    run_id: str = ""
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class SendRecord(SQLModel, table=True):
+    """Idempotency record of one outbound send (key: run, step, visit)."""
+
+    idempotency_key: str = Field(primary_key=True)
+    channel_id: str = Field(index=True)
+    platform_message_id: str
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class Run(SQLModel, table=True):
+    id: str = Field(primary_key=True)  # the AutomationRun workflow id
+    workspace_id: str = Field(index=True)
+    channel_id: str = Field(index=True)
+    contact_id: str = Field(index=True)
+    automation_id: str = Field(index=True)
+    version: int
+    status: str = "running"
+    trail: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    started_at: datetime = Field(default_factory=utcnow)
+    ended_at: datetime | None = None
+
+
+class AiUsage(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    workspace_id: str = Field(index=True)
+    run_id: str = ""
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    # Deleted secrets are overwritten on disk, not left in free pages.
+    cur.execute("PRAGMA secure_delete=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+    else:
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return engine
+
+
+@lru_cache
+def engine_for(url: str) -> Engine:
+    engine = make_engine(url)
+    SQLModel.metadata.create_all(engine)
+    return engine
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    with Session(engine, expire_on_commit=False) as session:
+        yield session

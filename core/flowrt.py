@@ -1,0 +1,429 @@
+"""Pure runtime helpers for interpreting an automation flow.
+
+Used inside Temporal workflow code, so this module must stay deterministic:
+standard library (re, unicodedata, math, dataclasses, typing) and
+``core.contracts`` only. No pydantic, I/O, clocks, randomness or environment
+reads. Definitions arrive as plain dicts (the JSON that
+``core.flow.definition_dict`` produces).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from typing import Any
+
+from core.contracts import AutomationSnapshot, Button, ContactSnapshot, InboundEvent, QuickReply
+
+# {{ path }} or {{ path | fallback }}; no braces inside, so malformed templates stay as they are.
+PLACEHOLDER_RE = re.compile(r"\{\{\s*([^{}|]*?)\s*(?:\|\s*([^{}]*?)\s*)?\}\}")
+
+# A placeholder that rendered empty; removed again (with its spacing) before returning.
+_EMPTY = "\ue000"
+_PUNCT_AFTER = ".,!?;:…)]}"
+
+_EMAIL_RE = re.compile(
+    r"^(?P<local>[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
+    r"@(?P<domain>(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})$"
+)
+_NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:[.,]\d+)?|[.,]\d+)$")
+_PHONE_STRIP_RE = re.compile(r"[\s\-.()]")
+
+
+# --- text ---------------------------------------------------------------------------------------------
+
+
+def normalize(text: str) -> str:
+    """NFKD, drop combining marks, casefold, collapse whitespace, strip."""
+    decomposed = unicodedata.normalize("NFKD", text or "")
+    stripped = "".join(ch for ch in decomposed if not unicodedata.combining(ch))
+    return " ".join(stripped.casefold().split())
+
+
+def _strip_punct(text: str) -> str:
+    """Strip leading/trailing punctuation, symbols and whitespace."""
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or unicodedata.category(text[start])[0] in "PS"):
+        start += 1
+    while end > start and (text[end - 1].isspace() or unicodedata.category(text[end - 1])[0] in "PS"):
+        end -= 1
+    return text[start:end]
+
+
+def _loose(text: str) -> str:
+    """Normalized, with surrounding punctuation removed ("Yes!" -> "yes")."""
+    norm = normalize(text)
+    return _strip_punct(norm) or norm
+
+
+# --- triggers -----------------------------------------------------------------------------------------
+
+
+def keyword_matches(trigger: dict, text: str) -> tuple[bool, int]:
+    """Does a dm_keyword trigger match ``text``? Returns (matched, specificity).
+
+    Specificity: exact = 3, contains / regex = 2, no match = 0.
+    """
+    keywords = [k for k in (trigger.get("keywords") or []) if isinstance(k, str) and k.strip()]
+    match = trigger.get("match") or "contains"
+    if not text or not text.strip() or not keywords:
+        return False, 0
+    norm_text = normalize(text)
+    if match == "exact":
+        target = _loose(text)
+        for keyword in keywords:
+            if _loose(keyword) == target:
+                return True, 3
+        return False, 0
+    if match == "regex":
+        for keyword in keywords:
+            try:
+                if re.search(keyword, text, re.IGNORECASE) or re.search(keyword, norm_text, re.IGNORECASE):
+                    return True, 2
+            except re.error:
+                continue
+        return False, 0
+    # contains: the keyword as whole word(s) inside the text.
+    for keyword in keywords:
+        norm_kw = normalize(keyword)
+        if norm_kw and re.search(r"(?<!\w)" + re.escape(norm_kw) + r"(?!\w)", norm_text):
+            return True, 2
+    return False, 0
+
+
+def _trigger(automation: AutomationSnapshot) -> dict | None:
+    definition = automation.definition if isinstance(automation.definition, dict) else {}
+    if definition.get("status") == "paused":
+        return None
+    trigger = definition.get("trigger")
+    return trigger if isinstance(trigger, dict) else None
+
+
+def select_automation(
+    automations: list[AutomationSnapshot], event: InboundEvent, *, is_first_message: bool
+) -> AutomationSnapshot | None:
+    """The automation an inbound event starts, or None.
+
+    Priority: postback payload, then DM keyword (exact beats contains/regex),
+    then any_message/first_message (on a contact's first message), then
+    any_message/default (messages only). Ties go to the first in list order.
+    """
+    if event.kind not in ("message", "postback"):
+        return None
+    candidates = [(a, t) for a in automations if (t := _trigger(a)) is not None]
+
+    if event.payload:
+        for automation, trigger in candidates:
+            if trigger.get("type") == "postback" and event.payload in (trigger.get("payloads") or []):
+                return automation
+
+    if event.kind == "message" and event.text and event.text.strip():
+        best: AutomationSnapshot | None = None
+        best_score = 0
+        for automation, trigger in candidates:
+            if trigger.get("type") != "dm_keyword":
+                continue
+            matched, score = keyword_matches(trigger, event.text)
+            if matched and score > best_score:
+                best, best_score = automation, score
+        if best is not None:
+            return best
+
+    if is_first_message:
+        for automation, trigger in candidates:
+            if trigger.get("type") == "any_message" and trigger.get("scope") == "first_message":
+                return automation
+
+    if event.kind == "message":
+        for automation, trigger in candidates:
+            if trigger.get("type") == "any_message" and (trigger.get("scope") or "default") == "default":
+                return automation
+    return None
+
+
+# --- templates ----------------------------------------------------------------------------------------
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, list | tuple):
+        return ", ".join(_as_text(v) for v in value if _as_text(v))
+    return str(value)
+
+
+def _lookup(mapping: Any, key: str) -> Any:
+    if not isinstance(mapping, dict):
+        return None
+    if key in mapping:
+        return mapping[key]
+    lowered = key.lower()
+    for k, v in mapping.items():
+        if isinstance(k, str) and k.lower() == lowered:
+            return v
+    return None
+
+
+def _resolve(path: str, contact: ContactSnapshot, context: dict) -> Any:
+    parts = [p.strip() for p in path.split(".")]
+    if len(parts) < 2 or any(not p for p in parts):
+        return None
+    root = parts[0].lower()
+    if root == "contact":
+        attr = parts[1].lower()
+        if attr in ("first_name", "last_name", "username") and len(parts) == 2:
+            return getattr(contact, attr, "")
+        if attr == "fields" and len(parts) >= 3:
+            value: Any = contact.fields or {}
+            for part in parts[2:]:
+                value = _lookup(value, part)
+            return value
+        return None
+    if root == "context":
+        value = context
+        for part in parts[1:]:
+            value = _lookup(value, part)
+        return value
+    return None
+
+
+def _fallback(raw: str | None) -> str:
+    text = (raw or "").strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1]
+    return text
+
+
+def render(template: str, contact: ContactSnapshot, context: dict | None = None) -> str:
+    """Fill ``{{contact.*}}`` / ``{{context.*}}`` placeholders. Never raises.
+
+    ``{{contact.first_name | there}}`` uses "there" when the value is empty.
+    Unknown or empty placeholders render empty, and the spacing they leave
+    behind is tidied ("Hi {{contact.first_name}}!" -> "Hi!").
+    """
+    if not isinstance(template, str):
+        return ""
+    ctx = context if isinstance(context, dict) else {}
+    source = template.replace(_EMPTY, "")
+
+    def substitute(match: re.Match[str]) -> str:
+        try:
+            value = _as_text(_resolve(match.group(1), contact, ctx)).replace(_EMPTY, "")
+        except Exception:  # defensive: a template must never break a run
+            value = ""
+        if not value.strip():
+            value = _fallback(match.group(2))
+        return value if value.strip() else _EMPTY
+
+    out = PLACEHOLDER_RE.sub(substitute, source)
+    if _EMPTY not in out:
+        return out
+    # Tidy the gaps empty placeholders left behind.
+    while True:
+        merged = re.sub(_EMPTY + r"[ \t]*" + _EMPTY, _EMPTY, out)
+        if merged == out:
+            break
+        out = merged
+    out = re.sub(r"[ \t]*" + _EMPTY + r"[ \t]*(?=[" + re.escape(_PUNCT_AFTER) + "])", "", out)
+    out = re.sub(r"^[ \t]*" + _EMPTY + r"[ \t]*", "", out, flags=re.MULTILINE)
+    out = re.sub(r"[ \t]*" + _EMPTY + r"[ \t]*$", "", out, flags=re.MULTILINE)
+    out = re.sub(r"[ \t]+" + _EMPTY + r"[ \t]+", " ", out)
+    return out.replace(_EMPTY, "")
+
+
+# --- replies and conditions ---------------------------------------------------------------------------
+
+
+def _parse_number(value: Any) -> int | float | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not _NUMBER_RE.match(text):
+        return None
+    text = text.replace(",", ".")
+    if "." in text:
+        return float(text)
+    return int(text)
+
+
+def validate_reply(step: dict, text: str) -> tuple[bool, object]:
+    """Validate a reply for a wait_for_reply step: (True, value) or (False, None)."""
+    stripped = (text or "").strip()
+    if not stripped:
+        return False, None
+    kind = step.get("validate") or "none"
+    if kind == "email":
+        m = _EMAIL_RE.match(stripped)
+        if not m or len(stripped) > 254:
+            return False, None
+        return True, f"{m.group('local')}@{m.group('domain').lower()}"
+    if kind == "phone":
+        compact = _PHONE_STRIP_RE.sub("", stripped)
+        plus = compact.startswith("+")
+        digits = compact[1:] if plus else compact
+        if not (digits.isascii() and digits.isdigit() and 7 <= len(digits) <= 15):
+            return False, None
+        return True, ("+" + digits) if plus else digits
+    if kind == "number":
+        number = _parse_number(stripped)
+        return (True, number) if number is not None else (False, None)
+    if kind == "regex":
+        try:
+            ok = re.search(step.get("pattern") or "", stripped, re.IGNORECASE) is not None
+        except re.error:
+            ok = False
+        return (True, stripped) if ok else (False, None)
+    if kind == "choice":
+        wanted = _loose(stripped)
+        for choice in step.get("choices") or []:
+            if isinstance(choice, str) and _loose(choice) == wanted:
+                return True, choice
+        return False, None
+    return True, stripped
+
+
+def _is_empty(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    if isinstance(value, list | tuple | dict | set):
+        return len(value) == 0
+    return False
+
+
+def _equals(actual: Any, expected: Any) -> bool:
+    if isinstance(actual, list | tuple):
+        return any(_equals(item, expected) for item in actual)
+    a_num, e_num = _parse_number(actual), _parse_number(expected)
+    if a_num is not None and e_num is not None:
+        return a_num == e_num
+    return normalize(_as_text(actual)) == normalize(_as_text(expected))
+
+
+def _contains(actual: Any, expected: Any) -> bool:
+    if isinstance(actual, list | tuple):
+        return any(_equals(item, expected) for item in actual)
+    if _is_empty(actual):
+        return False
+    return normalize(_as_text(expected)) in normalize(_as_text(actual))
+
+
+def _check(condition: dict, contact: ContactSnapshot, last_reply: str) -> bool:
+    subject = condition.get("subject")
+    op = condition.get("op")
+    expected = condition.get("value")
+    if subject == "tag":
+        tags = {normalize(t) for t in (contact.tags or []) if isinstance(t, str)}
+        if op in ("exists", "not_exists"):
+            return bool(tags) == (op == "exists")
+        present = normalize(_as_text(expected)) in tags
+        if op in ("has", "equals", "contains"):
+            return present
+        if op in ("not_has", "not_equals"):
+            return not present
+        return False
+    if subject == "field":
+        actual = (contact.fields or {}).get(condition.get("name") or "")
+    elif subject == "reply":
+        actual = last_reply or ""
+    else:
+        return False
+    if op == "equals":
+        return _equals(actual, expected)
+    if op == "not_equals":
+        return not _equals(actual, expected)
+    if op in ("contains", "has"):
+        return _contains(actual, expected)
+    if op == "not_has":
+        return not _contains(actual, expected)
+    if op == "exists":
+        return not _is_empty(actual)
+    if op == "not_exists":
+        return _is_empty(actual)
+    if op == "matches":
+        if _is_empty(actual):
+            return False
+        try:
+            return re.search(_as_text(expected), _as_text(actual), re.IGNORECASE) is not None
+        except re.error:
+            return False
+    if op in ("gt", "lt"):
+        a_num, e_num = _parse_number(actual), _parse_number(expected)
+        if a_num is None or e_num is None:
+            return False
+        return a_num > e_num if op == "gt" else a_num < e_num
+    return False
+
+
+def evaluate_condition(step: dict, contact: ContactSnapshot, last_reply: str) -> bool:
+    """Evaluate a condition step's conditions (match "all" or "any")."""
+    conditions = [c for c in (step.get("conditions") or []) if isinstance(c, dict)]
+    results = (_check(c, contact, last_reply) for c in conditions)
+    if step.get("match") == "any":
+        return any(results)
+    return all(results)
+
+
+# --- navigation ---------------------------------------------------------------------------------------
+
+
+def step_index(steps: list[dict]) -> dict[str, int]:
+    """Step id -> position (the first occurrence wins)."""
+    index: dict[str, int] = {}
+    for i, step in enumerate(steps):
+        step_id = step.get("id")
+        if isinstance(step_id, str) and step_id not in index:
+            index[step_id] = i
+    return index
+
+
+def resolve_target(steps: list[dict], current_index: int, target: str | None) -> int | None:
+    """Index of the next step: None/"" -> the following step, "end" -> None, else the id's index."""
+    if not target:
+        nxt = current_index + 1
+        return nxt if 0 <= nxt < len(steps) else None
+    if target == "end":
+        return None
+    return step_index(steps).get(target)
+
+
+def delay_seconds(step: dict) -> int:
+    def part(key: str) -> int:
+        try:
+            return int(step.get(key) or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    return part("seconds") + 60 * part("minutes") + 3600 * part("hours") + 86400 * part("days")
+
+
+def quick_replies(step: dict) -> list[QuickReply]:
+    out: list[QuickReply] = []
+    for item in step.get("quick_replies") or []:
+        if isinstance(item, str):
+            out.append(QuickReply(title=item, payload=item))
+        elif isinstance(item, dict) and item.get("title"):
+            out.append(QuickReply(title=item["title"], payload=item.get("payload") or item["title"]))
+    return out
+
+
+def buttons(step: dict) -> list[Button]:
+    out: list[Button] = []
+    for item in step.get("buttons") or []:
+        if isinstance(item, dict) and item.get("title"):
+            out.append(
+                Button(title=item["title"], payload=item.get("payload") or "", url=item.get("url") or "")
+            )
+    return out

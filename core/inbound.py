@@ -1,0 +1,314 @@
+"""Parse platform webhooks into ``InboundEvent`` lists.
+
+Pure functions, no I/O. One bad item never sinks a batch: it is recorded in
+``ParseResult.ignored`` with a human reason and parsing goes on. Only a
+malformed top level raises ``MalformedPayload``.
+
+Meta (Instagram / Messenger): loop over every ``entry`` and every
+``messaging`` item (DESIGN.md §4); ``changes`` items (comments, mentions)
+are noted as ignored until they are handled. Echoes of our own messages are
+never events.
+
+Telegram: one update per request; the event id is ``tg:<update_id>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.contracts import Attachment, InboundEvent
+
+__all__ = [
+    "MalformedPayload",
+    "ParseResult",
+    "parse_meta_webhook",
+    "parse_telegram_update",
+]
+
+META_PLATFORMS = {"instagram": "instagram", "page": "messenger"}
+TELEGRAM_ATTACHMENT_KEYS = ("photo", "document", "voice", "video")
+
+
+class MalformedPayload(ValueError):
+    """The webhook body is not shaped like the platform's webhook at all."""
+
+
+@dataclass
+class ParseResult:
+    object: str
+    events: list[InboundEvent] = field(default_factory=list)
+    # (event id or "?", human reason) for each item that produced no event.
+    ignored: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Skip(Exception):
+    """Internal: this item yields no event (id, reason)."""
+
+    def __init__(self, event_id: str, reason: str) -> None:
+        super().__init__(reason)
+        self.event_id = event_id
+        self.reason = reason
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _id(value: Any) -> str:
+    """A platform id as a string, or "" when absent / not an id."""
+    if value is None or isinstance(value, bool) or isinstance(value, dict | list):
+        return ""
+    return str(value)
+
+
+def _str(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool):
+        return 0
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value.strip())
+    return 0
+
+
+# --------------------------------------------------------------------------- Meta
+
+
+def parse_meta_webhook(payload: Any) -> ParseResult:
+    """Parse a Meta webhook body (``object`` instagram or page)."""
+    if not isinstance(payload, dict):
+        raise MalformedPayload("webhook body is not a JSON object")
+    entries = payload.get("entry", [])
+    if not isinstance(entries, list):
+        raise MalformedPayload("'entry' is not a list")
+
+    obj = payload.get("object")
+    obj_name = obj if isinstance(obj, str) else repr(obj)
+    result = ParseResult(object=obj_name)
+    platform = META_PLATFORMS.get(obj) if isinstance(obj, str) else None
+    if platform is None:
+        result.ignored.append(("?", f"unsupported object '{obj_name}'"))
+        return result
+
+    for entry in entries:
+        if not isinstance(entry, dict):
+            result.ignored.append(("?", "entry is not an object"))
+            continue
+        entry_id = _id(entry.get("id"))
+
+        messaging = entry.get("messaging", [])
+        if not isinstance(messaging, list):
+            result.ignored.append(("?", f"entry {entry_id or '?'}: 'messaging' is not a list"))
+            messaging = []
+        for item in messaging:
+            try:
+                result.events.append(_meta_messaging_item(item, platform, entry_id))
+            except _Skip as skip:
+                result.ignored.append((skip.event_id, skip.reason))
+
+        changes = entry.get("changes", [])
+        if not isinstance(changes, list):
+            result.ignored.append(("?", f"entry {entry_id or '?'}: 'changes' is not a list"))
+            changes = []
+        for change in changes:
+            change = _dict(change)
+            change_id = _id(_dict(change.get("value")).get("id")) or "?"
+            field_name = _str(change.get("field")) or "?"
+            result.ignored.append((change_id, f"changes field '{field_name}' not handled yet"))
+
+        standby = entry.get("standby", [])
+        if isinstance(standby, list):
+            for item in standby:
+                mid = _id(_dict(_dict(item).get("message")).get("mid")) or "?"
+                result.ignored.append((mid, "standby item (handover protocol) not handled"))
+
+    return result
+
+
+def _meta_messaging_item(item: Any, platform: str, entry_id: str) -> InboundEvent:
+    if not isinstance(item, dict):
+        raise _Skip("?", "messaging item is not an object")
+
+    message = item.get("message")
+    postback = item.get("postback")
+    guess_id = _id(_dict(message).get("mid")) or _id(_dict(postback).get("mid")) or "?"
+
+    sender_id = _id(_dict(item.get("sender")).get("id"))
+    if not sender_id:
+        raise _Skip(guess_id, "messaging item without sender.id")
+    account_id = entry_id or _id(_dict(item.get("recipient")).get("id"))
+    if not account_id:
+        raise _Skip(guess_id, "messaging item without entry id or recipient.id")
+    timestamp = _int(item.get("timestamp"))
+
+    def event(event_id: str, kind: str, **kwargs: Any) -> InboundEvent:
+        return InboundEvent(
+            event_id=event_id,
+            platform=platform,
+            account_id=account_id,
+            sender_id=sender_id,
+            kind=kind,
+            timestamp_ms=timestamp,
+            **kwargs,
+        )
+
+    if isinstance(message, dict):
+        mid = _id(message.get("mid"))
+        if message.get("is_echo"):
+            raise _Skip(mid or "?", "echo of our own message")
+        if message.get("is_deleted"):
+            raise _Skip(mid or "?", "deleted message")
+        if message.get("is_unsupported"):
+            raise _Skip(mid or "?", "unsupported message type")
+        if not mid:
+            raise _Skip("?", "message without mid")
+        attachments = []
+        raw_attachments = message.get("attachments")
+        for att in raw_attachments if isinstance(raw_attachments, list) else []:
+            att = _dict(att)
+            att_type = _str(att.get("type"))
+            if not att_type:
+                continue
+            # Store the CDN URL only, never the media (DESIGN.md §4).
+            attachments.append(Attachment(type=att_type, url=_str(_dict(att.get("payload")).get("url"))))
+        return event(
+            mid,
+            "message",
+            text=_str(message.get("text")),
+            payload=_str(_dict(message.get("quick_reply")).get("payload")),
+            attachments=attachments,
+        )
+
+    if isinstance(postback, dict):
+        mid = _id(postback.get("mid"))
+        return event(
+            mid or f"postback:{sender_id}:{timestamp}",
+            "postback",
+            payload=_str(postback.get("payload")),
+            text=_str(postback.get("title")),
+            ref=_str(_dict(postback.get("referral")).get("ref")),
+        )
+
+    referral = item.get("referral")
+    if isinstance(referral, dict):
+        return event(f"referral:{sender_id}:{timestamp}", "referral", ref=_str(referral.get("ref")))
+
+    reaction = item.get("reaction")
+    if isinstance(reaction, dict):
+        return event(
+            f"reaction:{_id(reaction.get('mid'))}:{sender_id}:{timestamp}",
+            "reaction",
+            text=_str(reaction.get("emoji")) or _str(reaction.get("reaction")),
+            payload=_str(reaction.get("action")),
+        )
+
+    if isinstance(item.get("read"), dict):
+        return event(f"seen:{sender_id}:{timestamp}", "seen")
+
+    keys = sorted(k for k in item if k not in ("sender", "recipient", "timestamp"))
+    raise _Skip(guess_id, f"unhandled messaging item with keys {', '.join(keys) or '(none)'}")
+
+
+# ----------------------------------------------------------------------- Telegram
+
+
+def parse_telegram_update(update: Any, bot_id: str) -> ParseResult:
+    """Parse one Telegram ``Update`` sent to the bot ``bot_id``."""
+    if not isinstance(update, dict):
+        raise MalformedPayload("update is not a JSON object")
+    update_id = update.get("update_id")
+    if not isinstance(update_id, int) or isinstance(update_id, bool):
+        raise MalformedPayload("update without an integer 'update_id'")
+
+    result = ParseResult(object="telegram")
+    event_id = f"tg:{update_id}"
+    try:
+        if "message" in update:
+            result.events.append(_telegram_message(update["message"], event_id, bot_id))
+        elif "callback_query" in update:
+            result.events.append(_telegram_callback(update["callback_query"], event_id, bot_id))
+        elif "edited_message" in update:
+            raise _Skip(event_id, "edited message")
+        else:
+            kinds = [k for k in update if k != "update_id"]
+            raise _Skip(event_id, f"update type '{kinds[0] if kinds else '(none)'}' not handled")
+    except _Skip as skip:
+        result.ignored.append((skip.event_id, skip.reason))
+    return result
+
+
+def _telegram_names(user: dict[str, Any]) -> dict[str, str]:
+    return {
+        "first_name": _str(user.get("first_name")),
+        "last_name": _str(user.get("last_name")),
+        "username": _str(user.get("username")),
+    }
+
+
+def _private_chat_id(chat: Any, event_id: str) -> str:
+    chat = _dict(chat)
+    chat_type = _str(chat.get("type")) or "?"
+    if chat_type != "private":
+        raise _Skip(event_id, f"chat type '{chat_type}' not handled")
+    chat_id = _id(chat.get("id"))
+    if not chat_id:
+        raise _Skip(event_id, "chat without id")
+    return chat_id
+
+
+def _telegram_message(message: Any, event_id: str, bot_id: str) -> InboundEvent:
+    if not isinstance(message, dict):
+        raise _Skip(event_id, "message is not an object")
+    sender = _dict(message.get("from"))
+    if sender.get("is_bot"):
+        raise _Skip(event_id, "message from a bot")
+    chat_id = _private_chat_id(message.get("chat"), event_id)
+    attachments = [Attachment(type=key) for key in TELEGRAM_ATTACHMENT_KEYS if message.get(key)]
+    return InboundEvent(
+        event_id=event_id,
+        platform="telegram",
+        account_id=str(bot_id),
+        sender_id=chat_id,
+        kind="message",
+        text=_str(message.get("text")) or _str(message.get("caption")),
+        attachments=attachments,
+        timestamp_ms=_int(message.get("date")) * 1000,
+        **_telegram_names(sender),
+    )
+
+
+def _telegram_callback(callback: Any, event_id: str, bot_id: str) -> InboundEvent:
+    if not isinstance(callback, dict):
+        raise _Skip(event_id, "callback_query is not an object")
+    sender = _dict(callback.get("from"))
+    if sender.get("is_bot"):
+        raise _Skip(event_id, "callback from a bot")
+    message = callback.get("message")
+    if isinstance(message, dict) and isinstance(message.get("chat"), dict):
+        sender_id = _private_chat_id(message["chat"], event_id)
+    else:
+        sender_id = _id(sender.get("id"))
+    if not sender_id:
+        raise _Skip(event_id, "callback_query without a chat or sender id")
+    callback_id = _id(callback.get("id"))
+    if not callback_id:
+        raise _Skip(event_id, "callback_query without id")
+    if "data" not in callback:
+        raise _Skip(event_id, "callback_query without data (game callbacks are not handled)")
+    return InboundEvent(
+        event_id=event_id,
+        platform="telegram",
+        account_id=str(bot_id),
+        sender_id=sender_id,
+        kind="postback",
+        payload=_str(callback.get("data")),
+        callback_query_id=callback_id,
+        **_telegram_names(sender),
+    )

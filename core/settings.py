@@ -1,0 +1,102 @@
+"""Process settings, read from the environment (prefix ``VECTORY_``).
+
+Only the API, the worker and activities read settings. Workflow code never
+does: configuration is not workflow input (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DATA_DIR = Path(os.environ.get("VECTORY_DATA_DIR", ".data"))
+DEV_ADMIN_TOKEN = "dev-admin-token"
+DEV_APP_SECRET = "dev-meta-app-secret"
+DEV_VERIFY_TOKEN = "dev-verify-token"
+
+TASK_QUEUE = "vectory"
+
+SEARCH_ATTRIBUTES = ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VECTORY_", extra="ignore")
+
+    environment: str = Field("development", description="development | test | production")
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{DATA_DIR / 'vectory.db'}")
+    temporal_address: str = "localhost:7233"
+    temporal_namespace: str = "default"
+    task_queue: str = TASK_QUEUE
+    admin_token: str = DEV_ADMIN_TOKEN
+    # Keyring for the token vault: "kid:base64key[,kid:base64key...]"; the
+    # first key encrypts, all of them decrypt. Empty in development means a
+    # generated key file under the data dir.
+    master_key: str = ""
+    public_url: str = "http://127.0.0.1:8000"
+    meta_app_secret: str = DEV_APP_SECRET
+    meta_verify_token: str = DEV_VERIFY_TOKEN
+    graph_api_url: str = "https://graph.facebook.com"
+    instagram_api_url: str = "https://graph.instagram.com"
+    graph_api_version: str = "v21.0"
+    telegram_api_url: str = "https://api.telegram.org"
+    ai_model: str = "gpt-4o-mini"
+    ai_history_messages: int = 12
+    max_webhook_body_bytes: int = 4 * 1024 * 1024
+    http_timeout_seconds: float = 15.0
+
+    @model_validator(mode="after")
+    def _refuse_default_secrets(self) -> Settings:
+        if self.environment == "production":
+            weak = [
+                name
+                for name, default in (
+                    ("VECTORY_ADMIN_TOKEN", DEV_ADMIN_TOKEN),
+                    ("VECTORY_META_APP_SECRET", DEV_APP_SECRET),
+                    ("VECTORY_META_VERIFY_TOKEN", DEV_VERIFY_TOKEN),
+                )
+                if getattr(self, name.removeprefix("VECTORY_").lower()) == default
+            ]
+            if not self.master_key:
+                weak.append("VECTORY_MASTER_KEY")
+            if weak:
+                raise ValueError(f"refusing to start in production with default secrets: {', '.join(weak)}")
+        return self
+
+    def keyring(self) -> list[tuple[str, bytes]]:
+        """The vault keys, newest (encrypting) first."""
+        spec = self.master_key.strip()
+        if not spec:
+            spec = _dev_key_file()
+        keys: list[tuple[str, bytes]] = []
+        for part in spec.split(","):
+            kid, sep, b64 = part.strip().partition(":")
+            if not sep:
+                raise ValueError("VECTORY_MASTER_KEY must be 'kid:base64key[,kid:base64key...]'")
+            key = base64.urlsafe_b64decode(b64 + "=" * (-len(b64) % 4))
+            if len(key) != 32:
+                raise ValueError(f"master key {kid!r} must be 32 bytes (base64 of 32 random bytes)")
+            keys.append((kid, key))
+        return keys
+
+
+def _dev_key_file() -> str:
+    path = DATA_DIR / "master.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(f"dev1:{key}\n")
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

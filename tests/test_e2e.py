@@ -1,0 +1,138 @@
+"""End to end: real Temporal dev server + API + worker + sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sandbox import payloads
+
+from helpers import (
+    connect_instagram,
+    create_automation,
+    create_tenant,
+    new_sender,
+    post_meta,
+    sandbox_messages,
+    send_dm,
+    text_of,
+    wait_for,
+    wait_for_messages,
+)
+
+PRICE_FLOW = {
+    "trigger": {"type": "dm_keyword", "keywords": ["price", "cost"], "match": "contains"},
+    "steps": [
+        {"id": "ask", "type": "send_message", "text": "Hi {{contact.first_name | there}}! Reply with your email.",
+         "quick_replies": ["Not now"]},
+        {"id": "email", "type": "wait_for_reply", "timeout_seconds": 86400, "validate": "email",
+         "save_to_field": "email", "retry_prompt": "That does not look like an email. Try again?",
+         "on_timeout": "bye"},
+        {"id": "tag", "type": "add_tag", "tag": "lead"},
+        {"id": "thanks", "type": "send_message", "text": "Thanks! It is on its way to {{contact.fields.email}}.",
+         "next": "end"},
+        {"id": "bye", "type": "send_message", "text": "No worries, ask any time."},
+    ],
+}
+
+
+async def test_keyword_dm_gets_reply_then_wait_for_reply_validates(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], PRICE_FLOW["trigger"], PRICE_FLOW["steps"])
+    person = new_sender()
+
+    await send_dm(stack, account_id, person, "What's the PRICE of this?")
+    calls = await wait_for_messages(stack, person, 1)
+    assert len(calls) == 1
+    first = calls[0]
+    assert first["service"] == "instagram"
+    assert first["path"].endswith(f"/{account_id}/messages")
+    assert first["json"]["recipient"] == {"id": person}
+    assert text_of(first) == "Hi there! Reply with your email."
+    assert [q["title"] for q in first["json"]["message"]["quick_replies"]] == ["Not now"]
+
+    await send_dm(stack, account_id, person, "not an email")
+    calls = await wait_for_messages(stack, person, 2)
+    assert text_of(calls[1]) == "That does not look like an email. Try again?"
+
+    await send_dm(stack, account_id, person, "Ana@Example.com")
+    calls = await wait_for_messages(stack, person, 3)
+    assert text_of(calls[2]) == "Thanks! It is on its way to Ana@example.com."
+
+    contacts = (await stack.api.get("/v1/contacts", params={"channel_id": channel["id"]}, headers=tenant.headers)).json()
+    contact = next(c for c in contacts["data"] if c["external_id"] == person)
+    assert contact["fields"]["email"] == "Ana@example.com"
+    assert contact["tags"] == ["lead"]
+
+    runs = (await stack.api.get("/v1/runs", params={"contact_id": contact["id"]}, headers=tenant.headers)).json()
+    assert runs["count"] == 1
+    run = await stack.api.get(f"/v1/runs/{runs['data'][0]['id']}", headers=tenant.headers)
+    assert run.status_code == 200, run.text
+    detail = run.json()
+    assert detail["status"] == "completed"
+    assert [(t["step_id"], t["status"]) for t in detail["trail"] if t["status"] != "waiting"] == [
+        ("ask", "done"), ("email", "invalid"), ("email", "done"), ("tag", "done"), ("thanks", "done"),
+    ]
+
+    messages = (await stack.api.get(f"/v1/contacts/{contact['id']}/messages", headers=tenant.headers)).json()
+    assert [m["direction"] for m in reversed(messages["data"])] == ["in", "out", "in", "out", "in", "out"]
+
+
+async def test_batch_of_50_events_in_one_post_all_run(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["hello"]},
+        [{"id": "hi", "type": "send_message", "text": "Hello back"}],
+    )
+    people = [new_sender() for _ in range(50)]
+    items = [payloads.instagram_dm(account_id, p, "hello there") for p in people]
+    r = await post_meta(stack, payloads.instagram_webhook({account_id: items}))
+    assert r.status_code == 200
+    assert r.json()["dispatched"] == 50
+
+    async def all_answered():
+        calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": "/messages"})).json()["calls"]
+        answered = {c["json"]["recipient"]["id"] for c in calls if c["status"] < 400}
+        return set(people) <= answered
+
+    assert await wait_for(all_answered, timeout=60)
+    for p in people[:5]:
+        assert len(await sandbox_messages(stack, p)) == 1
+
+
+async def test_twenty_redeliveries_of_one_mid_send_exactly_one_message(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["menu"]},
+        [{"id": "m", "type": "send_message", "text": "Here is the menu"}],
+    )
+    person = new_sender()
+    item = payloads.instagram_dm(account_id, person, "menu please")
+    body = payloads.instagram_webhook({account_id: [item]})
+    results = await asyncio.gather(*(post_meta(stack, body) for _ in range(20)))
+    assert all(r.status_code == 200 for r in results)
+    await wait_for_messages(stack, person, 1)
+    await asyncio.sleep(1.5)  # give any duplicate time to show up
+    assert len(await sandbox_messages(stack, person)) == 1
+
+
+async def test_forged_signature_starts_nothing(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["menu"]},
+        [{"id": "m", "type": "send_message", "text": "Here is the menu"}],
+    )
+    person = new_sender()
+    payload = payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, person, "menu")]})
+    r = await post_meta(stack, payload, secret="not-the-app-secret")
+    assert r.status_code == 401
+    body, headers = payloads.encode_and_sign(payload, "x")
+    del headers["X-Hub-Signature-256"]
+    assert (await stack.api.post("/webhooks/meta", content=body, headers=headers)).status_code == 401
+    await asyncio.sleep(1.0)
+    assert await sandbox_messages(stack, person) == []
+    contacts = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()
+    assert contacts["count"] == 0

@@ -1,0 +1,585 @@
+"""Webhook parsing: realistic Meta and Telegram payloads into InboundEvents."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from core.contracts import Attachment
+from core.inbound import MalformedPayload, ParseResult, parse_meta_webhook, parse_telegram_update
+
+IG_ACCOUNT = "17841400000000001"
+IGSID_A = "1254477718923456"
+IGSID_B = "6012345678901234"
+
+INSTAGRAM_BATCH = {
+    "object": "instagram",
+    "entry": [
+        {
+            "id": IG_ACCOUNT,
+            "time": 1718000000123,
+            "messaging": [
+                {
+                    "sender": {"id": IGSID_A},
+                    "recipient": {"id": IG_ACCOUNT},
+                    "timestamp": 1718000000001,
+                    "message": {
+                        "mid": "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAw",
+                        "text": "Hi! Is the course still open?",
+                    },
+                },
+                {
+                    "sender": {"id": IGSID_A},
+                    "recipient": {"id": IG_ACCOUNT},
+                    "timestamp": 1718000000002,
+                    "message": {
+                        "mid": "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAx",
+                        "text": "Yes please",
+                        "quick_reply": {"payload": "WANT_LINK"},
+                    },
+                },
+                {
+                    # Our own reply coming back: never an event.
+                    "sender": {"id": IG_ACCOUNT},
+                    "recipient": {"id": IGSID_A},
+                    "timestamp": 1718000000003,
+                    "message": {
+                        "mid": "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAy",
+                        "text": "Here is the link",
+                        "is_echo": True,
+                    },
+                },
+            ],
+        },
+        {
+            "id": IG_ACCOUNT,
+            "time": 1718000000456,
+            "messaging": [
+                {
+                    "sender": {"id": IGSID_B},
+                    "recipient": {"id": IG_ACCOUNT},
+                    "timestamp": 1718000000010,
+                    "postback": {
+                        "mid": "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAz",
+                        "title": "Get the guide",
+                        "payload": "GET_GUIDE",
+                    },
+                },
+                {
+                    "sender": {"id": IGSID_B},
+                    "recipient": {"id": IG_ACCOUNT},
+                    "timestamp": 1718000000011,
+                    "reaction": {
+                        "mid": "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAy",
+                        "action": "react",
+                        "reaction": "love",
+                        "emoji": "\u2764\ufe0f",
+                    },
+                },
+                {
+                    "sender": {"id": IGSID_B},
+                    "recipient": {"id": IG_ACCOUNT},
+                    "timestamp": 1718000000012,
+                    "read": {"mid": "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAy"},
+                },
+            ],
+        },
+        {
+            "id": IG_ACCOUNT,
+            "time": 1718000000789,
+            "changes": [
+                {
+                    "field": "comments",
+                    "value": {
+                        "from": {"id": IGSID_B, "username": "jane.doe"},
+                        "media": {"id": "18000000000000001", "media_product_type": "FEED"},
+                        "id": "17865799348089039",
+                        "text": "LINK please",
+                    },
+                }
+            ],
+        },
+    ],
+}
+
+
+def test_instagram_batch_of_three_entries() -> None:
+    result = parse_meta_webhook(copy.deepcopy(INSTAGRAM_BATCH))
+    assert isinstance(result, ParseResult)
+    assert result.object == "instagram"
+    kinds = [e.kind for e in result.events]
+    assert kinds == ["message", "message", "postback", "reaction", "seen"]
+    assert all(e.platform == "instagram" and e.account_id == IG_ACCOUNT for e in result.events)
+
+    dm, quick, postback, reaction, seen = result.events
+    assert dm.event_id == "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAw"
+    assert dm.sender_id == IGSID_A
+    assert dm.text == "Hi! Is the course still open?"
+    assert dm.payload == ""
+    assert dm.timestamp_ms == 1718000000001
+
+    assert quick.payload == "WANT_LINK"
+    assert quick.text == "Yes please"
+
+    assert postback.event_id == "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAz"
+    assert postback.payload == "GET_GUIDE"
+    assert postback.text == "Get the guide"
+    assert postback.sender_id == IGSID_B
+
+    assert reaction.event_id == (
+        f"reaction:aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAy:{IGSID_B}:1718000000011"
+    )
+    assert reaction.text == "\u2764\ufe0f"
+    assert reaction.payload == "react"
+
+    assert seen.event_id == f"seen:{IGSID_B}:1718000000012"
+
+    assert ("aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAy", "echo of our own message") in result.ignored
+    assert ("17865799348089039", "changes field 'comments' not handled yet") in result.ignored
+    assert len(result.ignored) == 2
+
+
+def test_story_mention_attachment_keeps_url_only() -> None:
+    payload = {
+        "object": "instagram",
+        "entry": [
+            {
+                "id": IG_ACCOUNT,
+                "time": 1718000001000,
+                "messaging": [
+                    {
+                        "sender": {"id": IGSID_A},
+                        "recipient": {"id": IG_ACCOUNT},
+                        "timestamp": 1718000001000,
+                        "message": {
+                            "mid": "mid.story.1",
+                            "attachments": [
+                                {
+                                    "type": "story_mention",
+                                    "payload": {
+                                        "url": "https://lookaside.fbsbx.com/ig_messaging_cdn/?asset_id=1"
+                                    },
+                                },
+                                {"type": "image", "payload": {"url": "https://cdn.example/image.jpg"}},
+                                {"payload": {"url": "https://cdn.example/no-type"}},
+                            ],
+                        },
+                    }
+                ],
+            }
+        ],
+    }
+    [event] = parse_meta_webhook(payload).events
+    assert event.text == ""
+    assert event.attachments == [
+        Attachment(type="story_mention", url="https://lookaside.fbsbx.com/ig_messaging_cdn/?asset_id=1"),
+        Attachment(type="image", url="https://cdn.example/image.jpg"),
+    ]
+
+
+def test_instagram_referral_from_ig_me_link() -> None:
+    payload = {
+        "object": "instagram",
+        "entry": [
+            {
+                "id": IG_ACCOUNT,
+                "time": 1718000002000,
+                "messaging": [
+                    {
+                        "sender": {"id": IGSID_A},
+                        "recipient": {"id": IG_ACCOUNT},
+                        "timestamp": 1718000002000,
+                        "referral": {"ref": "spring_promo", "source": "SHORTLINKS", "type": "OPEN_THREAD"},
+                    }
+                ],
+            }
+        ],
+    }
+    [event] = parse_meta_webhook(payload).events
+    assert event.kind == "referral"
+    assert event.ref == "spring_promo"
+    assert event.event_id == f"referral:{IGSID_A}:1718000002000"
+
+
+PAGE_ID = "104512345678901"
+PSID = "5432109876543210"
+
+MESSENGER_WEBHOOK = {
+    "object": "page",
+    "entry": [
+        {
+            "id": PAGE_ID,
+            "time": 1718000003000,
+            "messaging": [
+                {
+                    "sender": {"id": PSID},
+                    "recipient": {"id": PAGE_ID},
+                    "timestamp": 1718000003000,
+                    "message": {"mid": "m_AbCdEf123", "text": "hello"},
+                },
+                {
+                    # Get Started button opened from an m.me link: referral inside the postback.
+                    "sender": {"id": PSID},
+                    "recipient": {"id": PAGE_ID},
+                    "timestamp": 1718000003100,
+                    "postback": {
+                        "title": "Get Started",
+                        "payload": "GET_STARTED",
+                        "referral": {"ref": "fb_ad_42", "source": "SHORTLINKS", "type": "OPEN_THREAD"},
+                    },
+                },
+                {
+                    "sender": {"id": PSID},
+                    "recipient": {"id": PAGE_ID},
+                    "timestamp": 1718000003200,
+                    "read": {"watermark": 1718000003150},
+                },
+                {
+                    "sender": {"id": PSID},
+                    "recipient": {"id": PAGE_ID},
+                    "timestamp": 1718000003300,
+                    "delivery": {"mids": ["m_AbCdEf123"], "watermark": 1718000003250},
+                },
+            ],
+        }
+    ],
+}
+
+
+def test_messenger_page_webhook() -> None:
+    result = parse_meta_webhook(copy.deepcopy(MESSENGER_WEBHOOK))
+    assert result.object == "page"
+    assert [e.kind for e in result.events] == ["message", "postback", "seen"]
+    assert all(e.platform == "messenger" and e.account_id == PAGE_ID for e in result.events)
+    message, postback, seen = result.events
+    assert message.event_id == "m_AbCdEf123" and message.text == "hello"
+    # No mid on this postback: a synthesized, stable id.
+    assert postback.event_id == f"postback:{PSID}:1718000003100"
+    assert postback.payload == "GET_STARTED"
+    assert postback.ref == "fb_ad_42"
+    assert seen.event_id == f"seen:{PSID}:1718000003200"
+    [(ignored_id, reason)] = result.ignored
+    assert ignored_id == "?"
+    assert reason.startswith("unhandled messaging item with keys") and "delivery" in reason
+
+
+def test_thousand_entries_give_thousand_events() -> None:
+    payload = {
+        "object": "instagram",
+        "entry": [
+            {
+                "id": IG_ACCOUNT,
+                "time": 1718000000000 + i,
+                "messaging": [
+                    {
+                        "sender": {"id": str(9000000000000000 + i)},
+                        "recipient": {"id": IG_ACCOUNT},
+                        "timestamp": 1718000000000 + i,
+                        "message": {"mid": f"mid.{i}", "text": f"message {i}"},
+                    }
+                ],
+            }
+            for i in range(1000)
+        ],
+    }
+    result = parse_meta_webhook(payload)
+    assert len(result.events) == 1000
+    assert result.ignored == []
+    assert len({e.event_id for e in result.events}) == 1000
+    assert result.events[-1].text == "message 999"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        None,
+        [],
+        "object=instagram",
+        42,
+        {"object": "instagram", "entry": {"id": "1"}},
+        {"object": "page", "entry": "nope"},
+    ],
+)
+def test_malformed_meta_top_level_raises(payload: object) -> None:
+    with pytest.raises(MalformedPayload):
+        parse_meta_webhook(payload)
+
+
+def test_malformed_payload_is_a_value_error() -> None:
+    assert issubclass(MalformedPayload, ValueError)
+
+
+def test_unsupported_object_is_ignored() -> None:
+    result = parse_meta_webhook(
+        {"object": "whatsapp_business_account", "entry": [{"id": "1", "changes": []}]}
+    )
+    assert result.events == []
+    assert result.ignored == [("?", "unsupported object 'whatsapp_business_account'")]
+
+
+def test_bad_items_among_good_ones_are_ignored_not_fatal() -> None:
+    good = {
+        "sender": {"id": IGSID_A},
+        "recipient": {"id": IG_ACCOUNT},
+        "timestamp": 1718000004000,
+        "message": {"mid": "mid.good", "text": "ok"},
+    }
+    payload = {
+        "object": "instagram",
+        "entry": [
+            "not an entry",
+            {
+                "id": IG_ACCOUNT,
+                "time": 1718000004000,
+                "messaging": [
+                    "garbage",
+                    {"recipient": {"id": IG_ACCOUNT}, "timestamp": 1, "message": {"mid": "mid.nosender"}},
+                    {"sender": {"id": IGSID_A}, "timestamp": 2, "message": {"text": "no mid"}},
+                    {
+                        "sender": {"id": IGSID_A},
+                        "timestamp": 3,
+                        "message": {"mid": "mid.del", "is_deleted": True},
+                    },
+                    {
+                        "sender": {"id": IGSID_A},
+                        "timestamp": 4,
+                        "message": {"mid": "mid.u", "is_unsupported": True},
+                    },
+                    good,
+                ],
+            },
+            {"id": IG_ACCOUNT, "messaging": {"not": "a list"}},
+            {"id": IG_ACCOUNT, "messaging": [dict(good, message={"mid": "mid.good2", "text": "ok 2"})]},
+        ],
+    }
+    result = parse_meta_webhook(payload)
+    assert [e.event_id for e in result.events] == ["mid.good", "mid.good2"]
+    reasons = dict(result.ignored)
+    assert reasons["mid.nosender"] == "messaging item without sender.id"
+    assert reasons["mid.del"] == "deleted message"
+    assert reasons["mid.u"] == "unsupported message type"
+    all_reasons = [reason for _, reason in result.ignored]
+    assert "message without mid" in all_reasons
+    assert "entry is not an object" in all_reasons
+    assert "messaging item is not an object" in all_reasons
+    assert any("'messaging' is not a list" in r for r in all_reasons)
+    assert len(result.ignored) == 7
+
+
+def test_ids_are_always_strings() -> None:
+    payload = {
+        "object": "page",
+        "entry": [
+            {
+                "id": 104512345678901,
+                "messaging": [
+                    {
+                        "sender": {"id": 5432109876543210},
+                        "recipient": {"id": 104512345678901},
+                        "timestamp": 1718000005000,
+                        "message": {"mid": "m_1", "text": "hi"},
+                    }
+                ],
+            }
+        ],
+    }
+    [event] = parse_meta_webhook(payload).events
+    assert event.account_id == "104512345678901"
+    assert event.sender_id == "5432109876543210"
+
+
+def test_missing_entry_is_an_empty_result() -> None:
+    result = parse_meta_webhook({"object": "instagram"})
+    assert result.events == [] and result.ignored == []
+
+
+# ------------------------------------------------------------------- Telegram
+
+BOT_ID = "7000000001"
+
+TG_PRIVATE_MESSAGE = {
+    "update_id": 912345678,
+    "message": {
+        "message_id": 52,
+        "from": {
+            "id": 123456789,
+            "is_bot": False,
+            "first_name": "Ada",
+            "last_name": "Lovelace",
+            "username": "ada_l",
+            "language_code": "en",
+        },
+        "chat": {
+            "id": 123456789,
+            "first_name": "Ada",
+            "last_name": "Lovelace",
+            "username": "ada_l",
+            "type": "private",
+        },
+        "date": 1718000006,
+        "text": "/start promo",
+        "entities": [{"offset": 0, "length": 6, "type": "bot_command"}],
+    },
+}
+
+
+def test_telegram_private_message() -> None:
+    result = parse_telegram_update(copy.deepcopy(TG_PRIVATE_MESSAGE), BOT_ID)
+    assert result.object == "telegram"
+    assert result.ignored == []
+    [event] = result.events
+    assert event.event_id == "tg:912345678"
+    assert event.platform == "telegram"
+    assert event.account_id == BOT_ID
+    assert event.sender_id == "123456789"
+    assert event.kind == "message"
+    assert event.text == "/start promo"
+    assert (event.first_name, event.last_name, event.username) == ("Ada", "Lovelace", "ada_l")
+    assert event.timestamp_ms == 1718000006000
+    assert event.attachments == []
+
+
+def test_telegram_photo_with_caption() -> None:
+    update = {
+        "update_id": 912345679,
+        "message": {
+            "message_id": 53,
+            "from": {"id": 123456789, "is_bot": False, "first_name": "Ada"},
+            "chat": {"id": 123456789, "first_name": "Ada", "type": "private"},
+            "date": 1718000007,
+            "photo": [
+                {
+                    "file_id": "AgACAgIAAxkBAAIB",
+                    "file_unique_id": "AQADs",
+                    "file_size": 1234,
+                    "width": 90,
+                    "height": 90,
+                },
+                {
+                    "file_id": "AgACAgIAAxkBAAIC",
+                    "file_unique_id": "AQADt",
+                    "file_size": 9999,
+                    "width": 800,
+                    "height": 800,
+                },
+            ],
+            "caption": "my receipt",
+        },
+    }
+    [event] = parse_telegram_update(update, BOT_ID).events
+    assert event.text == "my receipt"
+    assert event.attachments == [Attachment(type="photo", url="")]
+    assert event.last_name == "" and event.username == ""
+
+
+def test_telegram_callback_query() -> None:
+    update = {
+        "update_id": 912345680,
+        "callback_query": {
+            "id": "4382bfdwdsb323b2d9",
+            "from": {"id": 123456789, "is_bot": False, "first_name": "Ada", "username": "ada_l"},
+            "message": {
+                "message_id": 54,
+                "from": {
+                    "id": 7000000001,
+                    "is_bot": True,
+                    "first_name": "Vectory",
+                    "username": "vectory_bot",
+                },
+                "chat": {"id": 123456789, "first_name": "Ada", "type": "private"},
+                "date": 1718000008,
+                "text": "Pick one",
+                "reply_markup": {"inline_keyboard": [[{"text": "Guide", "callback_data": "GET_GUIDE"}]]},
+            },
+            "chat_instance": "-7365412365478965",
+            "data": "GET_GUIDE",
+        },
+    }
+    [event] = parse_telegram_update(update, BOT_ID).events
+    assert event.event_id == "tg:912345680"
+    assert event.kind == "postback"
+    assert event.payload == "GET_GUIDE"
+    assert event.callback_query_id == "4382bfdwdsb323b2d9"
+    assert event.sender_id == "123456789"
+    assert event.first_name == "Ada" and event.username == "ada_l"
+
+
+def test_telegram_callback_without_message_uses_from_id() -> None:
+    update = {
+        "update_id": 912345681,
+        "callback_query": {
+            "id": "99",
+            "from": {"id": 555, "is_bot": False, "first_name": "Bo"},
+            "inline_message_id": "BAAAAGxxx",
+            "chat_instance": "1",
+            "data": "X",
+        },
+    }
+    [event] = parse_telegram_update(update, BOT_ID).events
+    assert event.sender_id == "555"
+
+
+def test_telegram_group_chat_is_ignored() -> None:
+    update = {
+        "update_id": 912345682,
+        "message": {
+            "message_id": 7,
+            "from": {"id": 123456789, "is_bot": False, "first_name": "Ada"},
+            "chat": {"id": -1001234567890, "title": "Fans", "type": "group"},
+            "date": 1718000009,
+            "text": "hello group",
+        },
+    }
+    result = parse_telegram_update(update, BOT_ID)
+    assert result.events == []
+    assert result.ignored == [("tg:912345682", "chat type 'group' not handled")]
+
+
+def test_telegram_edited_message_is_ignored() -> None:
+    update = {
+        "update_id": 912345683,
+        "edited_message": {
+            "message_id": 52,
+            "from": {"id": 123456789, "is_bot": False, "first_name": "Ada"},
+            "chat": {"id": 123456789, "type": "private"},
+            "date": 1718000006,
+            "edit_date": 1718000010,
+            "text": "/start promo2",
+        },
+    }
+    result = parse_telegram_update(update, BOT_ID)
+    assert result.events == []
+    assert result.ignored == [("tg:912345683", "edited message")]
+
+
+def test_telegram_other_update_types_and_bots_are_ignored() -> None:
+    member = {
+        "update_id": 912345684,
+        "my_chat_member": {
+            "chat": {"id": 123456789, "type": "private"},
+            "from": {"id": 123456789, "is_bot": False, "first_name": "Ada"},
+            "date": 1718000011,
+            "old_chat_member": {"status": "member"},
+            "new_chat_member": {"status": "kicked"},
+        },
+    }
+    result = parse_telegram_update(member, BOT_ID)
+    assert result.events == []
+    [(event_id, reason)] = result.ignored
+    assert event_id == "tg:912345684" and "my_chat_member" in reason
+
+    from_bot = copy.deepcopy(TG_PRIVATE_MESSAGE)
+    from_bot["message"]["from"]["is_bot"] = True
+    result = parse_telegram_update(from_bot, BOT_ID)
+    assert result.events == []
+    assert result.ignored == [("tg:912345678", "message from a bot")]
+
+
+@pytest.mark.parametrize(
+    "update",
+    [None, [], "x", {}, {"update_id": "12"}, {"update_id": None, "message": {}}, {"update_id": True}],
+)
+def test_malformed_telegram_update_raises(update: object) -> None:
+    with pytest.raises(MalformedPayload):
+        parse_telegram_update(update, BOT_ID)

@@ -1,0 +1,123 @@
+"""Worker entry point: ``python -m workers.main``.
+
+Registers every workflow and the bound activity methods on one task queue.
+Synchronous (database) activities run on a thread pool; async activities
+(platform calls, AI) on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import signal
+from dataclasses import dataclass
+
+import httpx
+import openai
+from sqlalchemy import Engine
+from temporalio.client import Client
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities.ai import AiActivities
+from activities.channels import ChannelActivities
+from activities.crm import CrmActivities
+from activities.messaging import MessagingActivities
+from core.crypto import TokenVault
+from core.db import engine_for
+from core.platforms import GraphClient, TelegramClient
+from core.settings import Settings, get_settings
+from core.temporal import connect
+from workflows.automation_run import AutomationRunWorkflow
+from workflows.channel import ConnectChannelWorkflow, DisconnectChannelWorkflow
+from workflows.conversation import ConversationWorkflow
+
+WORKFLOWS = [ConversationWorkflow, AutomationRunWorkflow, ConnectChannelWorkflow, DisconnectChannelWorkflow]
+
+log = logging.getLogger("vectory.worker")
+
+
+@dataclass
+class WorkerDeps:
+    engine: Engine
+    vault: TokenVault
+    http: httpx.AsyncClient
+    ai: openai.AsyncOpenAI
+
+
+def build_deps(settings: Settings) -> WorkerDeps:
+    return WorkerDeps(
+        engine=engine_for(settings.database_url),
+        vault=TokenVault(settings.keyring()),
+        http=httpx.AsyncClient(timeout=settings.http_timeout_seconds),
+        # base_url / api_key come from OPENAI_BASE_URL / OPENAI_API_KEY.
+        ai=openai.AsyncOpenAI(max_retries=0, timeout=settings.http_timeout_seconds * 3),
+    )
+
+
+def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list:
+    graph = GraphClient(deps.http, settings.graph_api_url, settings.graph_api_version)
+    instagram = GraphClient(deps.http, settings.instagram_api_url, settings.graph_api_version)
+    telegram = TelegramClient(deps.http, settings.telegram_api_url)
+    crm = CrmActivities(deps.engine)
+    messaging = MessagingActivities(deps.engine, deps.vault, graph, instagram, telegram)
+    ai = AiActivities(deps.engine, deps.ai, settings.ai_model, settings.ai_history_messages)
+    channels = ChannelActivities(
+        deps.engine, deps.vault, graph, instagram, telegram, settings.public_url, temporal=client
+    )
+    return [
+        crm.record_inbound,
+        crm.load_contact,
+        crm.update_contact,
+        crm.record_run,
+        messaging.send_message,
+        messaging.acknowledge_callback,
+        ai.generate_reply,
+        channels.verify_channel,
+        channels.subscribe_webhooks,
+        channels.set_channel_status,
+        channels.revoke_token,
+        channels.purge_data,
+        channels.stop_channel_workflows,
+    ]
+
+
+def build_worker(client: Client, settings: Settings, deps: WorkerDeps, *, task_queue: str | None = None, **kwargs) -> Worker:
+    runner = SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "workflows.common")
+    )
+    return Worker(
+        client,
+        task_queue=task_queue or settings.task_queue,
+        workflows=WORKFLOWS,
+        activities=activities_for(settings, deps, client),
+        activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=32),
+        workflow_runner=runner,
+        **kwargs,
+    )
+
+
+async def amain() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    settings = get_settings()
+    client = await connect(settings)
+    deps = build_deps(settings)
+    worker = build_worker(client, settings, deps)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    log.info("worker polling task queue %r at %s", settings.task_queue, settings.temporal_address)
+    async with worker:
+        await stop.wait()
+        log.info("shutting down: finishing in-flight tasks")
+    await deps.http.aclose()
+
+
+def main() -> None:
+    asyncio.run(amain())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Deterministic helpers shared by workflows: search attributes, retry policies."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+
+WORKSPACE_ID = SearchAttributeKey.for_keyword("WorkspaceId")
+CHANNEL_ID = SearchAttributeKey.for_keyword("ChannelId")
+CONTACT_ID = SearchAttributeKey.for_keyword("ContactId")
+AUTOMATION_ID = SearchAttributeKey.for_keyword("AutomationId")
+PLATFORM = SearchAttributeKey.for_keyword("Platform")
+
+
+def search_attributes(
+    workspace_id: str, channel_id: str = "", contact_id: str = "", automation_id: str = "", platform: str = ""
+) -> TypedSearchAttributes:
+    pairs = [SearchAttributePair(WORKSPACE_ID, workspace_id)]
+    for key, value in (
+        (CHANNEL_ID, channel_id),
+        (CONTACT_ID, contact_id),
+        (AUTOMATION_ID, automation_id),
+        (PLATFORM, platform),
+    ):
+        if value:
+            pairs.append(SearchAttributePair(key, value))
+    return TypedSearchAttributes(pairs)
+
+
+# Database writes: fast, retried a few times, then the workflow task fails
+# and Temporal retries it.
+DB_TIMEOUT = timedelta(seconds=15)
+DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5), maximum_attempts=5)
+
+# Sends: throttling advice (next_retry_delay) overrides the backoff; clean
+# 4xx, invalid tokens and window errors are non-retryable at the source.
+SEND_TIMEOUT = timedelta(seconds=30)
+SEND_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=5),
+    maximum_attempts=25,
+    non_retryable_error_types=["TokenInvalid", "OutsideMessagingWindow", "PlatformRejected", "ChannelUnavailable"],
+)
+
+# AI: bounded attempts, then the step's fallback text is sent.
+AI_TIMEOUT = timedelta(seconds=60)
+AI_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=3)
+
+# Platform lifecycle calls (verify, subscribe, revoke).
+PLATFORM_TIMEOUT = timedelta(seconds=30)
+PLATFORM_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=6,
+    non_retryable_error_types=["TokenInvalid", "PlatformRejected", "ChannelUnavailable", "AccountAlreadyConnected"],
+)
+
+
+def root_message(err: BaseException) -> str:
+    """The message of the innermost cause (ActivityError -> ApplicationError),
+    truncated to stay well under payload limits."""
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    message = getattr(cause, "message", None) or str(cause)
+    return message[:300]

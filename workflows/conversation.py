@@ -1,0 +1,288 @@
+"""ConversationWorkflow: one per contact, serialises that contact's events.
+
+Signals only enqueue; the main loop handles one item at a time, so a
+contact's events are processed in arrival order. For each inbound event:
+dedupe (bounded set carried across continue-as-new, plus the unique message
+row in the database), record it, then either hand it to the run that is
+waiting for input or match triggers and start an ``AutomationRun`` child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections import deque
+
+from temporalio import workflow
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.workflow import ParentClosePolicy
+
+with workflow.unsafe.imports_passed_through():
+    from core import flowrt
+    from core.contracts import (
+        AUTOMATION_RUN_WORKFLOW,
+        CONVERSATION_WORKFLOW,
+        AckCallbackInput,
+        ActiveRun,
+        AutomationSnapshot,
+        ContactRef,
+        ContactSnapshot,
+        ConversationInput,
+        InboundEvent,
+        RecordInboundInput,
+        RecordInboundResult,
+        ReplySignal,
+        ResumeSignal,
+        RunInput,
+        RunStateSignal,
+        StartAutomationSignal,
+        UpdateContactInput,
+    )
+    from workflows.common import DB_RETRY, DB_TIMEOUT, SEND_RETRY, SEND_TIMEOUT, search_attributes
+
+MAX_SEEN_EVENT_IDS = 1000
+EVENTS_BEFORE_CONTINUE_AS_NEW = 2000
+
+
+def run_workflow_id(workspace_id: str, automation_id: str, contact_id: str, event_id: str) -> str:
+    digest = hashlib.sha256(event_id.encode()).hexdigest()[:16]
+    return f"{workspace_id}/run/{automation_id}/{contact_id}/{digest}"
+
+
+@workflow.defn(name=CONVERSATION_WORKFLOW)
+class ConversationWorkflow:
+    @workflow.init
+    def __init__(self, input: ConversationInput) -> None:
+        self._input = input
+        self._queue: deque[InboundEvent | StartAutomationSignal | ResumeSignal] = deque()
+        self._seen: deque[str] = deque(input.seen_event_ids[-MAX_SEEN_EVENT_IDS:])
+        self._seen_set = set(self._seen)
+        self._active: ActiveRun | None = input.active_run
+        self._takeover = input.human_takeover
+        self._handled = 0
+        self._pending_acks: set[asyncio.Future] = set()
+
+    # -- signals and queries -------------------------------------------------
+
+    @workflow.signal(name="inbound")
+    def inbound(self, event: InboundEvent) -> None:
+        self._queue.append(event)
+
+    @workflow.signal(name="start_automation")
+    def start_automation(self, signal: StartAutomationSignal) -> None:
+        self._queue.append(signal)
+
+    @workflow.signal(name="resume")
+    def resume(self, signal: ResumeSignal) -> None:
+        self._queue.append(signal)
+
+    @workflow.signal(name="run_state")
+    def run_state(self, signal: RunStateSignal) -> None:
+        if signal.state == "handoff":
+            self._takeover = True
+        if self._active is None or self._active.workflow_id != signal.run_workflow_id:
+            return
+        if signal.state == "accepting_input":
+            self._active.accepting_input = True
+        elif signal.state == "not_accepting":
+            self._active.accepting_input = False
+        elif signal.state in ("finished", "handoff"):
+            self._active = None
+
+    @workflow.query(name="state")
+    def state(self) -> dict:
+        return {
+            "active_run": self._active.workflow_id if self._active else None,
+            "accepting_input": bool(self._active and self._active.accepting_input),
+            "human_takeover": self._takeover,
+            "queued": len(self._queue),
+            "events_handled": self._input.events_handled + self._handled,
+        }
+
+    # -- main ------------------------------------------------------------------
+
+    @workflow.run
+    async def run(self, input: ConversationInput) -> None:
+        while True:
+            await workflow.wait_condition(
+                lambda: bool(self._queue) or self._should_continue_as_new()
+            )
+            while self._queue:
+                item = self._queue.popleft()
+                if isinstance(item, InboundEvent):
+                    await self._on_event(item)
+                elif isinstance(item, StartAutomationSignal):
+                    await self._on_api_start(item)
+                else:
+                    await self._on_resume(item)
+                self._handled += 1
+            if self._should_continue_as_new():
+                await workflow.wait_condition(
+                    lambda: workflow.all_handlers_finished() and not self._pending_acks
+                )
+                if not self._queue:
+                    workflow.continue_as_new(
+                        ConversationInput(
+                            workspace_id=input.workspace_id,
+                            channel_id=input.channel_id,
+                            platform=input.platform,
+                            contact_id=input.contact_id,
+                            contact_external_id=input.contact_external_id,
+                            seen_event_ids=list(self._seen),
+                            active_run=self._active,
+                            human_takeover=self._takeover,
+                            events_handled=input.events_handled + self._handled,
+                        )
+                    )
+
+    def _should_continue_as_new(self) -> bool:
+        return workflow.info().is_continue_as_new_suggested() or self._handled >= EVENTS_BEFORE_CONTINUE_AS_NEW
+
+    # -- handlers --------------------------------------------------------------
+
+    def _remember(self, event_id: str) -> bool:
+        """False when the event was seen already (a platform redelivery)."""
+        if event_id in self._seen_set:
+            return False
+        self._seen.append(event_id)
+        self._seen_set.add(event_id)
+        while len(self._seen) > MAX_SEEN_EVENT_IDS:
+            self._seen_set.discard(self._seen.popleft())
+        return True
+
+    async def _on_event(self, event: InboundEvent) -> None:
+        if not self._remember(event.event_id):
+            return
+        record: RecordInboundResult = await workflow.execute_local_activity(
+            "record_inbound",
+            RecordInboundInput(
+                workspace_id=self._input.workspace_id,
+                channel_id=self._input.channel_id,
+                contact_id=self._input.contact_id,
+                event=event,
+            ),
+            result_type=RecordInboundResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        if record.duplicate or not record.channel_active or record.contact is None:
+            return
+        if event.callback_query_id:
+            self._acknowledge(event.callback_query_id)
+        if event.kind not in ("message", "postback"):
+            return  # reactions, seen, referrals: recorded, not triggering
+        contact = record.contact
+        if contact.processing_restricted:
+            return
+        if self._takeover or contact.human_takeover:
+            self._takeover = True
+            return  # a human owns the conversation until resumed
+
+        if self._active is not None and self._active.accepting_input:
+            if await self._forward(event):
+                return
+
+        automation = flowrt.select_automation(
+            record.automations, event, is_first_message=not record.has_previous_inbound
+        )
+        if automation is None:
+            return
+        run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, event.event_id)
+        await self._start_run(run_id, automation, contact, trigger=event, context={})
+
+    async def _on_api_start(self, signal: StartAutomationSignal) -> None:
+        if not self._remember(f"api:{signal.run_id}"):
+            return
+        contact: ContactSnapshot | None = await workflow.execute_local_activity(
+            "load_contact",
+            ContactRef(contact_id=self._input.contact_id),
+            result_type=ContactSnapshot,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        if contact is None or contact.processing_restricted:
+            return
+        await self._start_run(signal.run_id, signal.automation, contact, trigger=None, context=signal.context)
+
+    async def _on_resume(self, signal: ResumeSignal) -> None:
+        self._takeover = False
+        await workflow.execute_local_activity(
+            "update_contact",
+            UpdateContactInput(contact_id=self._input.contact_id, human_takeover=False),
+            result_type=ContactSnapshot,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+
+    async def _forward(self, event: InboundEvent) -> bool:
+        assert self._active is not None
+        try:
+            await workflow.get_external_workflow_handle(self._active.workflow_id).signal(
+                "reply", ReplySignal(event=event)
+            )
+            return True
+        except Exception as err:
+            workflow.logger.info("active run unreachable (%s); matching triggers instead", type(err).__name__)
+            self._active = None
+            return False
+
+    async def _start_run(
+        self,
+        run_id: str,
+        automation: AutomationSnapshot,
+        contact: ContactSnapshot,
+        *,
+        trigger: InboundEvent | None,
+        context: dict,
+    ) -> None:
+        if self._active is not None:
+            # A new trigger supersedes a run that is not waiting for this person.
+            previous = self._active.workflow_id
+            self._active = None
+            try:
+                await workflow.get_external_workflow_handle(previous).cancel()
+            except Exception as err:
+                workflow.logger.info("superseded run already closed (%s)", type(err).__name__)
+        try:
+            await workflow.start_child_workflow(
+                AUTOMATION_RUN_WORKFLOW,
+                RunInput(
+                    run_id=run_id,
+                    workspace_id=self._input.workspace_id,
+                    channel_id=self._input.channel_id,
+                    platform=self._input.platform,
+                    contact=contact,
+                    automation=automation,
+                    conversation_workflow_id=workflow.info().workflow_id,
+                    trigger=trigger,
+                    context=context,
+                ),
+                id=run_id,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                search_attributes=search_attributes(
+                    self._input.workspace_id,
+                    self._input.channel_id,
+                    contact.id,
+                    automation.id,
+                    self._input.platform,
+                ),
+            )
+        except WorkflowAlreadyStartedError:
+            return  # this event (or API request) already started its run
+        self._active = ActiveRun(workflow_id=run_id, automation_id=automation.id)
+
+    def _acknowledge(self, callback_query_id: str) -> None:
+        """Fire-and-forget: answer a Telegram button press (spinner off)."""
+        task = workflow.start_activity(
+            "acknowledge_callback",
+            AckCallbackInput(channel_id=self._input.channel_id, callback_query_id=callback_query_id),
+            start_to_close_timeout=SEND_TIMEOUT,
+            retry_policy=SEND_RETRY,
+        )
+        self._pending_acks.add(task)
+        task.add_done_callback(self._ack_done)
+
+    def _ack_done(self, task: asyncio.Future) -> None:
+        self._pending_acks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            workflow.logger.info("callback acknowledgement failed: %s", type(task.exception()).__name__)

@@ -136,3 +136,107 @@ async def test_forged_signature_starts_nothing(stack):
     assert await sandbox_messages(stack, person) == []
     contacts = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()
     assert contacts["count"] == 0
+
+
+async def test_worker_crash_between_steps_does_not_resend_first_message(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["crash"]},
+        [
+            {"id": "one", "type": "send_message", "text": "first"},
+            {"id": "pause", "type": "delay", "seconds": 2},
+            {"id": "two", "type": "send_message", "text": "second"},
+        ],
+    )
+    person = new_sender()
+    await send_dm(stack, account_id, person, "crash test")
+    calls = await wait_for_messages(stack, person, 1)
+    assert [text_of(c) for c in calls] == ["first"]
+    await stack.stop_worker()  # the run is inside its delay step
+    await asyncio.sleep(2.5)
+    assert [text_of(c) for c in await sandbox_messages(stack, person)] == ["first"]
+    await stack.start_worker()
+    calls = await wait_for_messages(stack, person, 2, timeout=20)
+    await asyncio.sleep(0.5)
+    assert [text_of(c) for c in await sandbox_messages(stack, person)] == ["first", "second"]
+
+
+async def test_send_retried_after_platform_throttling_sends_once(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["busy"]},
+        [{"id": "one", "type": "send_message", "text": "worth the wait"}],
+    )
+    await stack.sandbox.post(
+        "/_sandbox/faults",
+        json={"service": "instagram", "path_contains": f"/{account_id}/messages", "kind": "meta_throttle",
+              "retry_after": 1, "times": 2},
+    )
+    person = new_sender()
+    await send_dm(stack, account_id, person, "busy?")
+    calls = await wait_for_messages(stack, person, 1, timeout=20)
+    assert [text_of(c) for c in calls] == ["worth the wait"]
+    attempts = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": f"/{account_id}/messages"})).json()
+    assert [c["status"] for c in attempts["calls"]] == [400, 400, 200]
+
+
+async def test_second_workspace_gets_404_for_every_object_of_the_first(stack):
+    owner = await create_tenant(stack, "Owner")
+    other = await create_tenant(stack, "Other")
+    channel, account_id, _ = await connect_instagram(stack, owner)
+    automation = await create_automation(
+        stack, owner, channel["id"], {"type": "dm_keyword", "keywords": ["iso"]},
+        [{"id": "one", "type": "send_message", "text": "mine"}],
+    )
+    person = new_sender()
+    await send_dm(stack, account_id, person, "iso")
+    await wait_for_messages(stack, person, 1)
+    contact = (await stack.api.get("/v1/contacts", headers=owner.headers)).json()["data"][0]
+
+    async def one_run():
+        data = (await stack.api.get("/v1/runs", headers=owner.headers)).json()["data"]
+        return data and data[0]["status"] == "completed" and data[0]
+
+    run = await wait_for(one_run)
+    assert run
+    h = other.headers
+    checks = [
+        ("GET", f"/v1/channels/{channel['id']}", None),
+        ("DELETE", f"/v1/channels/{channel['id']}", None),
+        ("GET", f"/v1/automations/{automation['id']}", None),
+        ("PATCH", f"/v1/automations/{automation['id']}", {"name": "stolen"}),
+        ("DELETE", f"/v1/automations/{automation['id']}", None),
+        ("POST", f"/v1/automations/{automation['id']}/runs", {"contact_id": contact["id"]}),
+        ("GET", f"/v1/contacts/{contact['id']}", None),
+        ("PATCH", f"/v1/contacts/{contact['id']}", {"first_name": "x"}),
+        ("GET", f"/v1/contacts/{contact['id']}/messages", None),
+        ("POST", f"/v1/contacts/{contact['id']}/resume", None),
+        ("GET", f"/v1/runs/{run['id']}", None),
+        ("POST", f"/v1/runs/{run['id']}/signals/paid", {"payload": {}}),
+    ]
+    for method, path, body in checks:
+        r = await stack.api.request(method, path, json=body, headers=h)
+        assert r.status_code == 404, (method, path, r.status_code, r.text)
+    for path in ("/v1/channels", "/v1/automations", "/v1/contacts", "/v1/runs"):
+        assert (await stack.api.get(path, headers=h)).json()["count"] == 0
+    # The other tenant cannot use the owner's channel in an automation either.
+    r = await stack.api.post(
+        "/v1/automations",
+        json={"name": "x", "channel_id": channel["id"], "trigger": {"type": "api"},
+              "steps": [{"id": "a", "type": "send_message", "text": "x"}]},
+        headers=h,
+    )
+    assert r.status_code == 422
+    # And the owner's data is intact.
+    assert (await stack.api.get(f"/v1/automations/{automation['id']}", headers=owner.headers)).json()["name"] == "flow"
+
+
+async def test_wrong_or_missing_api_key_is_401(stack):
+    assert (await stack.api.get("/v1/contacts")).status_code == 401
+    r = await stack.api.get("/v1/contacts", headers={"Authorization": "Bearer vk_wrong"})
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    r = await stack.api.post("/v1/workspaces", json={"name": "x"}, headers={"Authorization": "Bearer vk_wrong"})
+    assert r.status_code == 401

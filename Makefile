@@ -1,0 +1,38 @@
+# Vectory developer tasks. `make run` starts the whole stack in one terminal.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help venv run test lint clean
+
+help: ## List the targets
+	@echo "Vectory make targets:"
+	@grep -E '^[a-z][a-zA-Z_-]*:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "} {printf "  make %-8s %s\n", $$1, $$2}'
+
+venv: $(STAMP) ## Create .venv and install the project with its dev extras
+$(VENV): $(STAMP)
+
+# Re-installs whenever pyproject.toml is newer than the stamp.
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP) ## Start Temporal, the sandbox, the worker and the API, and seed a demo
+	$(BIN)/python -m workers.devstack
+
+test: $(STAMP) ## Lint, then run the test suite (PYTEST_ARGS="-k e2e" to filter)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP) ## ruff check
+	$(BIN)/ruff check .
+
+clean: ## Delete local dev data (.data: SQLite, Temporal history, demo credentials)
+	rm -rf .data

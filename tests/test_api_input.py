@@ -1,0 +1,110 @@
+"""Bad input gets a clear error with the right status, and nothing stored is lost."""
+
+from __future__ import annotations
+
+import asyncio
+
+from core.crypto import meta_signature
+from sandbox import payloads
+
+from conftest import APP_SECRET, VERIFY_TOKEN
+from helpers import (
+    connect_instagram,
+    create_automation,
+    create_tenant,
+    new_sender,
+    post_meta,
+    sandbox_messages,
+    send_dm,
+    wait_for_messages,
+)
+
+
+async def test_meta_verification_handshake(stack):
+    ok = await stack.api.get(
+        "/webhooks/meta", params={"hub.mode": "subscribe", "hub.verify_token": VERIFY_TOKEN, "hub.challenge": "1158201444"}
+    )
+    assert ok.status_code == 200 and ok.text == "1158201444"
+    bad = await stack.api.get(
+        "/webhooks/meta", params={"hub.mode": "subscribe", "hub.verify_token": "nope", "hub.challenge": "1"}
+    )
+    assert bad.status_code == 403
+
+
+async def test_malformed_json_is_400_and_malformed_shape_is_400(stack):
+    body = b'{"object": "instagram", "entry": ['
+    headers = {"X-Hub-Signature-256": meta_signature(APP_SECRET, body)}
+    r = await stack.api.post("/webhooks/meta", content=body, headers=headers)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["detail"]
+    r = await post_meta(stack, {"object": "instagram", "entry": "nope"})
+    assert r.status_code == 400
+
+
+async def test_unknown_account_and_unknown_fields_are_acknowledged_and_ignored(stack):
+    payload = payloads.instagram_webhook({"999999": [payloads.instagram_dm("999999", new_sender(), "price")]})
+    payload["entry"][0]["unexpected"] = {"x": 1}
+    r = await post_meta(stack, payload)
+    assert r.status_code == 200
+    assert r.json() == {"received": 1, "dispatched": 0, "ignored": 1}
+    r = await post_meta(stack, {"object": "whatsapp_business_account", "entry": []})
+    assert r.status_code == 200 and r.json()["dispatched"] == 0
+
+
+async def test_oversized_body_is_413(stack):
+    big = b"{" + b" " * (stack.settings.max_webhook_body_bytes + 10) + b"}"
+    r = await stack.api.post("/webhooks/meta", content=big, headers={"X-Hub-Signature-256": "sha256=00"})
+    assert r.status_code == 413
+
+
+async def test_echoes_never_trigger(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "any_message"},
+        [{"id": "a", "type": "send_message", "text": "auto"}],
+    )
+    person = new_sender()
+    echo = payloads.instagram_dm(account_id, person, "price", is_echo=True)
+    r = await post_meta(stack, payloads.instagram_webhook({account_id: [echo]}))
+    assert r.status_code == 200 and r.json()["dispatched"] == 0
+    await send_dm(stack, account_id, person, "hello")
+    await wait_for_messages(stack, person, 1)
+    await asyncio.sleep(0.5)
+    assert len(await sandbox_messages(stack, person)) == 1
+
+
+async def test_broken_automation_definitions_get_precise_422_and_keep_the_stored_one(stack):
+    tenant = await create_tenant(stack)
+    channel, _, _ = await connect_instagram(stack, tenant)
+    good = await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["a"]},
+        [{"id": "s", "type": "send_message", "text": "hi"}],
+    )
+    cases = [
+        ([{"id": "s", "type": "teleport"}], "teleport"),
+        ([{"id": "s", "type": "send_message", "text": "hi", "next": "nowhere"}], "nowhere"),
+        ([{"id": "s", "type": "send_message"}], "text"),
+        ([{"id": "w", "type": "wait_for_reply", "validate": "regex"}], "pattern"),
+    ]
+    for steps, needle in cases:
+        r = await stack.api.post(
+            "/v1/automations",
+            json={"name": "bad", "channel_id": channel["id"], "trigger": {"type": "api"}, "steps": steps},
+            headers=tenant.headers,
+        )
+        assert r.status_code == 422, r.text
+        assert needle in r.text, (needle, r.text)
+        r = await stack.api.patch(f"/v1/automations/{good['id']}", json={"steps": steps}, headers=tenant.headers)
+        assert r.status_code == 422, r.text
+    r = await stack.api.post("/v1/automations", content=b"{oops", headers={**tenant.headers, "Content-Type": "application/json"})
+    assert r.status_code == 422
+    stored = (await stack.api.get(f"/v1/automations/{good['id']}", headers=tenant.headers)).json()
+    assert stored["version"] == 1 and stored["steps"] == good["steps"]
+
+
+async def test_openapi_has_stable_operation_ids(stack):
+    spec = (await stack.api.get("/openapi.json")).json()
+    ids = {op["operationId"] for path in spec["paths"].values() for op in path.values()}
+    for expected in ("create_workspace", "connect_channel", "disconnect_channel", "create_automation",
+                     "start_run", "get_run", "signal_run", "list_contacts", "meta_webhook_receive"):
+        assert expected in ids

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import secrets
 
 from sqlalchemy import inspect, text
 from sqlmodel import Session
@@ -17,6 +19,7 @@ from helpers import (
     create_automation,
     create_tenant,
     new_sender,
+    post_meta,
     sandbox_messages,
     send_dm,
     text_of,
@@ -234,7 +237,8 @@ async def test_rejected_token_is_400_and_nothing_kept(stack):
     assert (await stack.api.get("/v1/channels", headers=tenant.headers)).json()["count"] == 0
 
 
-async def test_tokens_never_in_database_plaintext_histories_or_api_responses(stack):
+async def test_tokens_never_in_database_plaintext_histories_logs_or_api_responses(stack, caplog):
+    caplog.set_level(logging.DEBUG)
     tenant = await create_tenant(stack)
     channel, account_id, token = await connect_instagram(stack, tenant)
     tg_channel, bot_id, tg_token = await connect_telegram(stack, tenant)
@@ -275,3 +279,35 @@ async def test_tokens_never_in_database_plaintext_histories_or_api_responses(sta
         assert token not in raw and tg_token not in raw
         count += 1
     assert count >= 3  # two connects, a conversation and a run
+    assert caplog.records, "expected log records to check"
+    assert token not in caplog.text and tg_token not in caplog.text
+
+
+async def test_messenger_page_dm_is_answered_through_the_graph_api(stack):
+    tenant = await create_tenant(stack)
+    page_id = str(100000000000000 + secrets.randbelow(10**9))
+    token = f"EAAB{secrets.token_hex(20)}"
+    await stack.sandbox.post(
+        "/_sandbox/accounts", json={"platform": "messenger", "account_id": page_id, "token": token, "name": "Acme Page"}
+    )
+    r = await stack.api.post("/v1/channels", json={"platform": "messenger", "access_token": token}, headers=tenant.headers)
+    assert r.status_code == 201, r.text
+    channel = r.json()
+    assert channel["external_id"] == page_id and channel["name"] == "Acme Page"
+    subs = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": "/subscribed_apps"})).json()["calls"]
+    assert any(page_id in c["path"] and c["service"] == "graph" for c in subs)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "any_message", "scope": "first_message"},
+        [{"id": "w", "type": "send_message", "text": "Welcome to Acme!"}],
+    )
+    person = new_sender()
+    item = payloads.instagram_dm(page_id, person, "hey")
+    r = await post_meta(stack, payloads.page_webhook({page_id: [item]}))
+    assert r.status_code == 200 and r.json()["dispatched"] == 1
+    calls = await wait_for_messages(stack, person, 1)
+    assert calls[0]["service"] == "graph" and calls[0]["path"].endswith(f"/{page_id}/messages")
+    assert text_of(calls[0]) == "Welcome to Acme!"
+    # Only the first message gets the welcome.
+    await post_meta(stack, payloads.page_webhook({page_id: [payloads.instagram_dm(page_id, person, "again")]}))
+    await asyncio.sleep(1.0)
+    assert len(await sandbox_messages(stack, person)) == 1

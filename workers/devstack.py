@@ -61,6 +61,7 @@ class Stack:
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.stopping = threading.Event()
         self.out_lock = threading.Lock()
+        self.muted: set[str] = set()
 
     def say(self, line: str) -> None:
         with self.out_lock:
@@ -77,6 +78,8 @@ class Stack:
     def _pump(self, name: str, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for raw in iter(proc.stdout.readline, b""):
+            if name in self.muted:
+                continue
             with self.out_lock:
                 sys.stdout.write(f"[{name}] {raw.decode(errors='replace').rstrip()}\n")
                 sys.stdout.flush()
@@ -107,6 +110,8 @@ class Stack:
         for name, proc in reversed(self.children):
             if proc.poll() is None:
                 self.say(f"stopping {name}")
+                if name == "temporal":
+                    self.muted.add(name)  # its shutdown is a page of harmless poller warnings
                 proc.terminate()
                 try:
                     proc.wait(STOP_TIMEOUT)

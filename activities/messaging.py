@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
@@ -12,7 +13,7 @@ from temporalio import activity
 from activities.common import ChannelCredentials, load_credentials, to_application_error
 from core.contracts import AckCallbackInput, SendMessageInput, SendMessageResult
 from core.crypto import TokenVault
-from core.db import Message, SendRecord
+from core.db import Message, SendRecord, utcnow
 from core.platforms import (
     GraphClient,
     PlatformError,
@@ -42,7 +43,9 @@ class MessagingActivities:
             record = db.get(SendRecord, key)
             return record.platform_message_id if record else None
 
-    def _record_send(self, input: SendMessageInput, creds: ChannelCredentials, message_id: str) -> None:
+    def _record_send(
+        self, input: SendMessageInput, creds: ChannelCredentials, message_id: str, sent_at: datetime
+    ) -> None:
         with Session(self.engine) as db:
             db.add(
                 SendRecord(
@@ -60,6 +63,7 @@ class MessagingActivities:
                     text=input.text,
                     platform_event_id=message_id,
                     run_id=input.run_id,
+                    created_at=sent_at,
                 )
             )
             try:
@@ -81,6 +85,9 @@ class MessagingActivities:
         creds = await asyncio.to_thread(
             load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
         )
+        # The log orders by the moment we asked the platform to deliver, not
+        # when its answer came back (the person may already be replying).
+        sent_at = utcnow()
         try:
             if creds.platform == "telegram":
                 body = build_telegram_message(input.recipient_id, input.text, input.quick_replies, input.buttons)
@@ -91,7 +98,7 @@ class MessagingActivities:
                 message_id = await client.send_message(creds.external_id, creds.token, body)
         except PlatformError as err:
             raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None
-        await asyncio.to_thread(self._record_send, input, creds, message_id)
+        await asyncio.to_thread(self._record_send, input, creds, message_id, sent_at)
         return SendMessageResult(platform_message_id=message_id)
 
     @activity.defn(name="acknowledge_callback")

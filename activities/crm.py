@@ -6,6 +6,7 @@ after a crash finds its own earlier write and does not repeat it.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 
 from sqlalchemy import Engine
@@ -14,16 +15,20 @@ from sqlmodel import Session, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.common import load_credentials, to_application_error
 from core.contracts import (
     AutomationSnapshot,
     ContactRef,
     ContactSnapshot,
+    ProfileInput,
     RecordInboundInput,
     RecordInboundResult,
     RecordRunInput,
     UpdateContactInput,
 )
+from core.crypto import TokenVault
 from core.db import Automation, Channel, Contact, Message, Run, utcnow
+from core.platforms import GraphClient, PlatformError
 
 TERMINAL_RUN_STATES = {"completed", "failed", "cancelled", "terminated"}
 
@@ -182,3 +187,47 @@ class CrmActivities:
                 # A concurrent first write of the same run won; apply ours on top.
                 db.rollback()
                 self.record_run(input)
+
+
+class ProfileActivities:
+    """Fill in a new Meta contact's name from the platform profile, so
+    templates can greet people by name. Telegram updates carry names already."""
+
+    def __init__(self, engine: Engine, vault: TokenVault, graph: GraphClient, instagram: GraphClient):
+        self.engine = engine
+        self.vault = vault
+        self.graph = graph
+        self.instagram = instagram
+
+    @activity.defn(name="fetch_profile")
+    async def fetch_profile(self, input: ProfileInput) -> ContactSnapshot | None:
+        creds = await asyncio.to_thread(
+            load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
+        )
+        if creds.platform == "telegram":
+            return None
+        client = self.instagram if creds.platform == "instagram" else self.graph
+        # Instagram profiles have name and username only; Pages expose first/last names.
+        fields = "name,username" if creds.platform == "instagram" else "first_name,last_name,name"
+        try:
+            profile = await client.get_profile(input.external_id, creds.token, fields=fields)
+        except PlatformError as err:
+            raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None
+        return await asyncio.to_thread(self._apply, input.contact_id, profile)
+
+    def _apply(self, contact_id: str, profile: dict) -> ContactSnapshot | None:
+        name = str(profile.get("name") or "").strip()
+        first = str(profile.get("first_name") or (name.split()[0] if name else "")).strip()
+        last = str(profile.get("last_name") or "").strip()
+        username = str(profile.get("username") or "").strip()
+        with Session(self.engine, expire_on_commit=False) as db:
+            contact = db.get(Contact, contact_id)
+            if contact is None:
+                return None
+            contact.first_name = contact.first_name or first[:200]
+            contact.last_name = contact.last_name or last[:200]
+            contact.username = contact.username or username[:200]
+            contact.updated_at = utcnow()
+            db.add(contact)
+            db.commit()
+            return snapshot(contact)

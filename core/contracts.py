@@ -315,6 +315,13 @@ class ContactRef:
 
 
 @dataclass
+class ProfileInput:
+    channel_id: str
+    contact_id: str
+    external_id: str
+
+
+@dataclass
 class ChannelStatusInput:
     channel_id: str
     status: str

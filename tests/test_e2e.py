@@ -40,6 +40,7 @@ async def test_keyword_dm_gets_reply_then_wait_for_reply_validates(stack):
     channel, account_id, _ = await connect_instagram(stack, tenant)
     await create_automation(stack, tenant, channel["id"], PRICE_FLOW["trigger"], PRICE_FLOW["steps"])
     person = new_sender()
+    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Ana Lima", "username": "ana.l"})
 
     await send_dm(stack, account_id, person, "What's the PRICE of this?")
     calls = await wait_for_messages(stack, person, 1)
@@ -48,7 +49,7 @@ async def test_keyword_dm_gets_reply_then_wait_for_reply_validates(stack):
     assert first["service"] == "instagram"
     assert first["path"].endswith(f"/{account_id}/messages")
     assert first["json"]["recipient"] == {"id": person}
-    assert text_of(first) == "Hi there! Reply with your email."
+    assert text_of(first) == "Hi Ana! Reply with your email."
     assert [q["title"] for q in first["json"]["message"]["quick_replies"]] == ["Not now"]
 
     await send_dm(stack, account_id, person, "not an email")
@@ -63,6 +64,7 @@ async def test_keyword_dm_gets_reply_then_wait_for_reply_validates(stack):
     contact = next(c for c in contacts["data"] if c["external_id"] == person)
     assert contact["fields"]["email"] == "Ana@example.com"
     assert contact["tags"] == ["lead"]
+    assert (contact["first_name"], contact["username"]) == ("Ana", "ana.l")
 
     runs = (await stack.api.get("/v1/runs", params={"contact_id": contact["id"]}, headers=tenant.headers)).json()
     assert runs["count"] == 1

@@ -78,7 +78,8 @@ class Stack:
     def _pump(self, name: str, proc: subprocess.Popen) -> None:
         assert proc.stdout is not None
         for raw in iter(proc.stdout.readline, b""):
-            if name in self.muted:
+            # sandbox.simulate polls the call log every 50 ms: don't echo the polling.
+            if name in self.muted or b"GET /_sandbox/calls" in raw:
                 continue
             with self.out_lock:
                 sys.stdout.write(f"[{name}] {raw.decode(errors='replace').rstrip()}\n")
@@ -174,6 +175,10 @@ def seed_demo(stack: Stack, data: Path, admin_token: str) -> dict:
             r = sandbox.post("/_sandbox/accounts", json={"platform": "instagram", "account_id": DEMO_ACCOUNT,
                                                          "token": demo["token"], "username": "demo.shop"})
             r.raise_for_status()
+            # The person the simulate command writes as: the profile lookup finds a name.
+            r = sandbox.post("/_sandbox/profiles", json={"user_id": DEMO_SENDER, "name": "Sam Rivera",
+                                                         "username": "sam.rivera"})
+            r.raise_for_status()
 
         if not demo.get("api_key") or api.get("/v1/workspace", headers=key()).status_code != 200:
             r = api.post("/v1/workspaces", json={"name": "Demo shop"},
@@ -243,8 +248,9 @@ def banner(demo: dict, app_secret: str, default_secret: str) -> str:
 def run(stack: Stack) -> None:
     busy = [p for p in (TEMPORAL_PORT, TEMPORAL_UI_PORT, API_PORT, SANDBOX_PORT) if not port_free(p)]
     if busy:
-        raise StartupError(f"port {', '.join(map(str, busy))} on {HOST} already in use; stop whatever listens there"
-                           " (another `make run`?) and try again")
+        ports = ", ".join(map(str, busy))
+        raise StartupError(f"port{'s' if len(busy) > 1 else ''} {ports} on {HOST} already in use: stop what"
+                           " listens there (another `make run`?) and try again")
     env = child_env(DATA_DIR)  # sets the defaults in os.environ before Settings reads them
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     settings = Settings()

@@ -22,7 +22,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities.ai import AiActivities
 from activities.channels import ChannelActivities
-from activities.crm import CrmActivities
+from activities.crm import CrmActivities, ProfileActivities
 from activities.messaging import MessagingActivities
 from core.crypto import TokenVault
 from core.db import engine_for
@@ -61,6 +61,7 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
     instagram = GraphClient(deps.http, settings.instagram_api_url, settings.graph_api_version)
     telegram = TelegramClient(deps.http, settings.telegram_api_url)
     crm = CrmActivities(deps.engine)
+    profiles = ProfileActivities(deps.engine, deps.vault, graph, instagram)
     messaging = MessagingActivities(deps.engine, deps.vault, graph, instagram, telegram)
     ai = AiActivities(deps.engine, deps.ai, settings.ai_model, settings.ai_history_messages)
     channels = ChannelActivities(
@@ -71,6 +72,7 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
         crm.load_contact,
         crm.update_contact,
         crm.record_run,
+        profiles.fetch_profile,
         messaging.send_message,
         messaging.acknowledge_callback,
         ai.generate_reply,

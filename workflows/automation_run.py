@@ -12,7 +12,7 @@ from collections import deque
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError
+from temporalio.exceptions import ActivityError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from core import flowrt
@@ -66,7 +66,6 @@ class AutomationRunWorkflow:
         self._accepting = False
         self._replies: deque[InboundEvent] = deque()
         self._events: dict[str, deque[dict]] = {}
-        self._waiting_event = ""
         self._last_reply = input.trigger.text if input.trigger else ""
         self._visits: dict[str, int] = {}
 
@@ -96,21 +95,24 @@ class AutomationRunWorkflow:
 
     @workflow.run
     async def run(self, input: RunInput) -> RunResult:
+        # No awaits in ``finally`` blocks: on eviction from the worker cache
+        # the SDK closes coroutines, and workflow calls there would fail.
         await self._record("running")
+        cancelled = False
         try:
             await self._interpret()
             self._status = "completed"
         except asyncio.CancelledError:
+            cancelled = True
             self._status = "cancelled"
             self._note(self._current or "-", "run", "cancelled", "cancelled")
         except RunFailed as err:
             self._status = "failed"
             self._note(self._current or "-", "run", "failed", str(err))
-        finally:
-            self._accepting = False
-            await self._record(self._status)
-            await self._tell_conversation("finished")
-        if self._status == "cancelled":
+        self._accepting = False
+        await self._record(self._status)
+        await self._tell_conversation("finished")
+        if cancelled:
             raise asyncio.CancelledError()
         return RunResult(status=self._status, trail=list(self._trail))
 
@@ -144,55 +146,55 @@ class AutomationRunWorkflow:
 
     async def _step_wait_for_reply(self, pos: int, step: dict) -> str | None:
         await self._set_accepting(True)
+        self._status = "waiting"
+        self._note(step["id"], "wait_for_reply", "waiting", f"timeout {int(step.get('timeout_seconds', 86400))}s")
+        target = await self._await_valid_reply(step)
+        self._status = "running"
+        await self._set_accepting(False)
+        return target
+
+    async def _await_valid_reply(self, step: dict) -> str | None:
         timeout = timedelta(seconds=int(step.get("timeout_seconds", 86400)))
         max_retries = int(step.get("max_retries", 2))
         retries = 0
-        self._status = "waiting"
-        self._note(step["id"], "wait_for_reply", "waiting", f"timeout {int(timeout.total_seconds())}s")
-        try:
-            while True:
-                try:
-                    await workflow.wait_condition(lambda: bool(self._replies), timeout=timeout)
-                except TimeoutError:
-                    self._note(step["id"], "wait_for_reply", "timed_out", "no reply before the timeout")
-                    return step.get("on_timeout", "end")
-                event = self._replies.popleft()
-                answer = event.text or event.payload
-                ok, value = flowrt.validate_reply(step, answer)
-                if ok:
-                    self._last_reply = answer
-                    if step.get("save_to_field"):
-                        await self._update_contact(UpdateContactInput(
-                            contact_id=self._contact.id, set_fields={step["save_to_field"]: value}
-                        ))
-                    self._note(step["id"], "wait_for_reply", "done", "valid reply")
-                    return step.get("next")
-                retries += 1
-                if retries > max_retries:
-                    self._note(step["id"], "wait_for_reply", "invalid", f"invalid reply after {max_retries} retries")
-                    return step.get("on_invalid", "end")
-                self._note(step["id"], "wait_for_reply", "invalid", f"invalid reply ({retries}/{max_retries})")
-                if step.get("retry_prompt"):
-                    text = flowrt.render(step["retry_prompt"], self._contact, self._input.context)
-                    await self._send(step, text, suffix=f"retry{retries}")
-        finally:
-            self._status = "running"
-            await self._set_accepting(False)
+        while True:
+            try:
+                await workflow.wait_condition(lambda: bool(self._replies), timeout=timeout)
+            except TimeoutError:
+                self._note(step["id"], "wait_for_reply", "timed_out", "no reply before the timeout")
+                return step.get("on_timeout", "end")
+            event = self._replies.popleft()
+            answer = event.text or event.payload
+            ok, value = flowrt.validate_reply(step, answer)
+            if ok:
+                self._last_reply = answer
+                if step.get("save_to_field"):
+                    await self._update_contact(
+                        UpdateContactInput(contact_id=self._contact.id, set_fields={step["save_to_field"]: value})
+                    )
+                self._note(step["id"], "wait_for_reply", "done", "valid reply")
+                return step.get("next")
+            retries += 1
+            if retries > max_retries:
+                self._note(step["id"], "wait_for_reply", "invalid", f"invalid reply after {max_retries} retries")
+                return step.get("on_invalid", "end")
+            self._note(step["id"], "wait_for_reply", "invalid", f"invalid reply ({retries}/{max_retries})")
+            if step.get("retry_prompt"):
+                text = flowrt.render(step["retry_prompt"], self._contact, self._input.context)
+                await self._send(step, text, suffix=f"retry{retries}")
 
     async def _step_wait_for_event(self, pos: int, step: dict) -> str | None:
         name = step["event"]
         timeout = timedelta(seconds=int(step.get("timeout_seconds", 86400)))
         self._status = "waiting"
-        self._waiting_event = name
         self._note(step["id"], "wait_for_event", "waiting", f"event {name!r}")
         try:
             await workflow.wait_condition(lambda: bool(self._events.get(name)), timeout=timeout)
         except TimeoutError:
+            self._status = "running"
             self._note(step["id"], "wait_for_event", "timed_out", f"no {name!r} event before the timeout")
             return step.get("on_timeout", "end")
-        finally:
-            self._status = "running"
-            self._waiting_event = ""
+        self._status = "running"
         payload = self._events[name].popleft()
         if step.get("save_to_field"):
             await self._update_contact(UpdateContactInput(
@@ -325,9 +327,8 @@ class AutomationRunWorkflow:
             await workflow.get_external_workflow_handle(parent).signal(
                 "run_state", RunStateSignal(run_workflow_id=self._input.run_id, state=state)
             )
-        except Exception as err:
-            # The conversation is gone (erased or disconnected): nothing to tell.
-            workflow.logger.info("could not signal conversation: %s", type(err).__name__)
+        except FailureError:
+            pass  # the conversation is gone (erased or disconnected): nothing to tell
 
     async def _record(self, status: str) -> None:
         await workflow.execute_local_activity(

@@ -48,6 +48,10 @@ SEND_RETRY = RetryPolicy(
 AI_TIMEOUT = timedelta(seconds=60)
 AI_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=3)
 
+# Profile lookups delay a new contact's first reply: short and few.
+PROFILE_TIMEOUT = timedelta(seconds=5)
+PROFILE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=2)
+
 # Platform lifecycle calls (verify, subscribe, revoke).
 PLATFORM_TIMEOUT = timedelta(seconds=30)
 PLATFORM_RETRY = RetryPolicy(

@@ -14,7 +14,7 @@ import hashlib
 from collections import deque
 
 from temporalio import workflow
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ActivityError, FailureError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
@@ -29,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
         ContactSnapshot,
         ConversationInput,
         InboundEvent,
+        ProfileInput,
         RecordInboundInput,
         RecordInboundResult,
         ReplySignal,
@@ -38,7 +39,15 @@ with workflow.unsafe.imports_passed_through():
         StartAutomationSignal,
         UpdateContactInput,
     )
-    from workflows.common import DB_RETRY, DB_TIMEOUT, SEND_RETRY, SEND_TIMEOUT, search_attributes
+    from workflows.common import (
+        DB_RETRY,
+        DB_TIMEOUT,
+        PROFILE_RETRY,
+        PROFILE_TIMEOUT,
+        SEND_RETRY,
+        SEND_TIMEOUT,
+        search_attributes,
+    )
 
 MAX_SEEN_EVENT_IDS = 1000
 EVENTS_BEFORE_CONTINUE_AS_NEW = 2000
@@ -187,6 +196,8 @@ class ConversationWorkflow:
         )
         if automation is None:
             return
+        if contact.is_new and not contact.first_name and self._input.platform != "telegram":
+            contact = await self._fetch_profile(contact)
         run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, event.event_id)
         await self._start_run(run_id, automation, contact, trigger=event, context={})
 
@@ -214,6 +225,26 @@ class ConversationWorkflow:
             retry_policy=DB_RETRY,
         )
 
+    async def _fetch_profile(self, contact: ContactSnapshot) -> ContactSnapshot:
+        """Best effort: a profile the platform will not give is no reason to
+        delay or drop the reply (templates have fallbacks)."""
+        try:
+            fetched: ContactSnapshot | None = await workflow.execute_activity(
+                "fetch_profile",
+                ProfileInput(
+                    channel_id=self._input.channel_id,
+                    contact_id=contact.id,
+                    external_id=self._input.contact_external_id,
+                ),
+                result_type=ContactSnapshot,
+                start_to_close_timeout=PROFILE_TIMEOUT,
+                retry_policy=PROFILE_RETRY,
+            )
+        except ActivityError as err:
+            workflow.logger.info("profile lookup failed: %s", type(err.cause).__name__)
+            return contact
+        return fetched or contact
+
     async def _forward(self, event: InboundEvent) -> bool:
         assert self._active is not None
         try:
@@ -221,9 +252,8 @@ class ConversationWorkflow:
                 "reply", ReplySignal(event=event)
             )
             return True
-        except Exception as err:
-            workflow.logger.info("active run unreachable (%s); matching triggers instead", type(err).__name__)
-            self._active = None
+        except FailureError:
+            self._active = None  # the run is gone: match triggers instead
             return False
 
     async def _start_run(
@@ -241,8 +271,8 @@ class ConversationWorkflow:
             self._active = None
             try:
                 await workflow.get_external_workflow_handle(previous).cancel()
-            except Exception as err:
-                workflow.logger.info("superseded run already closed (%s)", type(err).__name__)
+            except FailureError:
+                pass  # it already finished
         try:
             await workflow.start_child_workflow(
                 AUTOMATION_RUN_WORKFLOW,

@@ -1,0 +1,729 @@
+"""Workflow tests on the time-skipping test server, with mocked activities.
+
+The mocks are registered under the real activity names and record their
+calls, so each test asserts what a person (or the operator) would notice:
+which messages went out, when, and what the run's trail says.
+
+The time-skipping server does not know the custom search attributes that
+``ConversationWorkflow`` sets on its ``AutomationRun`` children; unregistered,
+the child start is never resolved and the conversation hangs. The ``env``
+fixture registers them through the operator service, so conversation tests
+run here too (no dev server needed).
+
+``VECTORY_RECORD_HISTORIES=1`` saves histories to tests/histories/ for
+tests/test_replay.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from datetime import datetime, timedelta
+
+import pytest
+from record_histories import maybe_save_history
+from temporalio import activity
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client, WorkflowHandle
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from core.contracts import (
+    AUTOMATION_RUN_WORKFLOW,
+    CONNECT_CHANNEL_WORKFLOW,
+    CONVERSATION_WORKFLOW,
+    DISCONNECT_CHANNEL_WORKFLOW,
+    AckCallbackInput,
+    AutomationSnapshot,
+    ChannelRef,
+    ChannelStatusInput,
+    ChannelVerified,
+    ConnectChannelInput,
+    ConnectResult,
+    ContactRef,
+    ContactSnapshot,
+    ConversationInput,
+    DisconnectResult,
+    GenerateReplyInput,
+    GenerateReplyResult,
+    InboundEvent,
+    PurgeDataInput,
+    RecordInboundInput,
+    RecordInboundResult,
+    RecordRunInput,
+    ReplySignal,
+    ResumeSignal,
+    RevokeResult,
+    RunInput,
+    RunResult,
+    SendMessageInput,
+    SendMessageResult,
+    StopWorkflowsResult,
+    UpdateContactInput,
+    contact_id_for,
+    conversation_workflow_id,
+)
+from workers.main import WORKFLOWS
+from workflows.conversation import run_workflow_id
+
+RUNNER = SandboxedWorkflowRunner(
+    restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "workflows.common")
+)
+SEARCH_ATTRIBUTES = ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
+
+CHANNEL = "ch_test"
+ACCOUNT = "17841400000000001"
+SENDER = "igsid-1001"
+CONTACT = contact_id_for(CHANNEL, SENDER)
+
+PRICE_FLOW = {
+    "trigger": {"type": "dm_keyword", "keywords": ["price", "cost"], "match": "contains"},
+    "steps": [
+        {"id": "ask", "type": "send_message", "text": "Hi {{contact.first_name | there}}! Reply with your email."},
+        {"id": "email", "type": "wait_for_reply", "timeout_seconds": 86400, "validate": "email",
+         "save_to_field": "email", "retry_prompt": "That does not look like an email. Try again?",
+         "on_timeout": "bye"},
+        {"id": "thanks", "type": "send_message", "text": "Thanks! It is on its way to {{contact.fields.email}}.",
+         "next": "end"},
+        {"id": "bye", "type": "send_message", "text": "No worries, ask any time."},
+    ],
+}
+ASK = "Hi there! Reply with your email."
+BYE = "No worries, ask any time."
+
+# Catches every message: if a reply were not routed to the waiting run, this would start a second run.
+CATCH_ALL = {
+    "trigger": {"type": "any_message", "scope": "default"},
+    "steps": [{"id": "fallback", "type": "send_message", "text": "We will get back to you."}],
+}
+HANDOFF_FLOW = {
+    "trigger": {"type": "dm_keyword", "keywords": ["help"]},
+    "steps": [{"id": "human", "type": "handoff", "message": "A teammate will reply soon."}],
+}
+MENU_FLOW = {
+    "trigger": {"type": "dm_keyword", "keywords": ["menu"]},
+    "steps": [{"id": "menu", "type": "send_message", "text": "Here is the menu"}],
+}
+
+
+def automation(automation_id: str, flow: dict) -> AutomationSnapshot:
+    return AutomationSnapshot(id=automation_id, version=1, name=automation_id, definition=flow)
+
+
+# --- mocked activities ----------------------------------------------------------------------------
+
+
+class Mocks:
+    """Activities under their real names; every call is recorded."""
+
+    def __init__(self, automations: list[AutomationSnapshot] | None = None) -> None:
+        self.automations = automations or []
+        self.contact = ContactSnapshot(id=CONTACT, external_id=SENDER)
+        self.inbound: list[RecordInboundInput] = []
+        self.updates: list[UpdateContactInput] = []
+        self.runs: list[RecordRunInput] = []
+        self.sent: list[tuple[datetime, SendMessageInput]] = []
+        self.acks: list[AckCallbackInput] = []
+        self.ai_calls: list[GenerateReplyInput] = []
+        self.verified: list[ConnectChannelInput] = []
+        self.subscribed: list[ConnectChannelInput] = []
+        self.statuses: list[ChannelStatusInput] = []
+        self.revokes: list[ChannelRef] = []
+        self.purged: list[PurgeDataInput] = []
+        self.stopped: list[ChannelRef] = []
+        # Behaviour switches.
+        self.send_error: Exception | None = None
+        self.ai_error: Exception | None = None
+        self.verify_error: Exception | None = None
+        self.revoke_error: Exception | None = None
+
+    @property
+    def texts(self) -> list[str]:
+        return [s.text for _, s in self.sent]
+
+    def started_runs(self) -> list[str]:
+        """Run ids in start order (AutomationRun records "running" once, at its start)."""
+        return [r.run_id for r in self.runs if r.status == "running"]
+
+    def activities(self) -> list[Callable]:
+        @activity.defn(name="record_inbound")
+        async def record_inbound(input: RecordInboundInput) -> RecordInboundResult:
+            self.inbound.append(input)
+            return RecordInboundResult(
+                duplicate=False,
+                contact=replace(self.contact),
+                automations=list(self.automations),
+                has_previous_inbound=len(self.inbound) > 1,
+            )
+
+        @activity.defn(name="load_contact")
+        async def load_contact(input: ContactRef) -> ContactSnapshot | None:
+            return replace(self.contact)
+
+        @activity.defn(name="update_contact")
+        async def update_contact(input: UpdateContactInput) -> ContactSnapshot:
+            self.updates.append(input)
+            c = self.contact
+            tags = [t for t in c.tags if t not in input.remove_tags]
+            tags += [t for t in input.add_tags if t not in tags]
+            self.contact = replace(
+                c,
+                tags=tags,
+                fields={**c.fields, **input.set_fields},
+                human_takeover=c.human_takeover if input.human_takeover is None else input.human_takeover,
+            )
+            return replace(self.contact)
+
+        @activity.defn(name="record_run")
+        async def record_run(input: RecordRunInput) -> None:
+            self.runs.append(input)
+
+        @activity.defn(name="send_message")
+        async def send_message(input: SendMessageInput) -> SendMessageResult:
+            self.sent.append((activity.info().current_attempt_scheduled_time, input))
+            if self.send_error is not None:
+                raise self.send_error
+            return SendMessageResult(platform_message_id=f"mid.{len(self.sent)}")
+
+        @activity.defn(name="acknowledge_callback")
+        async def acknowledge_callback(input: AckCallbackInput) -> None:
+            self.acks.append(input)
+
+        @activity.defn(name="generate_reply")
+        async def generate_reply(input: GenerateReplyInput) -> GenerateReplyResult:
+            self.ai_calls.append(input)
+            if self.ai_error is not None:
+                raise self.ai_error
+            return GenerateReplyResult(text="Hello from the model")
+
+        @activity.defn(name="verify_channel")
+        async def verify_channel(input: ConnectChannelInput) -> ChannelVerified:
+            self.verified.append(input)
+            if self.verify_error is not None:
+                raise self.verify_error
+            return ChannelVerified(external_id=ACCOUNT, name="Acme Shop")
+
+        @activity.defn(name="subscribe_webhooks")
+        async def subscribe_webhooks(input: ConnectChannelInput) -> None:
+            self.subscribed.append(input)
+
+        @activity.defn(name="set_channel_status")
+        async def set_channel_status(input: ChannelStatusInput) -> None:
+            self.statuses.append(input)
+
+        @activity.defn(name="revoke_token")
+        async def revoke_token(input: ChannelRef) -> RevokeResult:
+            self.revokes.append(input)
+            if self.revoke_error is not None:
+                raise self.revoke_error
+            return RevokeResult(revoked=True)
+
+        @activity.defn(name="purge_data")
+        async def purge_data(input: PurgeDataInput) -> None:
+            self.purged.append(input)
+
+        @activity.defn(name="stop_channel_workflows")
+        async def stop_channel_workflows(input: ChannelRef) -> StopWorkflowsResult:
+            self.stopped.append(input)
+            return StopWorkflowsResult(stopped=2)
+
+        return [
+            record_inbound, load_contact, update_contact, record_run, send_message, acknowledge_callback,
+            generate_reply, verify_channel, subscribe_webhooks, set_channel_status, revoke_token, purge_data,
+            stop_channel_workflows,
+        ]
+
+
+# --- fixtures and helpers -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def env(time_skipping: WorkflowEnvironment) -> WorkflowEnvironment:
+    """The time-skipping server with the search attributes the conversation sets on its runs."""
+    try:
+        await time_skipping.client.operator_service.add_search_attributes(
+            AddSearchAttributesRequest(
+                namespace=time_skipping.client.namespace,
+                search_attributes={n: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD for n in SEARCH_ATTRIBUTES},
+            )
+        )
+    except RPCError as err:
+        if err.status != RPCStatusCode.ALREADY_EXISTS:
+            raise
+    return time_skipping
+
+
+@asynccontextmanager
+async def running_worker(client: Client, mocks: Mocks, **kwargs) -> AsyncIterator[str]:
+    """A worker on a fresh task queue, configured like workers/main.py; yields the task queue."""
+    task_queue = f"wf-test-{uuid.uuid4()}"
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=WORKFLOWS,
+        activities=mocks.activities(),
+        workflow_runner=RUNNER,
+        **kwargs,
+    ):
+        yield task_queue
+
+
+def new_workspace() -> str:
+    return f"ws_{uuid.uuid4().hex[:12]}"
+
+
+def dm(event_id: str, text: str) -> InboundEvent:
+    return InboundEvent(
+        event_id=event_id, platform="instagram", account_id=ACCOUNT, sender_id=SENDER, kind="message", text=text
+    )
+
+
+def run_input(workspace_id: str, flow: dict, *, automation_id: str = "auto_1") -> RunInput:
+    return RunInput(
+        run_id=f"{workspace_id}/run/{automation_id}/{uuid.uuid4().hex[:8]}",
+        workspace_id=workspace_id,
+        channel_id=CHANNEL,
+        platform="instagram",
+        contact=ContactSnapshot(id=CONTACT, external_id=SENDER),
+        automation=automation(automation_id, flow),
+        conversation_workflow_id="",  # started directly: no parent conversation to signal
+    )
+
+
+async def execute_run(client: Client, task_queue: str, input: RunInput) -> RunResult:
+    return await client.execute_workflow(
+        AUTOMATION_RUN_WORKFLOW, input, id=input.run_id, task_queue=task_queue, result_type=RunResult
+    )
+
+
+async def until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.05)
+
+
+async def start_conversation(client: Client, task_queue: str, workspace_id: str, first: InboundEvent) -> WorkflowHandle:
+    """Signal-with-start, as the webhook dispatcher does."""
+    return await client.start_workflow(
+        CONVERSATION_WORKFLOW,
+        ConversationInput(
+            workspace_id=workspace_id,
+            channel_id=CHANNEL,
+            platform="instagram",
+            contact_id=CONTACT,
+            contact_external_id=SENDER,
+        ),
+        id=conversation_workflow_id(workspace_id, CHANNEL, CONTACT),
+        task_queue=task_queue,
+        start_signal="inbound",
+        start_signal_args=[first],
+    )
+
+
+async def conversation_state(handle: WorkflowHandle) -> dict:
+    return await handle.query("state", result_type=dict)
+
+
+async def settled(handle: WorkflowHandle, handled: int) -> dict:
+    """Wait until the conversation has processed ``handled`` queue items and has nothing queued."""
+    state: dict = {}
+
+    async def check() -> bool:
+        nonlocal state
+        state = await conversation_state(handle)
+        return state["events_handled"] >= handled and state["queued"] == 0
+
+    await until(check)
+    return state
+
+
+async def skipping_retry_backoff(env: WorkflowEnvironment, handle: WorkflowHandle, step: float = 1.0):
+    """The handle's result, advancing time while activity retries back off.
+
+    The time-skipping server does not skip an activity's retry backoff on its
+    own (awaiting the result only skips timers), so time is pushed forward
+    in small steps: small enough that a workflow or activity task in flight
+    never times out because of the jump.
+    """
+    task = asyncio.ensure_future(handle.result())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.05)
+            if done:
+                return task.result()
+            await env.sleep(timedelta(seconds=step))
+    finally:
+        task.cancel()
+
+
+def trail_pairs(result: RunResult) -> list[tuple[str, str]]:
+    return [(t.step_id, t.status) for t in result.trail]
+
+
+# --- AutomationRun: timers ------------------------------------------------------------------------
+
+
+async def test_wait_for_reply_times_out_after_a_day_and_takes_the_timeout_branch(env):
+    mocks = Mocks()
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        input = run_input(ws, PRICE_FLOW)
+        result = await execute_run(env.client, tq, input)  # blocked on the 24h timer: time skips
+        await maybe_save_history(env.client, input.run_id, "run_wait_for_reply_timed_out")
+
+    assert result.status == "completed"
+    assert mocks.texts == [ASK, BYE]
+    assert ("email", "timed_out") in trail_pairs(result)
+    assert ("thanks", "done") not in trail_pairs(result)
+    (asked_at, _), (bye_at, _) = mocks.sent
+    assert bye_at - asked_at >= timedelta(hours=24)
+    assert [r.status for r in mocks.runs] == ["running", "completed"]
+    assert mocks.updates == []  # nothing saved to the contact
+
+
+async def test_delay_of_three_days_sends_the_second_message_three_days_later(env):
+    flow = {"steps": [
+        {"id": "a", "type": "send_message", "text": "a"},
+        {"id": "wait", "type": "delay", "days": 3},
+        {"id": "b", "type": "send_message", "text": "b"},
+    ]}
+    mocks = Mocks()
+    async with running_worker(env.client, mocks) as tq:
+        input = run_input(new_workspace(), flow)
+        started = time.monotonic()
+        result = await execute_run(env.client, tq, input)
+        await maybe_save_history(env.client, input.run_id, "run_delay_three_days")
+
+    assert time.monotonic() - started < 20  # skipped, not waited
+    assert result.status == "completed"
+    assert mocks.texts == ["a", "b"]
+    (a_at, _), (b_at, _) = mocks.sent
+    assert b_at - a_at >= timedelta(days=3)
+    assert b_at - a_at < timedelta(days=3, hours=1)
+    assert trail_pairs(result) == [("a", "done"), ("wait", "waiting"), ("wait", "done"), ("b", "done")]
+
+
+# --- AutomationRun: failures ----------------------------------------------------------------------
+
+
+async def test_ai_step_failing_sends_the_fallback_text(env):
+    flow = {"steps": [{"id": "ai", "type": "ai_reply", "instructions": "Answer politely.",
+                       "fallback_text": "Thanks! A teammate will answer soon."}]}
+    mocks = Mocks()
+    mocks.ai_error = ApplicationError("model overloaded", type="AiUnavailable", non_retryable=True)
+    async with running_worker(env.client, mocks) as tq:
+        input = run_input(new_workspace(), flow)
+        result = await execute_run(env.client, tq, input)
+        await maybe_save_history(env.client, input.run_id, "run_ai_fallback")
+
+    assert result.status == "completed"
+    assert len(mocks.ai_calls) == 1  # non-retryable: one attempt
+    assert mocks.texts == ["Thanks! A teammate will answer soon."]
+    entry = result.trail[-1]
+    assert (entry.step_id, entry.status) == ("ai", "done")
+    assert "fallback" in entry.detail and "model overloaded" in entry.detail
+
+
+async def test_send_outside_messaging_window_fails_the_run_and_the_worker_carries_on(env):
+    flow = {"steps": [
+        {"id": "hello", "type": "send_message", "text": "hello"},
+        {"id": "later", "type": "send_message", "text": "never sent"},
+    ]}
+    mocks = Mocks()
+    mocks.send_error = ApplicationError(
+        "outside the 24-hour messaging window", type="OutsideMessagingWindow", non_retryable=True
+    )
+    async with running_worker(env.client, mocks) as tq:
+        input = run_input(new_workspace(), flow)
+        result = await execute_run(env.client, tq, input)
+        await maybe_save_history(env.client, input.run_id, "run_send_failed")
+
+        assert result.status == "failed"
+        assert len(mocks.sent) == 1  # non-retryable: no second attempt, no second step
+        assert ("hello", "send_message", "failed") in [(t.step_id, t.type, t.status) for t in result.trail]
+        last = result.trail[-1]
+        assert (last.type, last.status) == ("run", "failed")
+        assert "send failed" in last.detail and "24-hour messaging window" in last.detail
+        assert mocks.runs[-1].status == "failed"
+        assert mocks.runs[-1].trail == result.trail
+
+        # Same worker, next run: fine.
+        mocks.send_error = None
+        again = await execute_run(env.client, tq, run_input(new_workspace(), flow))
+        assert again.status == "completed"
+        assert mocks.texts[-2:] == ["hello", "never sent"]
+
+
+# --- ConversationWorkflow -------------------------------------------------------------------------
+
+
+async def price_conversation(client: Client, *, record: bool = False) -> tuple[Mocks, RunResult]:
+    """"price" starts the flow; the email reply goes to the waiting run, not to a new one."""
+    mocks = Mocks([automation("auto_price", PRICE_FLOW), automation("auto_catch_all", CATCH_ALL)])
+    ws = new_workspace()
+    async with running_worker(client, mocks) as tq:
+        conv = await start_conversation(client, tq, ws, dm("mid.1", "What's the price?"))
+        run_id = run_workflow_id(ws, "auto_price", CONTACT, "mid.1")
+
+        async def accepting() -> bool:
+            return (await conversation_state(conv))["accepting_input"]
+
+        await until(accepting)
+        await until(lambda: mocks.texts == [ASK])
+        await conv.signal("inbound", dm("mid.2", "a@b.co"))
+        # Wait (without skipping time) until the run took the reply, then let it finish.
+        await until(lambda: any(u.set_fields for u in mocks.updates))
+        result = await client.get_workflow_handle(run_id, result_type=RunResult).result()
+        state = await settled(conv, 2)
+        if record:
+            await maybe_save_history(client, conv.id, "conversation_price_reply")
+            await maybe_save_history(client, run_id, "run_price_reply")
+        await conv.terminate("test over")
+    assert state["active_run"] is None  # the run told its conversation it finished
+    return mocks, result
+
+
+async def test_reply_through_the_conversation_reaches_the_waiting_run(env):
+    mocks, result = await price_conversation(env.client, record=True)
+
+    assert result.status == "completed"
+    assert [u.set_fields for u in mocks.updates] == [{"email": "a@b.co"}]
+    assert mocks.texts == [ASK, "Thanks! It is on its way to a@b.co."]
+    assert len(mocks.inbound) == 2  # both messages recorded
+    runs = mocks.started_runs()
+    assert len(runs) == 1 and len(set(runs)) == 1  # the reply did not start the catch-all
+    assert [(s, st) for s, st in trail_pairs(result) if st != "waiting"] == [
+        ("ask", "done"), ("email", "done"), ("thanks", "done"),
+    ]
+    # Every send carries the run's idempotency key.
+    assert [s.idempotency_key.split("/")[-2:] for _, s in mocks.sent] == [["ask", "1"], ["thanks", "1"]]
+
+
+async def test_redelivered_event_starts_exactly_one_run(env):
+    mocks = Mocks([automation("auto_menu", MENU_FLOW)])
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        event = dm("mid.dup", "menu please")
+        conv = await start_conversation(env.client, tq, ws, event)
+        await conv.signal("inbound", event)
+        await conv.signal("inbound", event)
+        await settled(conv, 3)
+        run_id = run_workflow_id(ws, "auto_menu", CONTACT, "mid.dup")
+        result = await env.client.get_workflow_handle(run_id, result_type=RunResult).result()
+        await conv.terminate("test over")
+
+    assert result.status == "completed"
+    assert mocks.texts == ["Here is the menu"]
+    assert mocks.started_runs() == [run_id]
+    assert len(mocks.inbound) == 1  # deduplicated in the workflow, before any database write
+
+
+async def test_handoff_silences_automations_until_resumed(env):
+    mocks = Mocks([automation("auto_help", HANDOFF_FLOW)])
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.1", "help"))
+        await settled(conv, 1)  # the run is started
+        first = run_workflow_id(ws, "auto_help", CONTACT, "mid.1")
+        assert (await env.client.get_workflow_handle(first, result_type=RunResult).result()).status == "completed"
+        assert mocks.texts == ["A teammate will reply soon."]
+        assert mocks.contact.human_takeover
+
+        async def taken_over() -> bool:
+            return (await conversation_state(conv))["human_takeover"]
+
+        await until(taken_over)
+
+        # A human owns the conversation: the keyword starts nothing.
+        await conv.signal("inbound", dm("mid.2", "help"))
+        await settled(conv, 2)
+        assert mocks.started_runs() == [first]
+        assert len(mocks.sent) == 1
+
+        # Resumed through the API: automations answer again.
+        await conv.signal("resume", ResumeSignal())
+        await conv.signal("inbound", dm("mid.3", "help"))
+        await settled(conv, 4)
+        third = run_workflow_id(ws, "auto_help", CONTACT, "mid.3")
+        assert (await env.client.get_workflow_handle(third, result_type=RunResult).result()).status == "completed"
+        await maybe_save_history(env.client, conv.id, "conversation_handoff_resume")
+        await conv.terminate("test over")
+
+    assert mocks.started_runs() == [first, third]
+    assert mocks.texts == ["A teammate will reply soon."] * 2
+    assert [u.human_takeover for u in mocks.updates] == [True, False, True]
+
+
+FULL_FLOW = {
+    "steps": [
+        {"id": "ask", "type": "send_message", "text": "What's your email?"},
+        {"id": "email", "type": "wait_for_reply", "timeout_seconds": 86400, "validate": "email",
+         "save_to_field": "email", "retry_prompt": "Try again?", "max_retries": 2, "on_timeout": "bye"},
+        {"id": "tag", "type": "add_tag", "tag": "lead"},
+        {"id": "check", "type": "condition", "conditions": [{"subject": "field", "name": "email", "op": "exists"}],
+         "then": "pause", "else": "bye"},
+        {"id": "pause", "type": "delay", "hours": 1},
+        {"id": "ai", "type": "ai_reply", "instructions": "Say thanks.", "fallback_text": "Thanks!"},
+        {"id": "thanks", "type": "send_message", "text": "Sent to {{contact.fields.email}}.", "next": "end"},
+        {"id": "bye", "type": "send_message", "text": "Bye"},
+    ]
+}
+
+
+async def full_flow(client: Client, *, record: bool = False, **worker_kwargs) -> tuple[Mocks, RunResult]:
+    """ask -> invalid reply -> retry prompt -> valid reply -> tag -> condition -> 1h delay -> AI -> send."""
+    mocks = Mocks()
+    async with running_worker(client, mocks, **worker_kwargs) as tq:
+        input = run_input(new_workspace(), FULL_FLOW)
+        handle = await client.start_workflow(
+            AUTOMATION_RUN_WORKFLOW, input, id=input.run_id, task_queue=tq, result_type=RunResult,
+            # Short task timeout: see test_flow_completes_identically_when_every_task_replays.
+            task_timeout=timedelta(seconds=1),
+        )
+        await until(lambda: mocks.texts == ["What's your email?"])
+        await handle.signal("reply", ReplySignal(event=dm("mid.r1", "not an email")))
+        await until(lambda: mocks.texts[-1:] == ["Try again?"])
+        await handle.signal("reply", ReplySignal(event=dm("mid.r2", "a@b.co")))
+        result = await handle.result()  # the 1h delay is skipped
+        if record:
+            await maybe_save_history(client, input.run_id, "run_full_flow")
+    return mocks, result
+
+
+async def test_flow_completes_identically_when_every_task_replays(env):
+    """max_cached_workflows=0 evicts after every task, so every task replays the history.
+
+    temporalio 1.35 (sdk-core) can evict a zero-cache run mid-task while a
+    local activity is finishing: the task times out and is retried, and the
+    local activity (record_run, update_contact) runs again. Local activities
+    are at-least-once anyway, so those calls are compared de-duplicated; the
+    1s task timeout keeps the stall short.
+    """
+    cached_mocks, cached = await full_flow(env.client, record=True)
+    replayed_mocks, replayed = await full_flow(env.client, max_cached_workflows=0)
+
+    assert cached.status == "completed"
+    assert cached_mocks.texts == ["What's your email?", "Try again?", "Hello from the model", "Sent to a@b.co."]
+    assert [(s, st) for s, st in trail_pairs(cached) if st != "waiting"] == [
+        ("ask", "done"), ("email", "invalid"), ("email", "done"), ("tag", "done"), ("check", "done"),
+        ("pause", "done"), ("ai", "done"), ("thanks", "done"),
+    ]
+    assert replayed.status == cached.status
+    assert trail_pairs(replayed) == trail_pairs(cached)
+    assert replayed_mocks.texts == cached_mocks.texts  # sends are regular activities: exactly once
+    assert _keys(replayed_mocks) == _keys(cached_mocks)
+    assert _dedupe(replayed_mocks.updates) == _dedupe(cached_mocks.updates)
+    assert (replayed_mocks.contact.fields, replayed_mocks.contact.tags) == ({"email": "a@b.co"}, ["lead"])
+    assert _dedupe([r.status for r in replayed_mocks.runs]) == ["running", "completed"]
+    assert len(replayed_mocks.ai_calls) == 1
+
+
+def _keys(mocks: Mocks) -> list[str]:
+    """Idempotency keys without the (random) run id prefix."""
+    return [s.idempotency_key[len(s.run_id) + 1:] for _, s in mocks.sent]
+
+
+def _dedupe(items: list) -> list:
+    """Drop consecutive repeats (a re-executed local activity)."""
+    out: list = []
+    for item in items:
+        if not out or out[-1] != item:
+            out.append(item)
+    return out
+
+
+# --- channel lifecycle ----------------------------------------------------------------------------
+
+
+async def test_connect_with_a_valid_token_activates_the_channel(env):
+    mocks = Mocks()
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        wf_id = f"{ws}/connect/{CHANNEL}"
+        result = await env.client.execute_workflow(
+            CONNECT_CHANNEL_WORKFLOW, ConnectChannelInput(workspace_id=ws, channel_id=CHANNEL, platform="instagram"),
+            id=wf_id, task_queue=tq, result_type=ConnectResult,
+        )
+        await maybe_save_history(env.client, wf_id, "connect_active")
+
+    assert result == ConnectResult(status="active", external_id=ACCOUNT)
+    assert len(mocks.subscribed) == 1
+    assert [(s.status, s.detail) for s in mocks.statuses] == [("active", "")]
+    assert mocks.purged == []
+
+
+async def test_connect_with_a_rejected_token_fails_and_deletes_the_token(env):
+    mocks = Mocks()
+    mocks.verify_error = ApplicationError("Invalid OAuth access token", type="TokenInvalid", non_retryable=True)
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        wf_id = f"{ws}/connect/{CHANNEL}"
+        result = await env.client.execute_workflow(
+            CONNECT_CHANNEL_WORKFLOW, ConnectChannelInput(workspace_id=ws, channel_id=CHANNEL, platform="instagram"),
+            id=wf_id, task_queue=tq, result_type=ConnectResult,
+        )
+        await maybe_save_history(env.client, wf_id, "connect_token_invalid")
+
+    assert result.status == "failed"
+    assert "Invalid OAuth access token" in result.detail
+    assert len(mocks.verified) == 1  # not retried
+    assert mocks.subscribed == []
+    assert mocks.purged == [PurgeDataInput(scope="channel_tokens", channel_id=CHANNEL)]
+    assert [(s.status, s.detail) for s in mocks.statuses] == [("failed", result.detail)]
+
+
+async def test_disconnect_purges_the_token_even_when_revoke_keeps_failing(env):
+    mocks = Mocks()
+    mocks.revoke_error = ApplicationError("Graph API 503", type="PlatformUnavailable")  # retryable
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        wf_id = f"{ws}/disconnect/{CHANNEL}"
+        started = time.monotonic()
+        handle = await env.client.start_workflow(
+            DISCONNECT_CHANNEL_WORKFLOW, ChannelRef(channel_id=CHANNEL),
+            id=wf_id, task_queue=tq, result_type=DisconnectResult,
+        )
+        result = await skipping_retry_backoff(env, handle)
+        await maybe_save_history(env.client, wf_id, "disconnect_revoke_failed")
+
+    assert time.monotonic() - started < 20  # the retry backoff was skipped
+    assert len(mocks.revokes) == 6  # PLATFORM_RETRY.maximum_attempts
+    assert result.revoked is False
+    assert "Graph API 503" in result.detail
+    assert result.stopped_workflows == 2
+    assert mocks.purged == [PurgeDataInput(scope="channel_tokens", channel_id=CHANNEL)]
+    assert [s.status for s in mocks.statuses] == ["disconnecting", "disconnected"]
+    assert "Graph API 503" in mocks.statuses[-1].detail
+    assert mocks.stopped == [ChannelRef(channel_id=CHANNEL)]
+
+
+async def test_disconnect_with_a_working_revoke(env):
+    mocks = Mocks()
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        wf_id = f"{ws}/disconnect/{CHANNEL}"
+        result = await env.client.execute_workflow(
+            DISCONNECT_CHANNEL_WORKFLOW, ChannelRef(channel_id=CHANNEL),
+            id=wf_id, task_queue=tq, result_type=DisconnectResult,
+        )
+        await maybe_save_history(env.client, wf_id, "disconnect_revoked")
+
+    assert result == DisconnectResult(revoked=True, stopped_workflows=2)
+    assert len(mocks.revokes) == 1
+    assert mocks.purged == [PurgeDataInput(scope="channel_tokens", channel_id=CHANNEL)]
+    assert [s.status for s in mocks.statuses] == ["disconnecting"]

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from api.routes import automations, channels, contacts, runs, webhooks, workspaces
+from core.codec import KeyStore, data_converter
 from core.crypto import TokenVault
 from core.db import engine_for
 from core.settings import Settings, get_settings
@@ -32,13 +33,14 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if app.state.temporal is None:
-            app.state.temporal = await connect(settings)
+            app.state.temporal = await connect(settings, data_converter(app.state.keys))
         yield
 
     app = FastAPI(title="Vectory API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.engine = engine_for(settings.database_url)
     app.state.vault = TokenVault(settings.keyring())
+    app.state.keys = KeyStore(app.state.engine, app.state.vault)
     app.state.temporal = temporal
     for module in (workspaces, channels, automations, contacts, runs, webhooks):
         app.include_router(module.router)

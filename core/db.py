@@ -142,6 +142,18 @@ class AiUsage(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class DataKey(SQLModel, table=True):
+    """A workspace's payload-encryption key, wrapped by the master keyring.
+    ``wrapped`` is None once destroyed (crypto-shredding); the row stays as a
+    tombstone so old payloads fail with "key destroyed"."""
+
+    kid: str = Field(primary_key=True)
+    scope: str = Field(index=True)
+    wrapped: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    created_at: datetime = Field(default_factory=utcnow)
+    destroyed_at: datetime | None = None
+
+
 def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")

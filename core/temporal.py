@@ -6,18 +6,24 @@ import asyncio
 import logging
 
 from temporalio.client import Client
+from temporalio.converter import DataConverter
 
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-async def connect(settings: Settings, *, attempts: int = 30, delay: float = 1.0) -> Client:
-    """Connect, retrying while the server starts (compose, make run)."""
+async def connect(
+    settings: Settings, data_converter: DataConverter, *, attempts: int = 30, delay: float = 1.0
+) -> Client:
+    """Connect with the project's data converter (payload encryption),
+    retrying while the server starts (compose, make run)."""
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
-            return await Client.connect(settings.temporal_address, namespace=settings.temporal_namespace)
+            return await Client.connect(
+                settings.temporal_address, namespace=settings.temporal_namespace, data_converter=data_converter
+            )
         except Exception as err:  # the server is not up yet
             last = err
             if attempt < attempts:

@@ -113,6 +113,7 @@ class Stack:
 @pytest.fixture(scope="session")
 async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Path) -> AsyncIterator[Stack]:
     from api.main import create_app
+    from core.codec import data_converter
     from core.settings import Settings
     from sandbox.app import create_app as create_sandbox
     from workers.main import build_deps
@@ -138,11 +139,15 @@ async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Pa
         telegram_api_url=f"{sandbox_url}/telegram",
         ai_model="sandbox-model",
     )
-    sandbox_server, sandbox_task = await serve(create_sandbox(), sandbox_port)
-    api_server, api_task = await serve(create_app(settings, temporal=dev_server.client), api_port)
     deps = build_deps(settings)
+    # Every client of the product encrypts payloads (per-workspace keys).
+    client = await Client.connect(
+        settings.temporal_address, namespace=settings.temporal_namespace, data_converter=data_converter(deps.keys)
+    )
+    sandbox_server, sandbox_task = await serve(create_sandbox(), sandbox_port)
+    api_server, api_task = await serve(create_app(settings, temporal=client), api_port)
     s = Stack(
-        client=dev_server.client,
+        client=client,
         settings=settings,
         api_url=api_url,
         sandbox_url=sandbox_url,

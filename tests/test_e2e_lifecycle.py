@@ -247,8 +247,10 @@ async def test_tokens_never_in_database_plaintext_histories_logs_or_api_response
         [{"id": "a", "type": "send_message", "text": "ok"}],
     )
     person = new_sender()
-    await send_dm(stack, account_id, person, "secret")
-    await wait_for_messages(stack, person, 1)
+    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Zelda Quartermaine"})
+    await send_dm(stack, account_id, person, "secret recipe for xylophone soup")
+    calls = await wait_for_messages(stack, person, 1)
+    assert text_of(calls[0]) == "ok"
     listing = await stack.api.get("/v1/channels", headers=tenant.headers)
     assert token not in listing.text and tg_token not in listing.text
     assert "access_token" not in listing.text
@@ -277,6 +279,8 @@ async def test_tokens_never_in_database_plaintext_histories_logs_or_api_response
         history = await stack.client.get_workflow_handle(wf.id, run_id=wf.run_id).fetch_history()
         raw = history.to_json()
         assert token not in raw and tg_token not in raw
+        # Message content and names are encrypted by the payload codec.
+        assert "xylophone" not in raw and "Zelda" not in raw and person not in raw
         count += 1
     assert count >= 3  # two connects, a conversation and a run
     assert caplog.records, "expected log records to check"

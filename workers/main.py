@@ -24,6 +24,7 @@ from activities.ai import AiActivities
 from activities.channels import ChannelActivities
 from activities.crm import CrmActivities, ProfileActivities
 from activities.messaging import MessagingActivities
+from core.codec import KeyStore, data_converter
 from core.crypto import TokenVault
 from core.db import engine_for
 from core.platforms import GraphClient, TelegramClient
@@ -42,14 +43,18 @@ log = logging.getLogger("vectory.worker")
 class WorkerDeps:
     engine: Engine
     vault: TokenVault
+    keys: KeyStore
     http: httpx.AsyncClient
     ai: openai.AsyncOpenAI
 
 
 def build_deps(settings: Settings) -> WorkerDeps:
+    engine = engine_for(settings.database_url)
+    vault = TokenVault(settings.keyring())
     return WorkerDeps(
-        engine=engine_for(settings.database_url),
-        vault=TokenVault(settings.keyring()),
+        engine=engine,
+        vault=vault,
+        keys=KeyStore(engine, vault),
         http=httpx.AsyncClient(timeout=settings.http_timeout_seconds),
         # base_url / api_key come from OPENAI_BASE_URL / OPENAI_API_KEY.
         ai=openai.AsyncOpenAI(max_retries=0, timeout=settings.http_timeout_seconds * 3),
@@ -103,8 +108,8 @@ def build_worker(client: Client, settings: Settings, deps: WorkerDeps, *, task_q
 async def amain() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     settings = get_settings()
-    client = await connect(settings)
     deps = build_deps(settings)
+    client = await connect(settings, data_converter(deps.keys))
     worker = build_worker(client, settings, deps)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

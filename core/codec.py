@@ -1,0 +1,189 @@
+"""Payload encryption for Temporal: message content, names and every other
+workflow/activity payload are AES-256-GCM encrypted before they reach the
+server, with one data key per workspace.
+
+- The key is chosen from the serialization context: workflow ids start with
+  the workspace id (``ws_.../conv/...``), so every payload of a workspace's
+  workflows and activities uses that workspace's key; anything else uses the
+  ``system`` scope.
+- Data keys are random, stored wrapped by the master keyring (the token
+  vault), and cached in memory. Destroying a workspace's keys
+  (crypto-shredding) leaves a tombstone, so decoding its old histories fails
+  with a clear "key destroyed" error instead of "unknown key".
+- Payloads without our encoding pass through decode unchanged, so histories
+  written before encryption still replay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+from temporalio.api.common.v1 import Payload
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    PayloadCodec,
+    SerializationContext,
+    WithSerializationContext,
+)
+
+from core.crypto import TokenVault
+from core.db import DataKey
+
+ENCODING = b"binary/encrypted"
+KEY_ID_METADATA = "encryption-key-id"
+SYSTEM_SCOPE = "system"
+
+
+class KeyDestroyedError(Exception):
+    """The data key of this payload was destroyed: its workspace was erased."""
+
+
+class UnknownKeyError(Exception):
+    pass
+
+
+def scope_of(workflow_id: str | None) -> str:
+    if workflow_id and workflow_id.startswith("ws_") and "/" in workflow_id:
+        return workflow_id.split("/", 1)[0]
+    return SYSTEM_SCOPE
+
+
+class KeyStore:
+    """Per-scope data keys, wrapped by the master keyring."""
+
+    def __init__(self, engine: Engine, vault: TokenVault):
+        self.engine = engine
+        self.vault = vault
+        self._by_kid: dict[str, AESGCM] = {}
+        self._active: dict[str, str] = {}  # scope -> kid
+        self._lock = threading.Lock()
+
+    def _wrap_context(self, kid: str) -> str:
+        return f"datakey:{kid}"
+
+    def encryption_key(self, scope: str) -> tuple[str, AESGCM]:
+        kid = self._active.get(scope)
+        if kid is not None and kid in self._by_kid:
+            return kid, self._by_kid[kid]
+        with self._lock, Session(self.engine) as db:
+            row = db.exec(
+                select(DataKey).where(DataKey.scope == scope, DataKey.wrapped.is_not(None))  # type: ignore[union-attr]
+            ).first()
+            if row is None:
+                row = self._create(db, scope)
+            key = base64.b64decode(self.vault.decrypt(row.wrapped or "", self._wrap_context(row.kid)))
+            aead = AESGCM(key)
+            self._by_kid[row.kid] = aead
+            self._active[scope] = row.kid
+            return row.kid, aead
+
+    def _create(self, db: Session, scope: str) -> DataKey:
+        kid = f"{scope}:{os.urandom(6).hex()}"
+        key = AESGCM.generate_key(bit_length=256)
+        row = DataKey(kid=kid, scope=scope, wrapped=self.vault.encrypt(base64.b64encode(key).decode(), self._wrap_context(kid)))
+        db.add(row)
+        try:
+            db.commit()
+        except IntegrityError:
+            db.rollback()
+            existing = db.exec(
+                select(DataKey).where(DataKey.scope == scope, DataKey.wrapped.is_not(None))  # type: ignore[union-attr]
+            ).first()
+            if existing is None:
+                raise
+            return existing
+        return row
+
+    def decryption_key(self, kid: str) -> AESGCM:
+        aead = self._by_kid.get(kid)
+        if aead is not None:
+            return aead
+        with Session(self.engine) as db:
+            row = db.get(DataKey, kid)
+        if row is None:
+            raise UnknownKeyError(f"payload data key {kid!r} is unknown")
+        if row.wrapped is None:
+            raise KeyDestroyedError(f"payload data key {kid!r} was destroyed: its workspace was erased")
+        aead = AESGCM(base64.b64decode(self.vault.decrypt(row.wrapped, self._wrap_context(kid))))
+        self._by_kid[kid] = aead
+        return aead
+
+    def destroy(self, scope: str) -> int:
+        """Crypto-shred: overwrite every data key of a scope, keep tombstones."""
+        with self._lock, Session(self.engine) as db:
+            rows = db.exec(select(DataKey).where(DataKey.scope == scope)).all()
+            for row in rows:
+                row.wrapped = None
+                row.destroyed_at = datetime.now(UTC)
+                db.add(row)
+                self._by_kid.pop(row.kid, None)
+            db.commit()
+            self._active.pop(scope, None)
+            return len(rows)
+
+    def forget_cache(self) -> None:
+        with self._lock:
+            self._by_kid.clear()
+            self._active.clear()
+
+
+class EncryptionCodec(PayloadCodec, WithSerializationContext):
+    def __init__(self, keys: KeyStore, scope: str = SYSTEM_SCOPE):
+        self.keys = keys
+        self.scope = scope
+
+    def with_context(self, context: SerializationContext) -> EncryptionCodec:
+        scope = scope_of(getattr(context, "workflow_id", None))
+        return self if scope == self.scope else EncryptionCodec(self.keys, scope)
+
+    async def _encryption_key(self) -> tuple[str, AESGCM]:
+        kid = self.keys._active.get(self.scope)
+        if kid is not None and kid in self.keys._by_kid:
+            return kid, self.keys._by_kid[kid]
+        return await asyncio.to_thread(self.keys.encryption_key, self.scope)
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        if not payloads:
+            return []
+        kid, aead = await self._encryption_key()
+        out = []
+        for p in payloads:
+            nonce = os.urandom(12)
+            data = nonce + aead.encrypt(nonce, p.SerializeToString(), kid.encode())
+            out.append(Payload(metadata={"encoding": ENCODING, KEY_ID_METADATA: kid.encode()}, data=data))
+        return out
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        out = []
+        for p in payloads:
+            if p.metadata.get("encoding", b"") != ENCODING:
+                out.append(p)
+                continue
+            kid = p.metadata[KEY_ID_METADATA].decode()
+            aead = self.keys._by_kid.get(kid) or await asyncio.to_thread(self.keys.decryption_key, kid)
+            try:
+                plain = aead.decrypt(p.data[:12], p.data[12:], kid.encode())
+            except InvalidTag as exc:
+                raise ValueError(f"payload failed authentication under key {kid!r}") from exc
+            out.append(Payload.FromString(plain))
+        return out
+
+
+def data_converter(keys: KeyStore) -> DataConverter:
+    """The data converter every client and worker uses: encrypted payloads,
+    and failure messages/stack traces moved into the encrypted attributes."""
+    return DataConverter(
+        payload_codec=EncryptionCodec(keys),
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )

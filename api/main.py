@@ -6,9 +6,10 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from temporalio.client import Client
 
-from api.routes import automations, channels, contacts, runs, webhooks, workspaces
+from api.routes import automations, channels, codec, contacts, runs, webhooks, workspaces
 from core.codec import KeyStore, data_converter
 from core.crypto import TokenVault
 from core.db import engine_for
@@ -42,8 +43,18 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.vault = TokenVault(settings.keyring())
     app.state.keys = KeyStore(app.state.engine, app.state.vault)
     app.state.temporal = temporal
-    for module in (workspaces, channels, automations, contacts, runs, webhooks):
+    for module in (workspaces, channels, automations, contacts, runs, webhooks, codec):
         app.include_router(module.router)
+
+    if settings.codec_cors_origins:
+        # The Temporal UI calls the codec endpoint from the operator's browser.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=[o.strip() for o in settings.codec_cors_origins.split(",") if o.strip()],
+            allow_methods=["POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Namespace"],
+            allow_credentials=True,
+        )
 
     @app.get("/healthz", tags=["health"], operation_id="healthz", summary="Liveness")
     def healthz() -> dict:

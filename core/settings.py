@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     telegram_api_url: str = "https://api.telegram.org"
     ai_model: str = "gpt-4o-mini"
     ai_history_messages: int = 12
+    # Codec server for the Temporal UI: its own token (empty disables it) and
+    # the UI origins allowed to call it from a browser.
+    codec_token: str = ""
+    codec_cors_origins: str = "http://127.0.0.1:8233,http://localhost:8233"
     max_webhook_body_bytes: int = 4 * 1024 * 1024
     http_timeout_seconds: float = 15.0
 

@@ -33,6 +33,7 @@ TEST_SERVER = BIN / "temporal-test-server"
 APP_SECRET = "test-app-secret"
 VERIFY_TOKEN = "test-verify-token"
 ADMIN_TOKEN = "test-admin-token"
+CODEC_TOKEN = "test-codec-token"
 
 
 def free_port() -> int:
@@ -138,6 +139,7 @@ async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Pa
         instagram_api_url=f"{sandbox_url}/instagram",
         telegram_api_url=f"{sandbox_url}/telegram",
         ai_model="sandbox-model",
+        codec_token=CODEC_TOKEN,
     )
     deps = build_deps(settings)
     # Every client of the product encrypts payloads (per-workspace keys).

@@ -153,10 +153,21 @@ def child_env(data: Path) -> dict[str, str]:
         "OPENAI_BASE_URL": f"{SANDBOX}/openai/v1",
         "OPENAI_API_KEY": "sandbox-key",
         "VECTORY_SANDBOX_URL": SANDBOX,
+        "VECTORY_CODEC_TOKEN": codec_token(data),
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def codec_token(data: Path) -> str:
+    """A per-install token for the codec server the Temporal UI calls."""
+    path = data / "codec.token"
+    if not path.exists():
+        data.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def seed_demo(stack: Stack, data: Path, admin_token: str) -> dict:
@@ -259,7 +270,9 @@ def run(stack: Stack) -> None:
     temporal = str(BIN / "temporal")
     cmd = [temporal, "server", "start-dev", "--ip", HOST, "--port", str(TEMPORAL_PORT),
            "--ui-port", str(TEMPORAL_UI_PORT), "--db-filename", str(DATA_DIR / "temporal.db"),
-           "--log-level", "warn", "--dynamic-config-value", "system.enableEagerWorkflowStart=true"]
+           "--log-level", "warn", "--dynamic-config-value", "system.enableEagerWorkflowStart=true",
+           # The UI decodes encrypted payloads through the API's codec server.
+           "--ui-codec-endpoint", f"{API}/codec/t/{os.environ['VECTORY_CODEC_TOKEN']}"]
     for name in SEARCH_ATTRIBUTES:
         cmd += ["--search-attribute", f"{name}=Keyword"]
     stack.say("starting the Temporal dev server")

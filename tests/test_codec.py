@@ -1,0 +1,94 @@
+"""Payload encryption: per-workspace keys, crypto-shredding, codec server."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+
+import pytest
+from sqlmodel import SQLModel
+from temporalio.api.common.v1 import Payload
+from temporalio.converter import WorkflowSerializationContext
+
+from core.codec import ENCODING, EncryptionCodec, KeyDestroyedError, KeyStore, scope_of
+from core.crypto import TokenVault
+from core.db import make_engine
+
+from conftest import CODEC_TOKEN
+
+
+@pytest.fixture
+def keys(tmp_path) -> KeyStore:
+    engine = make_engine(f"sqlite:///{tmp_path / 'k.db'}")
+    SQLModel.metadata.create_all(engine)
+    return KeyStore(engine, TokenVault([("k1", secrets.token_bytes(32))]))
+
+
+def ctx(workflow_id: str) -> WorkflowSerializationContext:
+    return WorkflowSerializationContext(namespace="default", workflow_id=workflow_id)
+
+
+def plain(text: str) -> Payload:
+    return Payload(metadata={"encoding": b"json/plain"}, data=f'"{text}"'.encode())
+
+
+async def test_payloads_are_encrypted_per_workspace_and_round_trip(keys):
+    codec = EncryptionCodec(keys)
+    a = codec.with_context(ctx("ws_a/conv/ch_1/ct_1"))
+    b = codec.with_context(ctx("ws_b/run/au_1/ct_2/x"))
+    [ea] = await a.encode([plain("my email is ana@example.com")])
+    [eb] = await b.encode([plain("hello")])
+    assert ea.metadata["encoding"] == ENCODING
+    assert b"ana@example.com" not in ea.SerializeToString()
+    assert ea.metadata["encryption-key-id"].decode().startswith("ws_a:")
+    assert eb.metadata["encryption-key-id"].decode().startswith("ws_b:")
+    # Any codec instance can decode: the key id travels with the payload.
+    fresh = EncryptionCodec(KeyStore(keys.engine, keys.vault))
+    assert (await fresh.decode([ea]))[0].data == b'"my email is ana@example.com"'
+    # Unencrypted payloads (histories from before encryption) pass through.
+    assert (await fresh.decode([plain("old")]))[0].data == b'"old"'
+    assert scope_of("ConnectSomething") == "system"
+
+
+async def test_destroyed_workspace_key_makes_old_payloads_undecodable(keys):
+    codec = EncryptionCodec(keys).with_context(ctx("ws_gone/conv/x/y"))
+    [encrypted] = await codec.encode([plain("secret")])
+    [other] = await EncryptionCodec(keys).with_context(ctx("ws_kept/conv/x/y")).encode([plain("kept")])
+    assert keys.destroy("ws_gone") == 1
+    fresh = EncryptionCodec(KeyStore(keys.engine, keys.vault))
+    with pytest.raises(KeyDestroyedError, match="destroyed"):
+        await fresh.decode([encrypted])
+    assert (await fresh.decode([other]))[0].data == b'"kept"'
+    # A new key is created if the scope is used again; the old one stays dead.
+    [again] = await codec.encode([plain("new")])
+    assert again.metadata["encryption-key-id"] != encrypted.metadata["encryption-key-id"]
+
+
+async def test_codec_server_decodes_with_its_token_only(stack):
+    codec = EncryptionCodec(stack.deps.keys).with_context(ctx("ws_codec/conv/a/b"))
+    [encrypted] = await codec.encode([plain("order #991 for Zoe")])
+    body = {
+        "payloads": [
+            {
+                "metadata": {k: base64.b64encode(v).decode() for k, v in encrypted.metadata.items()},
+                "data": base64.b64encode(encrypted.data).decode(),
+            }
+        ]
+    }
+    r = await stack.api.post("/codec/decode", json=body, headers={"Authorization": f"Bearer {CODEC_TOKEN}"})
+    assert r.status_code == 200, r.text
+    decoded = r.json()["payloads"][0]
+    assert base64.b64decode(decoded["data"]) == b'"order #991 for Zoe"'
+    assert base64.b64decode(decoded["metadata"]["encoding"]) == b"json/plain"
+    assert (await stack.api.post("/codec/decode", json=body)).status_code == 401
+    r = await stack.api.post("/codec/decode", json=body, headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401
+    r = await stack.api.post(f"/codec/t/{CODEC_TOKEN}/decode", json=body)
+    assert r.status_code == 200
+    # CORS preflight from the Temporal UI origin is allowed.
+    r = await stack.api.options(
+        "/codec/decode",
+        headers={"Origin": "http://127.0.0.1:8233", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type,x-namespace"},
+    )
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://127.0.0.1:8233"

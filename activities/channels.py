@@ -18,6 +18,7 @@ from activities.common import (
     to_application_error,
     webhook_secret_context,
 )
+from core.audit import audit_now
 from core.contracts import (
     ChannelRef,
     ChannelStatusInput,
@@ -77,6 +78,7 @@ class ChannelActivities:
         except PlatformError as err:
             raise to_application_error(err) from None
         await asyncio.to_thread(self._claim_account, input, external_id, name)
+        await asyncio.to_thread(audit_now, self.engine, input.workspace_id, "worker", "token.use", input.channel_id, "verify")
         return ChannelVerified(external_id=external_id, name=name)
 
     def _claim_account(self, input: ConnectChannelInput, external_id: str, name: str) -> None:
@@ -163,6 +165,9 @@ class ChannelActivities:
             if err.kind == "token_invalid":
                 return RevokeResult(revoked=True, detail="the platform had already invalidated the token")
             raise to_application_error(err) from None
+        await asyncio.to_thread(
+            audit_now, self.engine, creds.workspace_id, "worker", "token.revoke", input.channel_id, creds.platform
+        )
         return RevokeResult(revoked=True)
 
     @activity.defn(name="purge_data")

@@ -45,6 +45,7 @@ def snapshot(contact: Contact, *, is_new: bool = False) -> ContactSnapshot:
         human_takeover=contact.human_takeover,
         is_new=is_new,
         processing_restricted=contact.processing_restricted,
+        consent_withdrawn=contact.consent_withdrawn,
     )
 
 

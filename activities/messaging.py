@@ -11,6 +11,7 @@ from sqlmodel import Session
 from temporalio import activity
 
 from activities.common import ChannelCredentials, load_credentials, to_application_error
+from core.audit import audit
 from core.contracts import AckCallbackInput, SendMessageInput, SendMessageResult
 from core.crypto import TokenVault
 from core.db import Message, SendRecord, utcnow
@@ -66,6 +67,7 @@ class MessagingActivities:
                     created_at=sent_at,
                 )
             )
+            audit(db, creds.workspace_id, "worker", "token.use", input.channel_id, "send_message")
             try:
                 db.commit()
             except IntegrityError:

@@ -9,7 +9,18 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from temporalio.client import Client
 
-from api.routes import automations, channels, codec, contacts, runs, webhooks, workspaces
+from api.routes import (
+    automations,
+    channels,
+    codec,
+    contacts,
+    export,
+    privacy,
+    privacy_callbacks,
+    runs,
+    webhooks,
+    workspaces,
+)
 from core.codec import KeyStore, data_converter
 from core.crypto import TokenVault
 from core.db import engine_for
@@ -43,7 +54,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.vault = TokenVault(settings.keyring())
     app.state.keys = KeyStore(app.state.engine, app.state.vault)
     app.state.temporal = temporal
-    for module in (workspaces, channels, automations, contacts, runs, webhooks, codec):
+    for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks):
         app.include_router(module.router)
 
     if settings.codec_cors_origins:

@@ -17,6 +17,16 @@ CONVERSATION_WORKFLOW = "ConversationWorkflow"
 AUTOMATION_RUN_WORKFLOW = "AutomationRun"
 CONNECT_CHANNEL_WORKFLOW = "ConnectChannel"
 DISCONNECT_CHANNEL_WORKFLOW = "DisconnectChannel"
+ERASE_CONTACT_WORKFLOW = "EraseContact"
+ERASE_CHANNELS_WORKFLOW = "EraseChannels"
+ERASE_WORKSPACE_WORKFLOW = "EraseWorkspace"
+RETENTION_SWEEP_WORKFLOW = "RetentionSweep"
+
+ERASURE_WORKFLOWS = {
+    "contact": ERASE_CONTACT_WORKFLOW,
+    "channels": ERASE_CHANNELS_WORKFLOW,
+    "workspace": ERASE_WORKSPACE_WORKFLOW,
+}
 
 
 def contact_id_for(channel_id: str, platform_user_id: str) -> str:
@@ -129,6 +139,7 @@ class ContactSnapshot:
     human_takeover: bool = False
     is_new: bool = False
     processing_restricted: bool = False
+    consent_withdrawn: bool = False
 
 
 @dataclass
@@ -340,3 +351,49 @@ class AckCallbackInput:
     channel_id: str
     callback_query_id: str
 
+
+
+@dataclass
+class EraseInput:
+    """Erase a contact, some channels (a Meta user's deletion request) or a
+    whole workspace. Erasure workflows run in the system key scope (their
+    ids do not start with the workspace id) so that destroying the
+    workspace's data keys never locks them out of their own history."""
+
+    job_id: str
+    workspace_id: str
+    scope: str  # contact | channels | workspace
+    contact_id: str = ""
+    channel_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EraseStepInput:
+    job_id: str
+    workspace_id: str
+    scope: str
+    contact_id: str = ""
+    channel_ids: list[str] = field(default_factory=list)
+
+
+@dataclass
+class JobStatusInput:
+    job_id: str
+    status: str
+    detail: str = ""
+
+
+@dataclass
+class RetentionSweepInput:
+    """Input of the daily RetentionSweep workflow (fields may be added)."""
+
+
+@dataclass
+class RetentionInput:
+    now_iso: str  # the workflow's clock, so tests can inject time
+
+
+@dataclass
+class RetentionResult:
+    messages_deleted: int = 0
+    runs_deleted: int = 0

@@ -30,6 +30,11 @@ class Workspace(SQLModel, table=True):
     id: str = Field(primary_key=True)
     name: str
     api_key_hash: str = Field(index=True, unique=True)
+    # Message log and closed-run records older than this are deleted daily.
+    retention_days: int = 90
+    # Attestation at creation: a business account run by adults (18+).
+    business_attested_at: datetime | None = None
+    status: str = "active"  # active | erasing
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -84,6 +89,7 @@ class Contact(SQLModel, table=True):
     fields: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     human_takeover: bool = False
     processing_restricted: bool = False
+    consent_withdrawn: bool = False
     last_inbound_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -140,6 +146,33 @@ class AiUsage(SQLModel, table=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     created_at: datetime = Field(default_factory=utcnow)
+
+
+class AuditEntry(SQLModel, table=True):
+    """Who did what, when, without message content or personal data."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    workspace_id: str = Field(index=True)
+    actor: str  # api_key | admin | worker | platform:meta | operator
+    action: str  # channel.connect, token.use, contact.export, contact.erase, ...
+    target: str = ""  # an object id (never a platform user id or a name)
+    detail: str = ""
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class ErasureJob(SQLModel, table=True):
+    """An erasure request and its progress; shown to API clients and, for
+    Meta data-deletion callbacks, to the person at /privacy/deletions/{code}."""
+
+    id: str = Field(primary_key=True)  # also the confirmation code
+    workspace_id: str = Field(index=True)
+    scope: str  # contact | workspace | platform_user
+    target: str = Field(index=True)  # contact id / workspace id / "<channel id>:<platform user id digest>"
+    source: str = "api"  # api | meta_data_deletion | meta_deauthorize
+    status: str = "pending"  # pending | running | completed | failed
+    detail: str = ""
+    created_at: datetime = Field(default_factory=utcnow)
+    completed_at: datetime | None = None
 
 
 class DataKey(SQLModel, table=True):

@@ -25,7 +25,7 @@ class Tenant:
 
 async def create_tenant(stack: Stack, name: str = "Acme") -> Tenant:
     r = await stack.api.post(
-        "/v1/workspaces", json={"name": name}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        "/v1/workspaces", json={"name": name, "business_use_attestation": True}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
     )
     assert r.status_code == 201, r.text
     body = r.json()

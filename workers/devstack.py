@@ -192,7 +192,7 @@ def seed_demo(stack: Stack, data: Path, admin_token: str) -> dict:
             r.raise_for_status()
 
         if not demo.get("api_key") or api.get("/v1/workspace", headers=key()).status_code != 200:
-            r = api.post("/v1/workspaces", json={"name": "Demo shop"},
+            r = api.post("/v1/workspaces", json={"name": "Demo shop", "business_use_attestation": True},
                          headers={"Authorization": f"Bearer {admin_token}"})
             if r.status_code != 201:
                 raise StartupError(f"creating the demo workspace failed: {r.status_code} {r.text}")

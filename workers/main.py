@@ -12,11 +12,21 @@ import concurrent.futures
 import logging
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 
 import httpx
 import openai
 from sqlalchemy import Engine
-from temporalio.client import Client
+from temporalio.client import (
+    Client,
+    Schedule,
+    ScheduleActionStartWorkflow,
+    ScheduleAlreadyRunningError,
+    ScheduleIntervalSpec,
+    ScheduleOverlapPolicy,
+    SchedulePolicy,
+    ScheduleSpec,
+)
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -24,7 +34,9 @@ from activities.ai import AiActivities
 from activities.channels import ChannelActivities
 from activities.crm import CrmActivities, ProfileActivities
 from activities.messaging import MessagingActivities
+from activities.privacy import PrivacyActivities
 from core.codec import KeyStore, data_converter
+from core.contracts import RETENTION_SWEEP_WORKFLOW, RetentionSweepInput
 from core.crypto import TokenVault
 from core.db import engine_for
 from core.platforms import GraphClient, TelegramClient
@@ -33,8 +45,25 @@ from core.temporal import connect
 from workflows.automation_run import AutomationRunWorkflow
 from workflows.channel import ConnectChannelWorkflow, DisconnectChannelWorkflow
 from workflows.conversation import ConversationWorkflow
+from workflows.privacy import (
+    EraseChannelsWorkflow,
+    EraseContactWorkflow,
+    EraseWorkspaceWorkflow,
+    RetentionSweepWorkflow,
+)
 
-WORKFLOWS = [ConversationWorkflow, AutomationRunWorkflow, ConnectChannelWorkflow, DisconnectChannelWorkflow]
+WORKFLOWS = [
+    ConversationWorkflow,
+    AutomationRunWorkflow,
+    ConnectChannelWorkflow,
+    DisconnectChannelWorkflow,
+    EraseContactWorkflow,
+    EraseChannelsWorkflow,
+    EraseWorkspaceWorkflow,
+    RetentionSweepWorkflow,
+]
+
+RETENTION_SCHEDULE_ID = "retention-sweep"
 
 log = logging.getLogger("vectory.worker")
 
@@ -72,7 +101,14 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
     channels = ChannelActivities(
         deps.engine, deps.vault, graph, instagram, telegram, settings.public_url, temporal=client
     )
+    privacy = PrivacyActivities(deps.engine, deps.keys, temporal=client)
     return [
+        privacy.set_erasure_status,
+        privacy.list_erasure_channels,
+        privacy.stop_subject_workflows,
+        privacy.purge_subject,
+        privacy.destroy_workspace_keys,
+        privacy.retention_sweep,
         crm.record_inbound,
         crm.load_contact,
         crm.update_contact,
@@ -88,6 +124,22 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
         channels.purge_data,
         channels.stop_channel_workflows,
     ]
+
+
+async def ensure_retention_schedule(client: Client, settings: Settings) -> None:
+    """Create the daily RetentionSweep schedule once (idempotent)."""
+    schedule = Schedule(
+        action=ScheduleActionStartWorkflow(
+            RETENTION_SWEEP_WORKFLOW, RetentionSweepInput(), id="retention-sweep-run", task_queue=settings.task_queue
+        ),
+        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(days=1))]),
+        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+    )
+    try:
+        await client.create_schedule(RETENTION_SCHEDULE_ID, schedule)
+        log.info("created the daily retention schedule %r", RETENTION_SCHEDULE_ID)
+    except ScheduleAlreadyRunningError:
+        pass
 
 
 def build_worker(client: Client, settings: Settings, deps: WorkerDeps, *, task_queue: str | None = None, **kwargs) -> Worker:
@@ -111,6 +163,7 @@ async def amain() -> None:
     deps = build_deps(settings)
     client = await connect(settings, data_converter(deps.keys))
     worker = build_worker(client, settings, deps)
+    await ensure_retention_schedule(client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

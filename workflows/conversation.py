@@ -58,6 +58,11 @@ def run_workflow_id(workspace_id: str, automation_id: str, contact_id: str, even
     return f"{workspace_id}/run/{automation_id}/{contact_id}/{digest}"
 
 
+def _consume_result(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 @workflow.defn(name=CONVERSATION_WORKFLOW)
 class ConversationWorkflow:
     @workflow.init
@@ -181,8 +186,8 @@ class ConversationWorkflow:
         if event.kind not in ("message", "postback"):
             return  # reactions, seen, referrals: recorded, not triggering
         contact = record.contact
-        if contact.processing_restricted:
-            return
+        if contact.processing_restricted or contact.consent_withdrawn:
+            return  # logged as required, never processed further
         if self._takeover or contact.human_takeover:
             self._takeover = True
             return  # a human owns the conversation until resumed
@@ -211,7 +216,7 @@ class ConversationWorkflow:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
-        if contact is None or contact.processing_restricted:
+        if contact is None or contact.processing_restricted or contact.consent_withdrawn:
             return
         await self._start_run(signal.run_id, signal.automation, contact, trigger=None, context=signal.context)
 
@@ -274,7 +279,7 @@ class ConversationWorkflow:
             except FailureError:
                 pass  # it already finished
         try:
-            await workflow.start_child_workflow(
+            handle = await workflow.start_child_workflow(
                 AUTOMATION_RUN_WORKFLOW,
                 RunInput(
                     run_id=run_id,
@@ -299,6 +304,10 @@ class ConversationWorkflow:
             )
         except WorkflowAlreadyStartedError:
             return  # this event (or API request) already started its run
+        # The run reports its end by signal (it outlives continue-as-new);
+        # its result is consumed here only so a terminated run is not logged
+        # as an unretrieved exception.
+        handle.add_done_callback(_consume_result)
         self._active = ActiveRun(workflow_id=run_id, automation_id=automation.id)
 
     def _acknowledge(self, callback_query_id: str) -> None:

@@ -13,6 +13,7 @@ from temporalio.common import WorkflowIDReusePolicy
 
 from activities.common import token_context
 from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep, VaultDep
+from core.audit import audit
 from core.contracts import (
     CONNECT_CHANNEL_WORKFLOW,
     DISCONNECT_CHANNEL_WORKFLOW,
@@ -116,6 +117,7 @@ async def connect_channel(
         token_ciphertext=vault.encrypt(body.access_token.get_secret_value(), token_context(channel_id)),
     )
     session.add(channel)
+    audit(session, workspace.id, "api_key", "channel.connect", channel_id, body.platform)
     session.commit()
     handle = await temporal.start_workflow(
         CONNECT_CHANNEL_WORKFLOW,
@@ -171,6 +173,8 @@ async def disconnect_channel(
     channel = get_owned(session, workspace.id, channel_id)
     if channel.status == "disconnected":
         return DisconnectPublic(id=channel.id, status=channel.status, detail=channel.status_detail)
+    audit(session, workspace.id, "api_key", "channel.disconnect", channel.id)
+    session.commit()
     handle = await temporal.start_workflow(
         DISCONNECT_CHANNEL_WORKFLOW,
         ChannelRef(channel_id=channel.id),

@@ -8,11 +8,13 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 from sqlmodel import col, func, select
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from api.dispatch import signal_conversation
+from core.audit import audit
 from core.contracts import ResumeSignal
-from core.db import Channel, Contact, Message, utcnow
+from core.db import Channel, Contact, Message, Run, utcnow
 
 router = APIRouter(prefix="/v1/contacts", tags=["contacts"])
 
@@ -28,6 +30,7 @@ class ContactPublic(BaseModel):
     fields: dict[str, Any]
     human_takeover: bool
     processing_restricted: bool
+    consent_withdrawn: bool
     last_inbound_at: datetime | None
     created_at: datetime
 
@@ -43,7 +46,12 @@ class ContactUpdate(BaseModel):
     last_name: str | None = Field(None, max_length=200)
     tags: list[str] | None = Field(None, max_length=200, description="Replaces the contact's tags.")
     fields: dict[str, Any] | None = Field(None, description="Merged into the contact's fields; null values delete a field.")
-    processing_restricted: bool | None = Field(None, description="When true, no automation runs for this contact.")
+    processing_restricted: bool | None = Field(
+        None, description="Restrict processing: inbound messages are logged, no automation runs, nothing is sent."
+    )
+    consent_withdrawn: bool | None = Field(
+        None, description="The person withdrew consent: same effect as a restriction, recorded separately."
+    )
 
 
 class MessagePublic(BaseModel):
@@ -73,6 +81,7 @@ def public(c: Contact) -> ContactPublic:
         fields=dict(c.fields or {}),
         human_takeover=c.human_takeover,
         processing_restricted=c.processing_restricted,
+        consent_withdrawn=c.consent_withdrawn,
         last_inbound_at=c.last_inbound_at,
         created_at=c.created_at,
     )
@@ -108,9 +117,15 @@ def get_contact(contact_id: str, workspace: CurrentWorkspace, session: SessionDe
     return public(get_owned(session, workspace.id, contact_id))
 
 
-@router.patch("/{contact_id}", response_model=ContactPublic, operation_id="update_contact", summary="Update a contact")
-def update_contact(
-    contact_id: str, body: ContactUpdate, workspace: CurrentWorkspace, session: SessionDep
+@router.patch(
+    "/{contact_id}",
+    response_model=ContactPublic,
+    operation_id="update_contact",
+    summary="Update a contact",
+    description="Setting processing_restricted or consent_withdrawn also stops the contact's running runs.",
+)
+async def update_contact(
+    contact_id: str, body: ContactUpdate, workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep
 ) -> ContactPublic:
     contact = get_owned(session, workspace.id, contact_id)
     if body.first_name is not None:
@@ -129,10 +144,30 @@ def update_contact(
         contact.fields = fields
     if body.processing_restricted is not None:
         contact.processing_restricted = body.processing_restricted
+        audit(session, workspace.id, "api_key", f"contact.restrict.{str(body.processing_restricted).lower()}", contact.id)
+    if body.consent_withdrawn is not None:
+        contact.consent_withdrawn = body.consent_withdrawn
+        audit(session, workspace.id, "api_key", f"contact.consent_withdrawn.{str(body.consent_withdrawn).lower()}", contact.id)
     contact.updated_at = utcnow()
     session.add(contact)
     session.commit()
+    if contact.processing_restricted or contact.consent_withdrawn:
+        await stop_runs(temporal, session, contact.id)
     return public(contact)
+
+
+async def stop_runs(temporal, session, contact_id: str) -> int:
+    """Cancel the contact's running runs (they record themselves as cancelled)."""
+    runs = session.exec(
+        select(Run).where(Run.contact_id == contact_id, col(Run.status).in_(["running", "waiting"]))
+    ).all()
+    for run in runs:
+        try:
+            await temporal.get_workflow_handle(run.id).cancel()
+        except RPCError as err:
+            if err.status != RPCStatusCode.NOT_FOUND:
+                raise
+    return len(runs)
 
 
 @router.get(

@@ -1,0 +1,205 @@
+"""Privacy activities: erasure (stop, purge, crypto-shred) and retention.
+
+Every activity here is idempotent, so an erasure interrupted by a crash
+resumes where it stopped and a second erasure of the same subject is a
+no-op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from sqlalchemy import Engine, delete, text, update
+from sqlmodel import Session, col, select
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
+
+from core.audit import audit
+from core.codec import KeyStore
+from core.contracts import (
+    EraseStepInput,
+    JobStatusInput,
+    RetentionInput,
+    RetentionResult,
+    StopWorkflowsResult,
+    conversation_workflow_id,
+)
+from core.db import (
+    AiUsage,
+    AuditEntry,
+    Automation,
+    AutomationVersion,
+    Channel,
+    Contact,
+    ErasureJob,
+    Message,
+    Run,
+    SendRecord,
+    Workspace,
+    utcnow,
+)
+
+OPEN_RUN_STATES = ("running", "waiting")
+
+
+class PrivacyActivities:
+    def __init__(self, engine: Engine, keys: KeyStore, temporal: Client | None = None):
+        self.engine = engine
+        self.keys = keys
+        self.temporal = temporal
+
+    # -- job bookkeeping ---------------------------------------------------------
+
+    @activity.defn(name="set_erasure_status")
+    def set_erasure_status(self, input: JobStatusInput) -> None:
+        with Session(self.engine) as db:
+            job = db.get(ErasureJob, input.job_id)
+            if job is None:
+                return
+            job.status = input.status
+            job.detail = input.detail[:500]
+            if input.status in ("completed", "failed"):
+                job.completed_at = utcnow()
+                audit(db, job.workspace_id, "worker", f"{job.scope}.erase.{input.status}", target=job.id)
+            db.add(job)
+            db.commit()
+
+    @activity.defn(name="list_erasure_channels")
+    def list_erasure_channels(self, input: EraseStepInput) -> list[str]:
+        if input.scope != "workspace":
+            return list(input.channel_ids)
+        with Session(self.engine) as db:
+            return list(db.exec(select(Channel.id).where(Channel.workspace_id == input.workspace_id)).all())
+
+    # -- stop ------------------------------------------------------------------------
+
+    def _subject_contacts(self, db: Session, input: EraseStepInput) -> list[Contact]:
+        query = select(Contact)
+        if input.scope == "contact":
+            query = query.where(Contact.id == input.contact_id)
+        elif input.scope == "channels":
+            query = query.where(col(Contact.channel_id).in_(input.channel_ids or [""]))
+        else:
+            query = query.where(Contact.workspace_id == input.workspace_id)
+        return list(db.exec(query).all())
+
+    def _workflow_ids(self, input: EraseStepInput) -> list[str]:
+        with Session(self.engine) as db:
+            contacts = self._subject_contacts(db, input)
+            contact_ids = [c.id for c in contacts] or [""]
+            runs = db.exec(
+                select(Run.id).where(col(Run.contact_id).in_(contact_ids), col(Run.status).in_(OPEN_RUN_STATES))
+            ).all()
+            conversations = [conversation_workflow_id(c.workspace_id, c.channel_id, c.id) for c in contacts]
+            return list(runs) + conversations
+
+    @activity.defn(name="stop_subject_workflows")
+    async def stop_subject_workflows(self, input: EraseStepInput) -> StopWorkflowsResult:
+        """Terminate the subject's conversations and runs (and, for a
+        workspace, anything else still running under its id)."""
+        if self.temporal is None:
+            raise RuntimeError("no Temporal client configured")
+        ids = await asyncio.to_thread(self._workflow_ids, input)
+        if input.scope == "workspace":
+            query = f"WorkspaceId = '{input.workspace_id}' AND ExecutionStatus = 'Running'"
+            try:
+                async for wf in self.temporal.list_workflows(query):
+                    if not wf.id.startswith("erase/") and wf.id not in ids:
+                        ids.append(wf.id)
+            except RPCError as err:  # visibility without our search attributes: DB ids suffice
+                activity.logger.warning("visibility query failed: %s", err.status)
+        stopped = 0
+        for workflow_id in ids:
+            activity.heartbeat(stopped)
+            try:
+                await self.temporal.get_workflow_handle(workflow_id).terminate(reason="erasure requested")
+                stopped += 1
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+        return StopWorkflowsResult(stopped=stopped)
+
+    # -- purge -----------------------------------------------------------------------
+
+    @activity.defn(name="purge_subject")
+    def purge_subject(self, input: EraseStepInput) -> dict[str, int]:
+        """Delete the subject's rows. Audit entries keep only non-personal
+        facts: entries that named an erased contact lose that target."""
+        counts: dict[str, int] = {}
+        with Session(self.engine) as db:
+            contacts = self._subject_contacts(db, input)
+            contact_ids = [c.id for c in contacts] or [""]
+            run_ids = list(db.exec(select(Run.id).where(col(Run.contact_id).in_(contact_ids))).all()) or [""]
+
+            def run(name: str, statement) -> None:
+                counts[name] = counts.get(name, 0) + (db.exec(statement).rowcount or 0)  # type: ignore[call-overload]
+
+            run("messages", delete(Message).where(col(Message.contact_id).in_(contact_ids)))
+            for contact_id in contact_ids:
+                if contact_id:
+                    run("send_records", delete(SendRecord).where(col(SendRecord.idempotency_key).contains(f"/{contact_id}/")))
+            run("ai_usage_unlinked", update(AiUsage).where(col(AiUsage.run_id).in_(run_ids)).values(run_id=""))
+            run("runs", delete(Run).where(col(Run.contact_id).in_(contact_ids)))
+            run(
+                "audit_unlinked",
+                update(AuditEntry).where(col(AuditEntry.target).in_(contact_ids)).values(target="erased-contact"),
+            )
+            run("contacts", delete(Contact).where(col(Contact.id).in_(contact_ids)))
+            if input.scope in ("channels", "workspace"):
+                channel_ids = input.channel_ids
+                if input.scope == "workspace":
+                    channel_ids = list(db.exec(select(Channel.id).where(Channel.workspace_id == input.workspace_id)).all())
+                channel_ids = channel_ids or [""]
+                automation_ids = list(
+                    db.exec(select(Automation.id).where(col(Automation.channel_id).in_(channel_ids))).all()
+                ) or [""]
+                run("messages", delete(Message).where(col(Message.channel_id).in_(channel_ids)))
+                run("send_records", delete(SendRecord).where(col(SendRecord.channel_id).in_(channel_ids)))
+                run("runs", delete(Run).where(col(Run.channel_id).in_(channel_ids)))
+                run(
+                    "automation_versions",
+                    delete(AutomationVersion).where(col(AutomationVersion.automation_id).in_(automation_ids)),
+                )
+                run("automations", delete(Automation).where(col(Automation.id).in_(automation_ids)))
+                run("channels", delete(Channel).where(col(Channel.id).in_(channel_ids)))
+            if input.scope == "workspace":
+                run("ai_usage", delete(AiUsage).where(AiUsage.workspace_id == input.workspace_id))
+                run("workspaces", delete(Workspace).where(Workspace.id == input.workspace_id))
+            db.commit()
+            if self.engine.dialect.name == "sqlite":
+                db.exec(text("PRAGMA wal_checkpoint(TRUNCATE)"))  # type: ignore[call-overload]
+        return counts
+
+    @activity.defn(name="destroy_workspace_keys")
+    def destroy_workspace_keys(self, input: EraseStepInput) -> int:
+        """Crypto-shred: the workspace's remaining Temporal histories become
+        undecodable ("key destroyed")."""
+        return self.keys.destroy(input.workspace_id)
+
+    # -- retention -------------------------------------------------------------------
+
+    @activity.defn(name="retention_sweep")
+    def retention_sweep(self, input: RetentionInput) -> RetentionResult:
+        """Delete messages and closed-run records older than each workspace's
+        retention period."""
+        now = datetime.fromisoformat(input.now_iso)
+        result = RetentionResult()
+        with Session(self.engine) as db:
+            for workspace_id, days in db.exec(select(Workspace.id, Workspace.retention_days)).all():
+                cutoff = now - timedelta(days=days)
+                deleted = db.exec(  # type: ignore[call-overload]
+                    delete(Message).where(Message.workspace_id == workspace_id, col(Message.created_at) < cutoff)
+                )
+                result.messages_deleted += deleted.rowcount or 0
+                deleted = db.exec(  # type: ignore[call-overload]
+                    delete(Run).where(
+                        Run.workspace_id == workspace_id,
+                        col(Run.status).not_in(OPEN_RUN_STATES),
+                        col(Run.ended_at) < cutoff,
+                    )
+                )
+                result.runs_deleted += deleted.rowcount or 0
+            db.commit()
+        return result

@@ -1,0 +1,65 @@
+"""Start erasure jobs (idempotent): API deletes and Meta callbacks share this."""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlmodel import Session, col, select
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy
+
+from core.audit import audit
+from core.contracts import ERASURE_WORKFLOWS, EraseInput
+from core.db import ErasureJob
+from core.settings import Settings
+from workflows.common import search_attributes
+
+
+async def start_erasure(
+    temporal: Client,
+    settings: Settings,
+    session: Session,
+    *,
+    workspace_id: str,
+    scope: str,
+    target: str,
+    source: str,
+    actor: str,
+    contact_id: str = "",
+    channel_ids: list[str] | None = None,
+) -> tuple[ErasureJob, bool]:
+    """Return (job, created). A target already being or having been erased
+    returns its existing job instead of starting another."""
+    existing = session.exec(
+        select(ErasureJob)
+        .where(
+            ErasureJob.workspace_id == workspace_id,
+            ErasureJob.scope == scope,
+            ErasureJob.target == target,
+            ErasureJob.status != "failed",
+        )
+        .order_by(col(ErasureJob.created_at).desc())
+    ).first()
+    if existing is not None:
+        return existing, False
+    job = ErasureJob(
+        id=f"er_{secrets.token_hex(10)}", workspace_id=workspace_id, scope=scope, target=target, source=source
+    )
+    session.add(job)
+    audit(session, workspace_id, actor, f"{scope}.erase.requested", target=job.id, detail=f"source={source}")
+    session.commit()
+    await temporal.start_workflow(
+        ERASURE_WORKFLOWS[scope],
+        EraseInput(
+            job_id=job.id,
+            workspace_id=workspace_id,
+            scope=scope,
+            contact_id=contact_id,
+            channel_ids=list(channel_ids or []),
+        ),
+        id=f"erase/{job.id}",
+        task_queue=settings.task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=search_attributes(workspace_id),
+    )
+    return job, True

@@ -1,0 +1,23 @@
+"""Audit log: who did what and when, never message content or personal data.
+
+Targets are our own ids (workspace, channel, contact digest, run); never a
+platform user id, a name or a text.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from core.db import AuditEntry
+
+
+def audit(session: Session, workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> None:
+    """Add an entry to the caller's transaction (the caller commits)."""
+    session.add(AuditEntry(workspace_id=workspace_id, actor=actor, action=action, target=target, detail=detail[:300]))
+
+
+def audit_now(engine: Engine, workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> None:
+    with Session(engine) as session:
+        audit(session, workspace_id, actor, action, target, detail)
+        session.commit()

@@ -1,0 +1,173 @@
+"""Data access and portability: the contact export and the workspace ZIP.
+
+The coverage guard needs no server: a new table with a contact or workspace
+id fails it until ``api/routes/export.py`` declares how it is exported.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+from sqlmodel import SQLModel
+
+import core.db  # noqa: F401  (registers every table in the metadata)
+from api.routes.export import EXPORTED_TABLES, NOT_EXPORTED, contact_tables
+
+from helpers import (
+    connect_instagram,
+    create_automation,
+    create_tenant,
+    new_sender,
+    send_dm,
+    wait_for,
+    wait_for_messages,
+)
+
+# Tables with a contact_id column that the contact export may leave out, and why.
+CONTACT_EXPORT_ALLOWED_GAPS: dict[str, str] = {}
+
+# Columns whose names look secret but hold no credential.
+NOT_SECRET = {("aiusage", "prompt_tokens"), ("aiusage", "completion_tokens")}
+SECRET_MARKERS = ("token", "secret", "api_key", "ciphertext", "password", "wrapped")
+
+
+def test_every_table_with_personal_or_workspace_data_is_exported():
+    tables = SQLModel.metadata.tables
+    for name, table in tables.items():
+        if "contact_id" in table.c:
+            assert name in contact_tables() or name in CONTACT_EXPORT_ALLOWED_GAPS, (
+                f"table {name!r} has a contact_id: add it to the contact export in api/routes/export.py"
+            )
+        if "workspace_id" in table.c:
+            assert name in EXPORTED_TABLES, f"table {name!r} has a workspace_id: add it to EXPORTED_TABLES"
+        assert name in EXPORTED_TABLES or name in NOT_EXPORTED, f"table {name!r} is neither exported nor listed"
+        assert not (name in EXPORTED_TABLES and name in NOT_EXPORTED), name
+    assert "workspace" in EXPORTED_TABLES
+    assert set(NOT_EXPORTED) == {"datakey", "sendrecord"}
+    assert all(reason for reason in NOT_EXPORTED.values())
+    assert {"contact", "message", "run"} <= contact_tables()
+    for spec_name, spec in EXPORTED_TABLES.items():
+        assert spec_name == spec.table.name
+        assert spec.excluded <= set(spec.table.c.keys()), f"{spec_name}: excludes an unknown column"
+
+
+def test_no_exported_column_is_a_credential():
+    for name, spec in EXPORTED_TABLES.items():
+        for column in spec.columns():
+            if (name, column) in NOT_SECRET:
+                continue
+            assert not any(marker in column for marker in SECRET_MARKERS), f"{name}.{column} is exported"
+        assert "api_key_hash" not in spec.columns()
+    assert EXPORTED_TABLES["channel"].excluded >= {"token_ciphertext", "webhook_secret_ciphertext"}
+    assert "api_key_hash" in EXPORTED_TABLES["workspace"].excluded
+
+
+async def test_contact_and_workspace_export_end_to_end(stack):
+    tenant = await create_tenant(stack, "Exporter")
+    channel, account_id, token = await connect_instagram(stack, tenant)
+    automation = await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["export"]},
+        [{"id": "hi", "type": "send_message", "text": "Here is your export reply"}],
+    )
+    person = new_sender()
+    await send_dm(stack, account_id, person, "please export me")
+    assert len(await wait_for_messages(stack, person, 1)) == 1
+
+    contacts = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()
+    contact = next(c for c in contacts["data"] if c["external_id"] == person)
+
+    async def run_completed():
+        r = await stack.api.get("/v1/runs", params={"contact_id": contact["id"]}, headers=tenant.headers)
+        runs = r.json()["data"]
+        return runs if runs and all(run["status"] == "completed" for run in runs) else None
+
+    runs = await wait_for(run_completed, timeout=20)
+    assert runs, "the run did not complete"
+
+    async def both_messages_logged():
+        r = await stack.api.get(f"/v1/contacts/{contact['id']}/messages", headers=tenant.headers)
+        return len(r.json()["data"]) >= 2
+
+    assert await wait_for(both_messages_logged)
+
+    # -- contact export ----------------------------------------------------------
+    r = await stack.api.get(f"/v1/contacts/{contact['id']}/export", headers=tenant.headers)
+    assert r.status_code == 200, r.text
+    assert token not in r.text
+    doc = r.json()
+    assert doc["exported_at"]
+    assert doc["contact"]["id"] == contact["id"]
+    assert doc["contact"]["external_id"] == person
+    texts = {(m["direction"], m["text"]) for m in doc["messages"]}
+    assert ("in", "please export me") in texts
+    assert ("out", "Here is your export reply") in texts
+    assert all(m["contact_id"] == contact["id"] for m in doc["messages"])
+    assert [run["id"] for run in doc["runs"]] == [runs[0]["id"]]
+    assert doc["runs"][0]["automation_id"] == automation["id"]
+    assert isinstance(doc["ai_usage"], list)
+    assert all(entry["target"] == contact["id"] for entry in doc["audit"])
+
+    # The export itself is audited.
+    again = (await stack.api.get(f"/v1/contacts/{contact['id']}/export", headers=tenant.headers)).json()
+    assert any(entry["action"] == "contact.export" for entry in again["audit"])
+
+    # -- workspace export --------------------------------------------------------
+    r = await stack.api.get("/v1/workspace/export", headers=tenant.headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/zip"
+    assert f'filename="vectory-export-{tenant.workspace_id}.zip"' in r.headers["content-disposition"]
+    assert token.encode() not in r.content
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        names = set(zf.namelist())
+        files = {name: zf.read(name).decode() for name in names}
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["workspace_id"] == tenant.workspace_id
+    assert manifest["exported_at"]
+    for table in ("channel", "contact", "message", "run", "automation", "workspace", "automationversion"):
+        assert manifest["tables"][table] >= 1, table
+    assert names == {"manifest.json"} | {f"{table}.jsonl" for table in manifest["tables"]}
+    assert "token_ciphertext" in manifest["excluded"]["columns"]["channel"]
+    assert set(manifest["excluded"]["tables"]) == {"datakey", "sendrecord"}
+    for name, text in files.items():
+        assert token not in text, name
+        if name.endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines()]
+            assert len(rows) == manifest["tables"][name.removesuffix(".jsonl")]
+
+    channels = [json.loads(line) for line in files["channel.jsonl"].splitlines()]
+    assert [c["id"] for c in channels] == [channel["id"]]
+    for row in channels:
+        assert not any("token" in key or "ciphertext" in key or "secret" in key for key in row)
+    workspaces = [json.loads(line) for line in files["workspace.jsonl"].splitlines()]
+    assert [w["id"] for w in workspaces] == [tenant.workspace_id]
+    assert "api_key_hash" not in workspaces[0]
+    assert tenant.api_key not in r.content.decode("latin-1")
+    messages = [json.loads(line) for line in files["message.jsonl"].splitlines()]
+    assert {"please export me", "Here is your export reply"} <= {m["text"] for m in messages}
+    assert all(m["workspace_id"] == tenant.workspace_id for m in messages)
+    assert all(m["created_at"].endswith("+00:00") for m in messages)
+    audit_actions = {json.loads(line)["action"] for line in files["auditentry.jsonl"].splitlines()}
+    assert {"contact.export", "workspace.export"} <= audit_actions
+
+    # -- another tenant sees only its own (empty) data ---------------------------
+    other = await create_tenant(stack, "Stranger")
+    r = await stack.api.get(f"/v1/contacts/{contact['id']}/export", headers=other.headers)
+    assert r.status_code == 404
+    r = await stack.api.get("/v1/workspace/export", headers=other.headers)
+    assert r.status_code == 200
+    assert f"vectory-export-{other.workspace_id}.zip" in r.headers["content-disposition"]
+    with zipfile.ZipFile(io.BytesIO(r.content)) as zf:
+        manifest = json.loads(zf.read("manifest.json"))
+        assert manifest["workspace_id"] == other.workspace_id
+        assert manifest["tables"]["workspace"] == 1
+        for table in ("channel", "contact", "message", "run", "automation", "automationversion", "aiusage"):
+            assert manifest["tables"][table] == 0, table
+            assert zf.read(f"{table}.jsonl") == b""
+        for name in zf.namelist():
+            content = zf.read(name).decode()
+            assert tenant.workspace_id not in content, name
+            assert contact["id"] not in content, name
+    r = await stack.api.get("/v1/workspace/export")
+    assert r.status_code == 401

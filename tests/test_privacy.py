@@ -1,0 +1,209 @@
+"""Privacy promises, proven end to end: erasure really deletes, workspace
+erasure crypto-shreds histories, restriction stops processing, retention
+deletes old messages, the audit log records without content."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlmodel import Session
+
+from core.codec import EncryptionCodec, KeyDestroyedError, KeyStore
+from core.contracts import RETENTION_SWEEP_WORKFLOW, RetentionResult, RetentionSweepInput
+from core.db import Message, Workspace
+
+from conftest import ADMIN_TOKEN
+from helpers import (
+    connect_instagram,
+    create_automation,
+    create_tenant,
+    new_sender,
+    sandbox_messages,
+    send_dm,
+    wait_for,
+    wait_for_messages,
+)
+
+
+def rows_mentioning(engine, needles: list[str]) -> list[str]:
+    """Every table row (serialised) that contains any of the needles."""
+    found = []
+    with engine.connect() as conn:
+        for table in inspect(engine).get_table_names():
+            for row in conn.execute(text(f'select * from "{table}"')):
+                dumped = json.dumps([str(v) for v in row])
+                if any(n in dumped for n in needles):
+                    found.append(f"{table}: {dumped[:200]}")
+    return found
+
+
+async def run_flow(stack, tenant, account_id, channel_id, person, keyword="price"):
+    await create_automation(
+        stack, tenant, channel_id, {"type": "dm_keyword", "keywords": [keyword]},
+        [{"id": "a", "type": "send_message", "text": "Reply with your email"},
+         {"id": "w", "type": "wait_for_reply", "validate": "email", "save_to_field": "email"}],
+    )
+    await send_dm(stack, account_id, person, f"{keyword} for the unicorn lamp")
+    await wait_for_messages(stack, person, 1)
+
+
+async def wait_job(stack, tenant, job_id, timeout=30):
+    async def done():
+        r = await stack.api.get(f"/v1/erasures/{job_id}", headers=tenant.headers)
+        return r.status_code == 200 and r.json()["status"] == "completed" and r.json()
+    return await wait_for(done, timeout=timeout)
+
+
+async def test_erasing_a_contact_deletes_every_row_about_them(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    person = new_sender()
+    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Quincy Unicornfield"})
+    await run_flow(stack, tenant, account_id, channel["id"], person)
+    contact = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()["data"][0]
+    assert rows_mentioning(stack.deps.engine, [person, "unicorn lamp", "Quincy"])
+
+    other = await create_tenant(stack, "Other")
+    assert (await stack.api.delete(f"/v1/contacts/{contact['id']}", headers=other.headers)).status_code == 404
+
+    r = await stack.api.delete(f"/v1/contacts/{contact['id']}", headers=tenant.headers)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["scope"] == "contact" and job["status_url"].endswith(f"/privacy/deletions/{job['id']}")
+    done = await wait_job(stack, tenant, job["id"])
+    assert done, "erasure did not complete"
+    assert "contacts=1" in done["detail"]
+
+    assert rows_mentioning(stack.deps.engine, [person, "unicorn lamp", "Quincy"]) == []
+    # Only the erasure job itself (our pseudonymous id, for idempotency) remains.
+    assert [r.split(":")[0] for r in rows_mentioning(stack.deps.engine, [contact["id"]])] == ["erasurejob"]
+    assert (await stack.api.get(f"/v1/contacts/{contact['id']}", headers=tenant.headers)).status_code == 404
+    again = await stack.api.delete(f"/v1/contacts/{contact['id']}", headers=tenant.headers)
+    assert again.status_code == 202 and again.json()["id"] == job["id"]
+    # The waiting run was stopped: a reply no longer reaches it.
+    await send_dm(stack, account_id, person, "q@example.com")
+    await asyncio.sleep(1.0)
+    assert len(await sandbox_messages(stack, person)) == 1
+
+
+async def test_erasing_a_workspace_revokes_deletes_and_crypto_shreds_histories(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, token = await connect_instagram(stack, tenant)
+    person = new_sender()
+    await run_flow(stack, tenant, account_id, channel["id"], person)
+    conversations = [
+        wf async for wf in stack.client.list_workflows(f"WorkspaceId = '{tenant.workspace_id}'")
+    ]
+    assert conversations
+    history = await stack.client.get_workflow_handle(conversations[0].id).fetch_history()
+    encrypted = [
+        p for e in history.events if e.HasField("workflow_execution_started_event_attributes")
+        for p in e.workflow_execution_started_event_attributes.input.payloads
+    ]
+    assert encrypted and encrypted[0].metadata["encoding"] == b"binary/encrypted"
+
+    r = await stack.api.delete("/v1/workspace", headers=tenant.headers)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+
+    async def completed():
+        with Session(stack.deps.engine) as db:
+            row = db.exec(text("select status from erasurejob where id = :i"), params={"i": job_id}).one()
+        return row[0] == "completed"
+
+    assert await wait_for(completed, timeout=40)
+    assert (await stack.api.get("/v1/workspace", headers=tenant.headers)).status_code == 401
+    with Session(stack.deps.engine) as db:
+        assert db.get(Workspace, tenant.workspace_id) is None
+    leftovers = [
+        r for r in rows_mentioning(stack.deps.engine, [tenant.workspace_id, person, account_id])
+        if not r.startswith(("auditentry", "erasurejob", "datakey"))
+    ]
+    assert leftovers == []
+    assert rows_mentioning(stack.deps.engine, [person, "unicorn lamp"]) == []
+    revokes = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": "/permissions"})).json()["calls"]
+    assert any(c["method"] == "DELETE" for c in revokes)
+    # Its histories can no longer be decrypted by anyone.
+    fresh = EncryptionCodec(KeyStore(stack.deps.engine, stack.deps.vault))
+    with pytest.raises(KeyDestroyedError, match="destroyed"):
+        await fresh.decode(encrypted)
+    running = [
+        wf async for wf in stack.client.list_workflows(
+            f"WorkspaceId = '{tenant.workspace_id}' AND ExecutionStatus = 'Running'"
+        ) if not wf.id.startswith("erase/")
+    ]
+    assert running == []
+
+
+async def test_restricted_contact_triggers_nothing_and_running_runs_stop(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    person = new_sender()
+    await run_flow(stack, tenant, account_id, channel["id"], person, keyword="restrict")
+    contact = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()["data"][0]
+    r = await stack.api.patch(
+        f"/v1/contacts/{contact['id']}", json={"processing_restricted": True}, headers=tenant.headers
+    )
+    assert r.status_code == 200 and r.json()["processing_restricted"] is True
+
+    async def cancelled():
+        runs = (await stack.api.get("/v1/runs", headers=tenant.headers)).json()["data"]
+        return runs and runs[0]["status"] == "cancelled"
+
+    assert await wait_for(cancelled)
+    await send_dm(stack, account_id, person, "restrict please")
+    await asyncio.sleep(1.0)
+    assert len(await sandbox_messages(stack, person)) == 1  # only the message from before
+    messages = (await stack.api.get(f"/v1/contacts/{contact['id']}/messages", headers=tenant.headers)).json()
+    assert messages["data"][0]["text"] == "restrict please"  # logged as required
+    r = await stack.api.patch(f"/v1/contacts/{contact['id']}", json={"consent_withdrawn": True}, headers=tenant.headers)
+    assert r.json()["consent_withdrawn"] is True
+
+
+async def test_retention_sweep_deletes_only_messages_older_than_the_period(stack):
+    short = await create_tenant(stack, "Short retention")
+    long_ = await create_tenant(stack, "Long retention")
+    r = await stack.api.patch("/v1/workspace", json={"retention_days": 30}, headers=short.headers)
+    assert r.status_code == 200 and r.json()["retention_days"] == 30
+    r = await stack.api.patch("/v1/workspace", json={"retention_days": 0}, headers=short.headers)
+    assert r.status_code == 422
+    await stack.api.patch("/v1/workspace", json={"retention_days": 365}, headers=long_.headers)
+    now = datetime.now(UTC)
+    with Session(stack.deps.engine) as db:
+        for ws in (short, long_):
+            for age, label in ((100, "old"), (5, "new")):
+                db.add(Message(workspace_id=ws.workspace_id, channel_id="ch_x", contact_id="ct_x", direction="in",
+                               text=f"{label}-{ws.workspace_id}", created_at=now - timedelta(days=age)))
+        db.commit()
+    result = await stack.client.execute_workflow(
+        RETENTION_SWEEP_WORKFLOW, RetentionSweepInput(), id=f"retention-test-{short.workspace_id}",
+        task_queue=stack.settings.task_queue, result_type=RetentionResult,
+    )
+    assert result.messages_deleted >= 1
+    with Session(stack.deps.engine) as db:
+        texts = {row[0] for row in db.exec(text("select text from message where channel_id = 'ch_x'")).all()}
+    assert f"old-{short.workspace_id}" not in texts
+    assert f"new-{short.workspace_id}" in texts
+    assert {f"old-{long_.workspace_id}", f"new-{long_.workspace_id}"} <= texts
+
+
+async def test_audit_log_records_actions_without_content_and_attestation_is_required(stack):
+    r = await stack.api.post("/v1/workspaces", json={"name": "No attestation"},
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 422 and "business_use_attestation" in r.text
+    r = await stack.api.post("/v1/workspaces", json={"name": "x", "business_use_attestation": False},
+                             headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 422
+    tenant = await create_tenant(stack)
+    channel, account_id, token = await connect_instagram(stack, tenant)
+    person = new_sender()
+    await run_flow(stack, tenant, account_id, channel["id"], person, keyword="audit")
+    entries = (await stack.api.get("/v1/audit", headers=tenant.headers)).json()["data"]
+    actions = {e["action"] for e in entries}
+    assert {"workspace.create", "channel.connect", "token.use"} <= actions
+    dumped = json.dumps(entries)
+    assert "unicorn" not in dumped and person not in dumped and token not in dumped

@@ -207,3 +207,13 @@ async def test_audit_log_records_actions_without_content_and_attestation_is_requ
     assert {"workspace.create", "channel.connect", "token.use"} <= actions
     dumped = json.dumps(entries)
     assert "unicorn" not in dumped and person not in dumped and token not in dumped
+
+
+async def test_retention_schedule_is_created_once_and_runs_daily(stack):
+    from workers.main import RETENTION_SCHEDULE_ID, ensure_retention_schedule
+
+    await ensure_retention_schedule(stack.client, stack.settings)
+    await ensure_retention_schedule(stack.client, stack.settings)  # idempotent
+    description = await stack.client.get_schedule_handle(RETENTION_SCHEDULE_ID).describe()
+    assert description.schedule.spec.intervals[0].every == timedelta(days=1)
+    assert description.schedule.action.workflow == RETENTION_SWEEP_WORKFLOW

@@ -28,6 +28,7 @@ from core.contracts import (
 )
 from core.crypto import TokenVault
 from core.db import Automation, Channel, Contact, Message, Run, utcnow
+from core.observability import EVENTS_DEDUPLICATED, RUNS_STARTED
 from core.platforms import GraphClient, PlatformError
 
 TERMINAL_RUN_STATES = {"completed", "failed", "cancelled", "terminated"}
@@ -106,6 +107,7 @@ class CrmActivities:
                 db.commit()
             except IntegrityError:
                 db.rollback()
+                EVENTS_DEDUPLICATED.inc()
                 return RecordInboundResult(duplicate=True)
             automations = db.exec(
                 select(Automation)
@@ -163,6 +165,7 @@ class CrmActivities:
         status is never overwritten by a late non-terminal one."""
         with Session(self.engine) as db:
             run = db.get(Run, input.run_id)
+            created = run is None
             if run is None:
                 run = Run(
                     id=input.run_id,
@@ -188,6 +191,9 @@ class CrmActivities:
                 # A concurrent first write of the same run won; apply ours on top.
                 db.rollback()
                 self.record_run(input)
+                return
+            if created:
+                RUNS_STARTED.labels(trigger="any").inc()
 
 
 class ProfileActivities:

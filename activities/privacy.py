@@ -34,6 +34,7 @@ from core.db import (
     Channel,
     Contact,
     ErasureJob,
+    InboxEvent,
     Message,
     Run,
     SendRecord,
@@ -137,6 +138,7 @@ class PrivacyActivities:
                 counts[name] = counts.get(name, 0) + (db.exec(statement).rowcount or 0)  # type: ignore[call-overload]
 
             run("messages", delete(Message).where(col(Message.contact_id).in_(contact_ids)))
+            run("inbox", delete(InboxEvent).where(col(InboxEvent.contact_id).in_(contact_ids)))
             for contact_id in contact_ids:
                 if contact_id:
                     run("send_records", delete(SendRecord).where(col(SendRecord.idempotency_key).contains(f"/{contact_id}/")))
@@ -156,6 +158,7 @@ class PrivacyActivities:
                     db.exec(select(Automation.id).where(col(Automation.channel_id).in_(channel_ids))).all()
                 ) or [""]
                 run("messages", delete(Message).where(col(Message.channel_id).in_(channel_ids)))
+                run("inbox", delete(InboxEvent).where(col(InboxEvent.channel_id).in_(channel_ids)))
                 run("send_records", delete(SendRecord).where(col(SendRecord.channel_id).in_(channel_ids)))
                 run("runs", delete(Run).where(col(Run.channel_id).in_(channel_ids)))
                 run(

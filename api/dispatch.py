@@ -4,6 +4,7 @@ ConversationWorkflow. The webhook handlers never wait for an automation."""
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
@@ -19,6 +20,7 @@ from core.db import Channel
 from workflows.common import search_attributes
 
 MAX_CONCURRENT_SIGNALS = 64
+SIGNAL_RPC_TIMEOUT = timedelta(seconds=3)
 
 
 async def signal_conversation(
@@ -46,6 +48,8 @@ async def signal_conversation(
         start_signal_args=[arg],
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         search_attributes=search_attributes(channel.workspace_id, channel.id, contact_id, "", channel.platform),
+        # Fail fast when Temporal is down: the webhook keeps the event in the inbox.
+        rpc_timeout=SIGNAL_RPC_TIMEOUT,
     )
     return workflow_id
 

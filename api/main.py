@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -9,12 +10,14 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from temporalio.client import Client
 
+from api.inbox import run_relay
 from api.routes import (
     automations,
     channels,
     codec,
     contacts,
     export,
+    ops,
     privacy,
     privacy_callbacks,
     runs,
@@ -23,7 +26,8 @@ from api.routes import (
 )
 from core.codec import KeyStore, data_converter
 from core.crypto import TokenVault
-from core.db import engine_for
+from core.db import DatabaseNotMigrated, engine_for
+from core.observability import configure_logging
 from core.settings import Settings, get_settings
 from core.temporal import connect
 
@@ -44,17 +48,38 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        if settings.environment != "test":
+            configure_logging("api")
+        tasks = []
         if app.state.temporal is None:
-            app.state.temporal = await connect(settings, data_converter(app.state.keys))
+            # Start even when Temporal is down: webhooks then fill the inbox.
+            tasks.append(asyncio.create_task(_connect(app)))
+        tasks.append(asyncio.create_task(run_relay(app)))
         yield
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _connect(app: FastAPI) -> None:
+        while app.state.temporal is None:
+            try:
+                app.state.temporal = await connect(settings, data_converter(app.state.keys), attempts=1)
+                log.info("connected to Temporal at %s", settings.temporal_address)
+            except RuntimeError as err:
+                log.warning("%s; webhooks are kept in the inbox until it answers", err)
+                await asyncio.sleep(2)
 
     app = FastAPI(title="Vectory API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.engine = engine_for(settings.database_url)
+    try:
+        app.state.engine = engine_for(settings.database_url)
+    except DatabaseNotMigrated as exc:
+        log.error("refusing to start: %s", exc)
+        raise
     app.state.vault = TokenVault(settings.keyring())
     app.state.keys = KeyStore(app.state.engine, app.state.vault)
     app.state.temporal = temporal
-    for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks):
+    for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops):
         app.include_router(module.router)
 
     if settings.codec_cors_origins:

@@ -175,6 +175,19 @@ class ErasureJob(SQLModel, table=True):
     completed_at: datetime | None = None
 
 
+class InboxEvent(SQLModel, table=True):
+    """A verified webhook event held while Temporal is unreachable; the
+    relay hands it to its conversation and deletes it (durable inbox)."""
+
+    __table_args__ = (UniqueConstraint("channel_id", "event_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    channel_id: str = Field(index=True)
+    contact_id: str = Field(index=True)
+    event_id: str
+    event: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class DataKey(SQLModel, table=True):
     """A workspace's payload-encryption key, wrapped by the master keyring.
     ``wrapped`` is None once destroyed (crypto-shredding); the row stays as a
@@ -210,10 +223,94 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+ALEMBIC_INI = Path(__file__).resolve().parent.parent / "alembic.ini"
+
+
+class DatabaseNotMigrated(RuntimeError):
+    """The database schema is not at the code's Alembic head revision."""
+
+
+def alembic_config(url: str | None = None):
+    """The repo's alembic.ini as a Config, aimed at ``url`` (None: VECTORY_DATABASE_URL)."""
+    from alembic.config import Config
+
+    config = Config(str(ALEMBIC_INI))
+    # migrations/env.py reads the URL from here (no ini interpolation of "%").
+    config.attributes["url"] = url
+    config.attributes["configure_logger"] = False
+    return config
+
+
+def head_revisions() -> tuple[str, ...]:
+    """The Alembic head revision(s) of the code (one, unless branches diverge)."""
+    from alembic.script import ScriptDirectory
+
+    return tuple(ScriptDirectory.from_config(alembic_config()).get_heads())
+
+
+def _safe_url(engine: Engine) -> str:
+    return engine.url.render_as_string(hide_password=True)
+
+
+def check_migrated(engine: Engine) -> None:
+    """Raise DatabaseNotMigrated unless the database is at the code's head revision."""
+    from alembic.runtime.migration import MigrationContext
+
+    heads = head_revisions()
+    with engine.connect() as conn:
+        current = MigrationContext.configure(conn).get_current_heads()
+        unversioned = not current and _has_app_tables(conn)
+    if set(current) == set(heads):
+        return
+    at = ", ".join(current) or "empty"
+    raise DatabaseNotMigrated(
+        f"database at {_safe_url(engine)} is not migrated (at {at}, code expects {', '.join(heads)}):"
+        f" run `make migrate`{_UNVERSIONED_HINT if unversioned else ''}"
+    )
+
+
+_UNVERSIONED_HINT = (
+    "; it has Vectory tables but no alembic_version table (created before migrations existed):"
+    " delete a development database (`make clean`), or once check it matches the models and mark it"
+    " with `.venv/bin/alembic stamp head`"
+)
+
+
+def _has_app_tables(conn) -> bool:
+    from sqlalchemy import inspect
+
+    return bool(set(inspect(conn).get_table_names()) & set(SQLModel.metadata.tables))
+
+
+def migrate(url: str) -> None:
+    """``alembic upgrade head`` on ``url`` (tests, the devstack; ``make migrate`` is the CLI twin)."""
+    from alembic import command
+    from alembic.runtime.migration import MigrationContext
+
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            if not MigrationContext.configure(conn).get_current_heads() and _has_app_tables(conn):
+                raise DatabaseNotMigrated(
+                    f"cannot migrate the database at {_safe_url(engine)}{_UNVERSIONED_HINT}"
+                )
+    finally:
+        engine.dispose()
+    command.upgrade(alembic_config(url), "head")
+
+
 @lru_cache
 def engine_for(url: str) -> Engine:
+    """The process's engine for ``url``; refuses an unmigrated database.
+
+    Not cached when it raises: migrate, then call again.
+    """
     engine = make_engine(url)
-    SQLModel.metadata.create_all(engine)
+    try:
+        check_migrated(engine)
+    except BaseException:
+        engine.dispose()
+        raise
     return engine
 
 

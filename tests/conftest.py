@@ -94,6 +94,7 @@ class Stack:
     api: httpx.AsyncClient
     sandbox: httpx.AsyncClient
     deps: object
+    api_app: object = None
     worker_task: asyncio.Task | None = None
     worker: Worker | None = None
 
@@ -115,6 +116,7 @@ class Stack:
 async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Path) -> AsyncIterator[Stack]:
     from api.main import create_app
     from core.codec import data_converter
+    from core.db import migrate
     from core.settings import Settings
     from sandbox.app import create_app as create_sandbox
     from workers.main import build_deps
@@ -141,13 +143,16 @@ async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Pa
         ai_model="sandbox-model",
         codec_token=CODEC_TOKEN,
     )
+    # The worker and the API refuse an unmigrated database (engine_for).
+    migrate(database_url)
     deps = build_deps(settings)
     # Every client of the product encrypts payloads (per-workspace keys).
     client = await Client.connect(
         settings.temporal_address, namespace=settings.temporal_namespace, data_converter=data_converter(deps.keys)
     )
     sandbox_server, sandbox_task = await serve(create_sandbox(), sandbox_port)
-    api_server, api_task = await serve(create_app(settings, temporal=client), api_port)
+    api_app = create_app(settings, temporal=client)
+    api_server, api_task = await serve(api_app, api_port)
     s = Stack(
         client=client,
         settings=settings,
@@ -156,6 +161,7 @@ async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Pa
         api=httpx.AsyncClient(base_url=api_url, timeout=30),
         sandbox=httpx.AsyncClient(base_url=sandbox_url, timeout=30),
         deps=deps,
+        api_app=api_app,
     )
     await s.start_worker()
     yield s

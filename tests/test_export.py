@@ -26,7 +26,9 @@ from helpers import (
 )
 
 # Tables with a contact_id column that the contact export may leave out, and why.
-CONTACT_EXPORT_ALLOWED_GAPS: dict[str, str] = {}
+CONTACT_EXPORT_ALLOWED_GAPS: dict[str, str] = {
+    "inboxevent": "transient queue while Temporal is down; its events reach the message log once relayed",
+}
 
 # Columns whose names look secret but hold no credential.
 NOT_SECRET = {("aiusage", "prompt_tokens"), ("aiusage", "completion_tokens")}
@@ -45,7 +47,7 @@ def test_every_table_with_personal_or_workspace_data_is_exported():
         assert name in EXPORTED_TABLES or name in NOT_EXPORTED, f"table {name!r} is neither exported nor listed"
         assert not (name in EXPORTED_TABLES and name in NOT_EXPORTED), name
     assert "workspace" in EXPORTED_TABLES
-    assert set(NOT_EXPORTED) == {"datakey", "sendrecord"}
+    assert set(NOT_EXPORTED) == {"datakey", "sendrecord", "inboxevent"}
     assert all(reason for reason in NOT_EXPORTED.values())
     assert {"contact", "message", "run"} <= contact_tables()
     for spec_name, spec in EXPORTED_TABLES.items():

@@ -93,6 +93,7 @@ EXPORTED_TABLES: dict[str, TableExport] = {
 NOT_EXPORTED: dict[str, str] = {
     "datakey": "encryption keys (wrapped by the master keyring); credentials, not personal data",
     "sendrecord": "idempotency records of outbound sends: only ids, already exported as the message log",
+    "inboxevent": "transient: webhook events held while Temporal is unreachable, deleted once relayed",
 }
 
 

@@ -17,6 +17,7 @@ from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from api.dispatch import signal_conversation
 from core.contracts import AutomationSnapshot, ExternalEventSignal, RunStatus, StartAutomationSignal
 from core.db import Automation, Channel, Contact, Run
+from core.observability import RUNS_STARTED
 
 router = APIRouter(tags=["runs"])
 
@@ -133,6 +134,7 @@ async def start_run(
             context=body.context,
         ),
     )
+    RUNS_STARTED.labels(trigger="api").inc()
     return RunStarted(id=run_id, status="starting")
 
 

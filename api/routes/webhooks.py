@@ -3,8 +3,10 @@ Temporal, answer 200. Nothing here waits for an automation to run."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import PlainTextResponse
@@ -15,13 +17,18 @@ from temporalio.service import RPCError
 from activities.common import webhook_secret_context
 from api.deps import SessionDep, SettingsDep, VaultDep
 from api.dispatch import dispatch_events
+from api.inbox import store
 from core.crypto import VaultError, constant_time_equals, meta_signature
 from core.db import Channel
 from core.inbound import MalformedPayload, parse_meta_webhook, parse_telegram_update
+from core.observability import observe_webhook
 
 log = logging.getLogger("vectory.webhooks")
 
 router = APIRouter(prefix="/webhooks", tags=["webhooks"])
+
+DISPATCH_TIMEOUT_SECONDS = 2.0
+BREAKER_SECONDS = 5.0
 
 
 class WebhookAck(BaseModel):
@@ -67,16 +74,25 @@ def meta_verify(
 
 
 async def _dispatch(request: Request, routed) -> None:
-    temporal = request.app.state.temporal
-    if temporal is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "temporarily unavailable; retry")
+    """Hand events to Temporal; if it cannot take them quickly, keep them in
+    the durable inbox (the relay delivers them later) and still answer 200.
+    After a failure, webhooks skip Temporal for a few seconds (circuit
+    breaker) so acknowledgements stay fast during an outage."""
+    state = request.app.state
+    temporal = state.temporal
+    if temporal is not None and time.monotonic() >= getattr(state, "temporal_down_until", 0.0):
+        try:
+            await asyncio.wait_for(
+                dispatch_events(temporal, state.settings.task_queue, routed), DISPATCH_TIMEOUT_SECONDS
+            )
+            return
+        except (RPCError, TimeoutError) as err:
+            state.temporal_down_until = time.monotonic() + BREAKER_SECONDS
+            log.warning("temporal unavailable (%s): keeping %d events in the inbox", type(err).__name__, len(routed))
     try:
-        await dispatch_events(temporal, request.app.state.settings.task_queue, routed)
-    except RPCError as err:
-        # Temporal unreachable: answer 503 so the platform redelivers (the
-        # durable inbox that accepts events while Temporal is down is a
-        # separate piece of work).
-        log.error("temporal unavailable while dispatching %d events: %s", len(routed), err.status)
+        await asyncio.to_thread(store, state.engine, routed)
+    except Exception:
+        log.exception("inbox unavailable too: asking the platform to redeliver")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "temporarily unavailable; retry") from None
 
 
@@ -91,6 +107,7 @@ async def _dispatch(request: Request, routed) -> None:
         "Events for accounts that are not connected are acknowledged and ignored."
     ),
 )
+@observe_webhook("meta")
 async def meta_receive(request: Request, settings: SettingsDep, session: SessionDep) -> WebhookAck:
     body = await read_limited_body(request, settings.max_webhook_body_bytes)
     signature = request.headers.get("x-hub-signature-256", "")
@@ -136,6 +153,7 @@ async def meta_receive(request: Request, settings: SettingsDep, session: Session
     summary="Receive Telegram bot updates",
     description="Checks `X-Telegram-Bot-Api-Secret-Token` (403 when wrong) and signals the contact's conversation.",
 )
+@observe_webhook("telegram")
 async def telegram_receive(
     channel_id: str,
     request: Request,

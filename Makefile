@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run test lint clean
+.PHONY: help venv run migrate test lint clean
 
 help: ## List the targets
 	@echo "Vectory make targets:"
@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP) ## Start Temporal, the sandbox, the worker and the API, and seed a demo
 	$(BIN)/python -m workers.devstack
+
+migrate: $(STAMP) ## Upgrade the database (VECTORY_DATABASE_URL, default .data SQLite) to the newest schema
+	$(BIN)/alembic upgrade head
 
 test: $(STAMP) ## Lint, then run the test suite (PYTEST_ARGS="-k e2e" to filter)
 	$(BIN)/ruff check .

@@ -6,6 +6,7 @@ stored only as vault ciphertext (``core.crypto``); API keys only as a hash.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -252,14 +253,27 @@ def _safe_url(engine: Engine) -> str:
     return engine.url.render_as_string(hide_password=True)
 
 
+@contextmanager
+def _quiet_alembic() -> Iterator[None]:
+    """Alembic logs its imports and context setup at INFO: noise at every start."""
+    logger = logging.getLogger("alembic")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def check_migrated(engine: Engine) -> None:
     """Raise DatabaseNotMigrated unless the database is at the code's head revision."""
-    from alembic.runtime.migration import MigrationContext
+    with _quiet_alembic():
+        from alembic.runtime.migration import MigrationContext
 
-    heads = head_revisions()
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_heads()
-        unversioned = not current and _has_app_tables(conn)
+        heads = head_revisions()
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_heads()
+            unversioned = not current and _has_app_tables(conn)
     if set(current) == set(heads):
         return
     at = ", ".join(current) or "empty"

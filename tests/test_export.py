@@ -131,7 +131,7 @@ async def test_contact_and_workspace_export_end_to_end(stack):
         assert manifest["tables"][table] >= 1, table
     assert names == {"manifest.json"} | {f"{table}.jsonl" for table in manifest["tables"]}
     assert "token_ciphertext" in manifest["excluded"]["columns"]["channel"]
-    assert set(manifest["excluded"]["tables"]) == {"datakey", "sendrecord"}
+    assert set(manifest["excluded"]["tables"]) == set(NOT_EXPORTED)
     for name, text in files.items():
         assert token not in text, name
         if name.endswith(".jsonl"):

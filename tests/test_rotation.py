@@ -16,7 +16,7 @@ from temporalio.converter import WorkflowSerializationContext
 from activities.common import token_context, webhook_secret_context
 from core.codec import EncryptionCodec, KeyStore, data_converter
 from core.crypto import TokenVault, VaultError
-from core.db import AuditEntry, Channel, DataKey, Workspace, make_engine
+from core.db import AuditEntry, Channel, DataKey, Workspace, make_engine, migrate
 from core.rotation import count_stale, main, rotate_keys
 
 from helpers import (
@@ -128,8 +128,8 @@ def test_undecryptable_row_is_reported_by_id_and_does_not_stop_the_run(engine):
 
 def test_cli_rotates_and_check_gates_retiring_the_old_key(tmp_path, monkeypatch, capsys):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
+    migrate(url)  # the CLI refuses an unmigrated database, like the API and worker
     engine = make_engine(url)
-    SQLModel.metadata.create_all(engine)
     with Session(engine) as db:
         db.add(Workspace(id="ws_x", name="x", api_key_hash="h"))
         db.commit()

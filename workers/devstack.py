@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 
+from core.db import DatabaseNotMigrated, head_revisions, migrate
 from core.settings import DATA_DIR, DEV_APP_SECRET, Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -266,6 +267,12 @@ def run(stack: Stack) -> None:
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     settings = Settings()
     settings.keyring()  # creates .data/master.key once, before the worker and the API race for it
+    # The worker and the API refuse an unmigrated database: bring it to head first.
+    try:
+        migrate(settings.database_url)
+    except DatabaseNotMigrated as exc:
+        raise StartupError(str(exc)) from None
+    stack.say(f"database migrated to {', '.join(head_revisions())}")
 
     temporal = str(BIN / "temporal")
     cmd = [temporal, "server", "start-dev", "--ip", HOST, "--port", str(TEMPORAL_PORT),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,7 +39,8 @@ from activities.privacy import PrivacyActivities
 from core.codec import KeyStore, data_converter
 from core.contracts import RETENTION_SWEEP_WORKFLOW, RetentionSweepInput
 from core.crypto import TokenVault
-from core.db import engine_for
+from core.db import DatabaseNotMigrated, engine_for
+from core.observability import configure_logging, serve_metrics, start_worker_metrics
 from core.platforms import GraphClient, TelegramClient
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -157,11 +159,26 @@ def build_worker(client: Client, settings: Settings, deps: WorkerDeps, *, task_q
     )
 
 
+def _env_port(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip() or str(default)
+    if not raw.isdigit() or int(raw) > 65535:
+        raise SystemExit(f"{name} must be a port number (0 disables), not {raw!r}")
+    return int(raw)
+
+
 async def amain() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("worker", os.environ.get("VECTORY_LOG_LEVEL", "INFO"))
     settings = get_settings()
+    # Metrics endpoints (core/observability.py): the worker's own counters
+    # and the Temporal SDK's metrics, each on its own port; 0 disables one.
+    metrics_host = os.environ.get("VECTORY_METRICS_HOST", "127.0.0.1")
+    worker_port = _env_port("VECTORY_WORKER_METRICS_PORT", 9464)
+    sdk_port = _env_port("VECTORY_SDK_METRICS_PORT", 9465)
+    if worker_port:
+        serve_metrics(worker_port, metrics_host)
+    runtime = start_worker_metrics(sdk_port, metrics_host) if sdk_port else None
     deps = build_deps(settings)
-    client = await connect(settings, data_converter(deps.keys))
+    client = await connect(settings, data_converter(deps.keys), runtime=runtime)
     worker = build_worker(client, settings, deps)
     await ensure_retention_schedule(client, settings)
     stop = asyncio.Event()
@@ -176,7 +193,11 @@ async def amain() -> None:
 
 
 def main() -> None:
-    asyncio.run(amain())
+    try:
+        asyncio.run(amain())
+    except DatabaseNotMigrated as exc:
+        log.error("refusing to start: %s", exc)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -50,6 +50,15 @@ def snapshot(contact: Contact, *, is_new: bool = False) -> ContactSnapshot:
     )
 
 
+def _active_automations(db: Session, channel_id: str) -> list[AutomationSnapshot]:
+    rows = db.exec(
+        select(Automation)
+        .where(Automation.channel_id == channel_id, Automation.status == "active")
+        .order_by(Automation.created_at)
+    ).all()
+    return [AutomationSnapshot(id=a.id, version=a.version, name=a.name, definition=a.definition) for a in rows]
+
+
 class CrmActivities:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -109,19 +118,29 @@ class CrmActivities:
                 db.rollback()
                 EVENTS_DEDUPLICATED.inc()
                 return RecordInboundResult(duplicate=True)
-            automations = db.exec(
-                select(Automation)
-                .where(Automation.channel_id == input.channel_id, Automation.status == "active")
-                .order_by(Automation.created_at)
-            ).all()
+            automations = _active_automations(db, input.channel_id)
             return RecordInboundResult(
                 duplicate=False,
                 contact=snapshot(contact, is_new=is_new),
-                automations=[
-                    AutomationSnapshot(id=a.id, version=a.version, name=a.name, definition=a.definition)
-                    for a in automations
-                ],
+                automations=automations,
                 has_previous_inbound=has_previous,
+            )
+
+    @activity.defn(name="load_match_context")
+    def load_match_context(self, input: RecordInboundInput) -> RecordInboundResult:
+        """What trigger matching needs, without recording anything (for an
+        event that was recorded already)."""
+        with Session(self.engine, expire_on_commit=False) as db:
+            channel = db.get(Channel, input.channel_id)
+            contact = db.get(Contact, input.contact_id)
+            if channel is None or channel.status != "active" or contact is None:
+                return RecordInboundResult(duplicate=False, channel_active=channel is not None and channel.status == "active")
+            automations = _active_automations(db, input.channel_id)
+            return RecordInboundResult(
+                duplicate=False,
+                contact=snapshot(contact),
+                automations=automations,
+                has_previous_inbound=True,
             )
 
     @activity.defn(name="load_contact")

@@ -109,7 +109,10 @@ class RunStateSignal:
     """AutomationRun -> its conversation: input acceptance and completion."""
 
     run_workflow_id: str
-    state: str  # accepting_input | not_accepting | finished | handoff
+    state: str  # accepting_input | not_accepting | finished | handoff | returned_input
+    # returned_input: a reply that reached the run after it stopped waiting
+    # (e.g. at its timeout); the conversation matches it against triggers.
+    event: InboundEvent | None = None
 
 
 @dataclass

@@ -74,6 +74,7 @@ from core.contracts import (
     RevokeResult,
     RunInput,
     RunResult,
+    RunStatus,
     SendMessageInput,
     SendMessageResult,
     StopWorkflowsResult,
@@ -139,6 +140,7 @@ class Mocks:
         self.automations = automations or []
         self.contact = ContactSnapshot(id=CONTACT, external_id=SENDER)
         self.inbound: list[RecordInboundInput] = []
+        self.rematched: list[RecordInboundInput] = []
         self.updates: list[UpdateContactInput] = []
         self.runs: list[RecordRunInput] = []
         self.sent: list[tuple[datetime, SendMessageInput]] = []
@@ -178,6 +180,14 @@ class Mocks:
         @activity.defn(name="load_contact")
         async def load_contact(input: ContactRef) -> ContactSnapshot | None:
             return replace(self.contact)
+
+        @activity.defn(name="load_match_context")
+        async def load_match_context(input: RecordInboundInput) -> RecordInboundResult:
+            self.rematched.append(input)
+            return RecordInboundResult(
+                duplicate=False, contact=replace(self.contact), automations=list(self.automations),
+                has_previous_inbound=True,
+            )
 
         @activity.defn(name="update_contact")
         async def update_contact(input: UpdateContactInput) -> ContactSnapshot:
@@ -247,7 +257,7 @@ class Mocks:
             return StopWorkflowsResult(stopped=2)
 
         return [
-            record_inbound, load_contact, update_contact, record_run, send_message, acknowledge_callback,
+            record_inbound, load_contact, load_match_context, update_contact, record_run, send_message, acknowledge_callback,
             generate_reply, verify_channel, subscribe_webhooks, set_channel_status, revoke_token, purge_data,
             stop_channel_workflows,
         ]
@@ -603,6 +613,44 @@ async def test_handoff_silences_automations_until_resumed(env):
     assert mocks.started_runs() == [first, third]
     assert mocks.texts == ["A teammate will reply soon."] * 2
     assert [u.human_takeover for u in mocks.updates] == [True, False, True]
+
+
+QUIZ_FLOW = {
+    "trigger": {"type": "dm_keyword", "keywords": ["quiz"]},
+    "steps": [
+        {"id": "ask", "type": "send_message", "text": "Your answer?"},
+        {"id": "wait", "type": "wait_for_reply", "timeout_seconds": 60, "on_timeout": "pause"},
+        {"id": "pause", "type": "delay", "hours": 1},
+        {"id": "late", "type": "send_message", "text": "Still there?"},
+    ],
+}
+MENU_FLOW = {
+    "trigger": {"type": "dm_keyword", "keywords": ["menu"]},
+    "steps": [{"id": "m", "type": "send_message", "text": "Here is the menu"}],
+}
+
+
+async def test_a_reply_reaching_a_run_after_its_wait_ended_is_matched_not_lost(env):
+    mocks = Mocks([automation("auto_quiz", QUIZ_FLOW), automation("auto_menu", MENU_FLOW)])
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.1", "quiz"))
+        quiz = run_workflow_id(ws, "auto_quiz", CONTACT, "mid.1")
+        await until(lambda: mocks.texts == ["Your answer?"])
+        await env.sleep(timedelta(seconds=90))  # the wait timed out; the run sits in its delay
+
+        async def timed_out() -> bool:
+            status = await env.client.get_workflow_handle(quiz).query("status", result_type=RunStatus)
+            return status.current_step == "pause"
+
+        await until(timed_out)
+        # The conversation forwarded a message just as the wait ended: the run
+        # hands it back and the conversation matches it against triggers.
+        await env.client.get_workflow_handle(quiz).signal("reply", ReplySignal(event=dm("mid.2", "menu")))
+        await until(lambda: "Here is the menu" in mocks.texts)
+        assert [r.event.event_id for r in mocks.rematched] == ["mid.2"]
+        await close_conversation(env.client, conv, "conversation_returned_input")
+    assert mocks.texts == ["Your answer?", "Here is the menu"]
 
 
 # --- channel lifecycle ----------------------------------------------------------------------------

@@ -113,6 +113,7 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
         privacy.retention_sweep,
         crm.record_inbound,
         crm.load_contact,
+        crm.load_match_context,
         crm.update_contact,
         crm.record_run,
         profiles.fetch_profile,

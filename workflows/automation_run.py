@@ -72,9 +72,12 @@ class AutomationRunWorkflow:
     # -- signals and queries -------------------------------------------------
 
     @workflow.signal(name="reply")
-    def reply(self, signal: ReplySignal) -> None:
+    async def reply(self, signal: ReplySignal) -> None:
         if self._accepting:
             self._replies.append(signal.event)
+        else:
+            # Arrived after the wait ended: hand it back rather than drop it.
+            await self._tell_conversation("returned_input", event=signal.event)
 
     @workflow.signal(name="external_event")
     def external_event(self, signal: ExternalEventSignal) -> None:
@@ -111,6 +114,7 @@ class AutomationRunWorkflow:
             self._note(self._current or "-", "run", "failed", str(err))
         self._accepting = False
         await self._record(self._status)
+        await workflow.wait_condition(workflow.all_handlers_finished)
         await self._tell_conversation("finished")
         if cancelled:
             raise asyncio.CancelledError()
@@ -319,13 +323,13 @@ class AutomationRunWorkflow:
             self._replies.clear()
         await self._tell_conversation("accepting_input" if accepting else "not_accepting")
 
-    async def _tell_conversation(self, state: str) -> None:
+    async def _tell_conversation(self, state: str, event: InboundEvent | None = None) -> None:
         parent = self._input.conversation_workflow_id
         if not parent:
             return
         try:
             await workflow.get_external_workflow_handle(parent).signal(
-                "run_state", RunStateSignal(run_workflow_id=self._input.run_id, state=state)
+                "run_state", RunStateSignal(run_workflow_id=self._input.run_id, state=state, event=event)
             )
         except FailureError:
             pass  # the conversation is gone (erased or disconnected): nothing to tell

@@ -58,6 +58,13 @@ def run_workflow_id(workspace_id: str, automation_id: str, contact_id: str, even
     return f"{workspace_id}/run/{automation_id}/{contact_id}/{digest}"
 
 
+class _Returned:
+    """Queue item: an event handed back by a run that stopped waiting."""
+
+    def __init__(self, event: InboundEvent) -> None:
+        self.event = event
+
+
 def _consume_result(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
@@ -94,6 +101,11 @@ class ConversationWorkflow:
     def run_state(self, signal: RunStateSignal) -> None:
         if signal.state == "handoff":
             self._takeover = True
+        if signal.state == "returned_input" and signal.event is not None:
+            if self._active is not None and self._active.workflow_id == signal.run_workflow_id:
+                self._active.accepting_input = False
+            self._queue.append(_Returned(signal.event))
+            return
         if self._active is None or self._active.workflow_id != signal.run_workflow_id:
             return
         if signal.state == "accepting_input":
@@ -125,6 +137,8 @@ class ConversationWorkflow:
                 item = self._queue.popleft()
                 if isinstance(item, InboundEvent):
                     await self._on_event(item)
+                elif isinstance(item, _Returned):
+                    await self._on_returned(item.event)
                 elif isinstance(item, StartAutomationSignal):
                     await self._on_api_start(item)
                 else:
@@ -183,16 +197,38 @@ class ConversationWorkflow:
             return
         if event.callback_query_id:
             self._acknowledge(event.callback_query_id)
+        await self._route(event, record, may_forward=True)
+
+    async def _on_returned(self, event: InboundEvent) -> None:
+        """A reply the run could no longer take: already recorded, so only
+        match it against triggers."""
+        record: RecordInboundResult = await workflow.execute_local_activity(
+            "load_match_context",
+            RecordInboundInput(
+                workspace_id=self._input.workspace_id,
+                channel_id=self._input.channel_id,
+                contact_id=self._input.contact_id,
+                event=event,
+            ),
+            result_type=RecordInboundResult,
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
+        if record.channel_active and record.contact is not None:
+            await self._route(event, record, may_forward=False)
+
+    async def _route(self, event: InboundEvent, record: RecordInboundResult, *, may_forward: bool) -> None:
         if event.kind not in ("message", "postback"):
             return  # reactions, seen, referrals: recorded, not triggering
         contact = record.contact
+        assert contact is not None
         if contact.processing_restricted or contact.consent_withdrawn:
             return  # logged as required, never processed further
         if self._takeover or contact.human_takeover:
             self._takeover = True
             return  # a human owns the conversation until resumed
 
-        if self._active is not None and self._active.accepting_input:
+        if may_forward and self._active is not None and self._active.accepting_input:
             if await self._forward(event):
                 return
 

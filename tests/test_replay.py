@@ -17,9 +17,8 @@ from pathlib import Path
 
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer, WorkflowReplayResult
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
-from workers.main import WORKFLOWS
+from workers.main import WORKFLOWS, workflow_runner
 
 HISTORIES = Path(__file__).parent / "histories"
 
@@ -33,9 +32,7 @@ REQUIRED = {
 }
 
 # Same sandbox configuration as workers/main.py.
-RUNNER = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "workflows.common")
-)
+RUNNER = workflow_runner()
 
 SECRET_PATTERNS = [
     re.compile(r"access_token", re.IGNORECASE),

@@ -44,7 +44,6 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
-from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from core.contracts import (
     AUTOMATION_RUN_WORKFLOW,
@@ -82,12 +81,10 @@ from core.contracts import (
     contact_id_for,
     conversation_workflow_id,
 )
-from workers.main import WORKFLOWS
+from workers.main import WORKFLOWS, workflow_runner
 from workflows.conversation import run_workflow_id
 
-RUNNER = SandboxedWorkflowRunner(
-    restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "workflows.common")
-)
+RUNNER = workflow_runner()
 SEARCH_ATTRIBUTES = ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
 RESULT_TIMEOUT = 30  # seconds of real time
 

@@ -129,6 +129,14 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
     ]
 
 
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """The workflow sandbox, shared by the worker, the replayer and the CLI.
+    Our deterministic modules (contracts, flow runtime) pass through."""
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "workflows.common")
+    )
+
+
 async def ensure_retention_schedule(client: Client, settings: Settings) -> None:
     """Create the daily RetentionSweep schedule once (idempotent)."""
     schedule = Schedule(
@@ -146,16 +154,13 @@ async def ensure_retention_schedule(client: Client, settings: Settings) -> None:
 
 
 def build_worker(client: Client, settings: Settings, deps: WorkerDeps, *, task_queue: str | None = None, **kwargs) -> Worker:
-    runner = SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "workflows.common")
-    )
     return Worker(
         client,
         task_queue=task_queue or settings.task_queue,
         workflows=WORKFLOWS,
         activities=activities_for(settings, deps, client),
         activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=32),
-        workflow_runner=runner,
+        workflow_runner=workflow_runner(),
         **kwargs,
     )
 

@@ -181,18 +181,7 @@ class ConversationWorkflow:
     async def _on_event(self, event: InboundEvent) -> None:
         if not self._remember(event.event_id):
             return
-        record: RecordInboundResult = await workflow.execute_local_activity(
-            "record_inbound",
-            RecordInboundInput(
-                workspace_id=self._input.workspace_id,
-                channel_id=self._input.channel_id,
-                contact_id=self._input.contact_id,
-                event=event,
-            ),
-            result_type=RecordInboundResult,
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
-        )
+        record = await self._contact_context("record_inbound", event)
         if record.duplicate or not record.channel_active or record.contact is None:
             return
         if event.callback_query_id:
@@ -202,8 +191,13 @@ class ConversationWorkflow:
     async def _on_returned(self, event: InboundEvent) -> None:
         """A reply the run could no longer take: already recorded, so only
         match it against triggers."""
-        record: RecordInboundResult = await workflow.execute_local_activity(
-            "load_match_context",
+        record = await self._contact_context("load_match_context", event)
+        if record.channel_active and record.contact is not None:
+            await self._route(event, record, may_forward=False)
+
+    async def _contact_context(self, activity_name: str, event: InboundEvent) -> RecordInboundResult:
+        return await workflow.execute_local_activity(
+            activity_name,
             RecordInboundInput(
                 workspace_id=self._input.workspace_id,
                 channel_id=self._input.channel_id,
@@ -214,8 +208,6 @@ class ConversationWorkflow:
             start_to_close_timeout=DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
-        if record.channel_active and record.contact is not None:
-            await self._route(event, record, may_forward=False)
 
     async def _route(self, event: InboundEvent, record: RecordInboundResult, *, may_forward: bool) -> None:
         if event.kind not in ("message", "postback"):

@@ -85,6 +85,19 @@ def get_owned(session, workspace_id: str, channel_id: str) -> Channel:
     return channel
 
 
+async def start_disconnect(temporal, task_queue: str, channel: Channel):
+    """Start DisconnectChannel (one per channel; a failed one may be retried)."""
+    return await temporal.start_workflow(
+        DISCONNECT_CHANNEL_WORKFLOW,
+        ChannelRef(channel_id=channel.id),
+        id=f"{channel.workspace_id}/channel/{channel.id}/disconnect",
+        task_queue=task_queue,
+        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+        search_attributes=search_attributes(channel.workspace_id, channel.id, platform=channel.platform),
+        result_type=DisconnectResult,
+    )
+
+
 @router.post(
     "",
     status_code=status.HTTP_201_CREATED,
@@ -175,15 +188,7 @@ async def disconnect_channel(
         return DisconnectPublic(id=channel.id, status=channel.status, detail=channel.status_detail)
     audit(session, workspace.id, "api_key", "channel.disconnect", channel.id)
     session.commit()
-    handle = await temporal.start_workflow(
-        DISCONNECT_CHANNEL_WORKFLOW,
-        ChannelRef(channel_id=channel.id),
-        id=f"{workspace.id}/channel/{channel.id}/disconnect",
-        task_queue=settings.task_queue,
-        id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-        search_attributes=search_attributes(workspace.id, channel.id, platform=channel.platform),
-        result_type=DisconnectResult,
-    )
+    handle = await start_disconnect(temporal, settings.task_queue, channel)
     try:
         result = await asyncio.wait_for(
             handle.result(), WAIT_FOR_LIFECYCLE.total_seconds()

@@ -33,17 +33,15 @@ from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse
 from sqlmodel import Session, col, or_, select
 from temporalio.client import Client
-from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import SessionDep
 from api.erasure import start_erasure
+from api.routes.channels import start_disconnect
 from api.routes.webhooks import read_limited_body
 from core.audit import audit
-from core.contracts import DISCONNECT_CHANNEL_WORKFLOW, ChannelRef
 from core.db import Channel, ErasureJob
-from workflows.common import search_attributes
 
 log = logging.getLogger("vectory.privacy")
 
@@ -191,14 +189,7 @@ async def meta_deauthorize(request: Request, session: SessionDep) -> dict[str, A
     settings = request.app.state.settings
     for channel in channels:
         try:
-            await temporal.start_workflow(
-                DISCONNECT_CHANNEL_WORKFLOW,
-                ChannelRef(channel_id=channel.id),
-                id=f"{channel.workspace_id}/channel/{channel.id}/disconnect",
-                task_queue=settings.task_queue,
-                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-                search_attributes=search_attributes(channel.workspace_id, channel.id, platform=channel.platform),
-            )
+            await start_disconnect(temporal, settings.task_queue, channel)
         except WorkflowAlreadyStartedError:
             pass  # already disconnecting (or done): nothing more to start
         except RPCError as err:

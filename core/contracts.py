@@ -53,9 +53,10 @@ class Attachment:
 class InboundEvent:
     """One platform event, normalised from a Meta or Telegram webhook.
 
-    ``kind`` is one of: message, postback, referral, reaction, seen.
-    ``event_id`` is the platform's own id (message mid, postback mid,
-    Telegram update id) and is the dedupe key.
+    ``kind`` is one of: message, postback, referral, reaction, seen,
+    comment, story_mention. A DM that replies to a story is a ``message``
+    with ``story_url`` set. ``event_id`` is the platform's own id (message
+    mid, postback mid, comment id, Telegram update id): the dedupe key.
     """
 
     event_id: str
@@ -72,6 +73,12 @@ class InboundEvent:
     last_name: str = ""
     username: str = ""
     callback_query_id: str = ""  # Telegram inline-button callbacks
+    # Comments (Instagram `comments`, Page `feed`): the comment and its post.
+    comment_id: str = ""
+    media_id: str = ""
+    is_top_level_comment: bool = True
+    # Story replies (message.reply_to.story) and mentions: the CDN URL only.
+    story_url: str = ""
 
 
 @dataclass

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from activities.common import ChannelCredentials, load_credentials, to_application_error
 from core.audit import audit
-from core.contracts import AckCallbackInput, SendMessageInput, SendMessageResult
+from core.contracts import AckCallbackInput, PublicReplyInput, SendMessageInput, SendMessageResult
 from core.crypto import TokenVault
-from core.db import Message, SendRecord, utcnow
+from core.db import Contact, Message, SendRecord, utcnow
 from core.platforms import (
     GraphClient,
     PlatformError,
@@ -22,6 +23,9 @@ from core.platforms import (
     build_meta_message,
     build_telegram_message,
 )
+
+STANDARD_WINDOW = timedelta(hours=24)
+HUMAN_AGENT_WINDOW = timedelta(days=7)
 
 
 class MessagingActivities:
@@ -73,6 +77,56 @@ class MessagingActivities:
             except IntegrityError:
                 db.rollback()  # a concurrent attempt recorded the same send
 
+    def _check_window(self, input: SendMessageInput) -> None:
+        """Meta only delivers within 24 h of the person's last message (7 days
+        for human-agent replies). A send outside is not attempted blindly."""
+        with Session(self.engine) as db:
+            contact = db.get(Contact, input.contact_id)
+            last = contact.last_inbound_at if contact else None
+        window = HUMAN_AGENT_WINDOW if input.human_agent else STANDARD_WINDOW
+        if last is None:
+            raise ApplicationError(
+                "outside the messaging window: the person has not written to us",
+                type="OutsideMessagingWindow",
+                non_retryable=True,
+            )
+        if last.tzinfo is None:
+            last = last.replace(tzinfo=UTC)
+        age = utcnow() - last
+        if age > window:
+            raise ApplicationError(
+                f"outside the {'7-day human-agent' if input.human_agent else '24-hour'} messaging window: "
+                f"the person last wrote {int(age.total_seconds() // 3600)} h ago",
+                type="OutsideMessagingWindow",
+                non_retryable=True,
+            )
+
+    @activity.defn(name="reply_to_comment")
+    async def reply_to_comment(self, input: PublicReplyInput) -> SendMessageResult:
+        """A public reply under a top-level comment (once per idempotency key)."""
+        existing = await asyncio.to_thread(self._existing_send, input.idempotency_key)
+        if existing is not None:
+            return SendMessageResult(platform_message_id=existing, deduplicated=True)
+        creds = await asyncio.to_thread(
+            load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
+        )
+        client = self.instagram if creds.platform == "instagram" else self.graph
+        try:
+            reply_id = await client.reply_to_comment(input.comment_id, creds.token, input.text)
+        except PlatformError as err:
+            raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None
+        await asyncio.to_thread(self._record_public_reply, input, reply_id)
+        return SendMessageResult(platform_message_id=reply_id)
+
+    def _record_public_reply(self, input: PublicReplyInput, reply_id: str) -> None:
+        with Session(self.engine) as db:
+            db.add(SendRecord(idempotency_key=input.idempotency_key, channel_id=input.channel_id,
+                              platform_message_id=reply_id))
+            try:
+                db.commit()
+            except IntegrityError:
+                db.rollback()
+
     @activity.defn(name="send_message")
     async def send_message(self, input: SendMessageInput) -> SendMessageResult:
         """Send one message to a contact.
@@ -87,6 +141,8 @@ class MessagingActivities:
         creds = await asyncio.to_thread(
             load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
         )
+        if creds.platform != "telegram" and not input.comment_id:
+            await asyncio.to_thread(self._check_window, input)
         # The log orders by the moment we asked the platform to deliver, not
         # when its answer came back (the person may already be replying).
         sent_at = utcnow()
@@ -96,7 +152,11 @@ class MessagingActivities:
                 message_id = await self.telegram.send_message(creds.token, body)
             else:
                 client = self.instagram if creds.platform == "instagram" else self.graph
-                body = build_meta_message(input.recipient_id, input.text, input.quick_replies, input.buttons)
+                body = build_meta_message(
+                    input.recipient_id, input.text, input.quick_replies, input.buttons, human_agent=input.human_agent
+                )
+                if input.comment_id:
+                    body["recipient"] = {"comment_id": input.comment_id}
                 message_id = await client.send_message(creds.external_id, creds.token, body)
         except PlatformError as err:
             raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from temporalio.client import Client
+from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 
 from core.contracts import (
@@ -52,6 +52,25 @@ async def signal_conversation(
         rpc_timeout=SIGNAL_RPC_TIMEOUT,
     )
     return workflow_id
+
+
+def conversation_start(task_queue: str, channel: Channel, contact_external_id: str) -> WithStartWorkflowOperation:
+    """Start-if-missing operation for a contact's conversation (update-with-start)."""
+    contact_id = contact_id_for(channel.id, contact_external_id)
+    return WithStartWorkflowOperation(
+        CONVERSATION_WORKFLOW,
+        ConversationInput(
+            workspace_id=channel.workspace_id,
+            channel_id=channel.id,
+            platform=channel.platform,
+            contact_id=contact_id,
+            contact_external_id=contact_external_id,
+        ),
+        id=conversation_workflow_id(channel.workspace_id, channel.id, contact_id),
+        task_queue=task_queue,
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        search_attributes=search_attributes(channel.workspace_id, channel.id, contact_id, "", channel.platform),
+    )
 
 
 async def dispatch_events(

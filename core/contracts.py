@@ -253,6 +253,35 @@ class SendMessageInput:
     quick_replies: list[QuickReply] = field(default_factory=list)
     buttons: list[Button] = field(default_factory=list)
     run_id: str = ""
+    # A private reply to this comment instead of a DM (allowed within 7 days
+    # of the comment, once per comment; it opens no messaging window).
+    comment_id: str = ""
+    # A human-written reply (API): Meta's HUMAN_AGENT tag, 7-day window.
+    human_agent: bool = False
+
+
+@dataclass
+class PublicReplyInput:
+    channel_id: str
+    comment_id: str
+    text: str
+    idempotency_key: str
+
+
+@dataclass
+class HumanMessageInput:
+    """Update input: a human-written message sent through the API
+    (``POST /v1/contacts/{id}/messages``)."""
+
+    request_id: str
+    text: str
+
+
+@dataclass
+class HumanMessageResult:
+    status: str  # sent | skipped | failed
+    platform_message_id: str = ""
+    detail: str = ""
 
 
 @dataclass

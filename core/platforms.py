@@ -341,6 +341,15 @@ class GraphClient:
             raise PlatformError("rejected", "send API response without message_id")
         return str(message_id)
 
+    async def reply_to_comment(self, comment_id: str, token: str, text: str) -> str:
+        """Public reply under a comment (top-level comments only)."""
+        comment_id = _check_segment(comment_id, "comment id", "meta")
+        result = await self._call("POST", f"{comment_id}/replies", token, json={"message": text})
+        reply_id = result.get("id") if isinstance(result, dict) else None
+        if not reply_id:
+            raise PlatformError("rejected", "comment reply response without id")
+        return str(reply_id)
+
 
 def _expect_dict(body: Any, what: str, platform: str) -> dict[str, Any]:
     if not isinstance(body, dict):

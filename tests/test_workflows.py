@@ -484,30 +484,46 @@ async def test_ai_step_failing_sends_the_fallback_text(env):
     assert "fallback" in entry.detail and "model overloaded" in entry.detail
 
 
-async def test_send_outside_messaging_window_fails_the_run_and_the_worker_carries_on(env):
+async def test_sends_outside_the_messaging_window_are_skipped_with_a_reason(env):
+    flow = {"steps": [
+        {"id": "hello", "type": "send_message", "text": "hello"},
+        {"id": "tag", "type": "add_tag", "tag": "nudged"},
+        {"id": "later", "type": "send_message", "text": "later"},
+    ]}
+    mocks = Mocks()
+    mocks.send_error = ApplicationError(
+        "outside the 24-hour messaging window: the person last wrote 30 h ago",
+        type="OutsideMessagingWindow", non_retryable=True,
+    )
+    async with running_worker(env.client, mocks) as tq:
+        input = run_input(new_workspace(), flow)
+        result = await execute_run(env.client, tq, input)
+        await maybe_save_history(env.client, input.run_id, "run_outside_window_skipped")
+
+        # Not attempted again, not a failure: every send is skipped with the reason, other steps run.
+        assert result.status == "completed"
+        assert len(mocks.sent) == 2
+        trail = [(t.step_id, t.status) for t in result.trail]
+        assert trail == [("hello", "skipped"), ("tag", "done"), ("later", "skipped")]
+        assert "last wrote 30 h ago" in result.trail[0].detail
+        assert mocks.contact.tags == ["nudged"]
+
+
+async def test_a_send_the_platform_rejects_fails_the_run_and_the_worker_carries_on(env):
     flow = {"steps": [
         {"id": "hello", "type": "send_message", "text": "hello"},
         {"id": "later", "type": "send_message", "text": "never sent"},
     ]}
     mocks = Mocks()
-    mocks.send_error = ApplicationError(
-        "outside the 24-hour messaging window", type="OutsideMessagingWindow", non_retryable=True
-    )
+    mocks.send_error = ApplicationError("(#100) Invalid parameter", type="PlatformRejected", non_retryable=True)
     async with running_worker(env.client, mocks) as tq:
-        input = run_input(new_workspace(), flow)
-        result = await execute_run(env.client, tq, input)
-        await maybe_save_history(env.client, input.run_id, "run_send_failed")
-
+        result = await execute_run(env.client, tq, run_input(new_workspace(), flow))
         assert result.status == "failed"
         assert len(mocks.sent) == 1  # non-retryable: no second attempt, no second step
-        assert ("hello", "send_message", "failed") in [(t.step_id, t.type, t.status) for t in result.trail]
         last = result.trail[-1]
-        assert (last.type, last.status) == ("run", "failed")
-        assert "send failed" in last.detail and "24-hour messaging window" in last.detail
+        assert (last.type, last.status) == ("run", "failed") and "Invalid parameter" in last.detail
         assert mocks.runs[-1].status == "failed"
-        assert mocks.runs[-1].trail == result.trail
 
-        # Same worker, next run: fine.
         mocks.send_error = None
         again = await execute_run(env.client, tq, run_input(new_workspace(), flow))
         assert again.status == "completed"

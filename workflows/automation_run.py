@@ -23,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
         GenerateReplyInput,
         GenerateReplyResult,
         InboundEvent,
+        PublicReplyInput,
         RecordRunInput,
         ReplySignal,
         RunInput,
@@ -42,14 +43,22 @@ with workflow.unsafe.imports_passed_through():
         SEND_RETRY,
         SEND_TIMEOUT,
         root_message,
+        root_type,
     )
 
 MAX_STEPS_PER_RUN = 500
 MAX_TRAIL = 200
 
 
+PRIVATE_REPLY_WINDOW = timedelta(days=7)
+
+
 class RunFailed(Exception):
     pass
+
+
+class RunEnded(Exception):
+    """The run stops early for a reason the platform imposes (not a failure)."""
 
 
 @workflow.defn(name=AUTOMATION_RUN_WORKFLOW)
@@ -68,6 +77,8 @@ class AutomationRunWorkflow:
         self._events: dict[str, deque[dict]] = {}
         self._last_reply = input.trigger.text if input.trigger else ""
         self._visits: dict[str, int] = {}
+        self._private_reply_pending = False
+        self._window_closed = False
 
     # -- signals and queries -------------------------------------------------
 
@@ -103,8 +114,12 @@ class AutomationRunWorkflow:
         await self._record("running")
         cancelled = False
         try:
+            await self._start_comment_run()
             await self._interpret()
             self._status = "completed"
+        except RunEnded as end:
+            self._status = "completed"
+            self._note(self._current or "-", "run", "ended", str(end))
         except asyncio.CancelledError:
             cancelled = True
             self._status = "cancelled"
@@ -119,6 +134,17 @@ class AutomationRunWorkflow:
         if cancelled:
             raise asyncio.CancelledError()
         return RunResult(status=self._status, trail=list(self._trail))
+
+    async def _start_comment_run(self) -> None:
+        trigger = self._input.trigger
+        if trigger is None or trigger.kind != "comment":
+            return
+        if trigger.timestamp_ms:
+            age = workflow.now().timestamp() * 1000 - trigger.timestamp_ms
+            if age > PRIVATE_REPLY_WINDOW.total_seconds() * 1000:
+                raise RunEnded("the comment is older than 7 days: private replies are no longer allowed")
+        self._private_reply_pending = True
+        await self._public_reply()
 
     async def _interpret(self) -> None:
         pos: int | None = 0 if self._steps else None
@@ -144,8 +170,8 @@ class AutomationRunWorkflow:
     async def _step_send_message(self, pos: int, step: dict) -> str | None:
         await self._announce_if_followed_by_wait(pos, step)
         text = flowrt.render(step["text"], self._contact, self._input.context)
-        await self._send(step, text, quick_replies=flowrt.quick_replies(step), buttons=flowrt.buttons(step))
-        self._note(step["id"], "send_message", "done", text[:200])
+        if await self._send(step, text, quick_replies=flowrt.quick_replies(step), buttons=flowrt.buttons(step)):
+            self._note(step["id"], "send_message", "done", text[:200])
         return step.get("next")
 
     async def _step_wait_for_reply(self, pos: int, step: dict) -> str | None:
@@ -169,6 +195,7 @@ class AutomationRunWorkflow:
                 return step.get("on_timeout", "end")
             event = self._replies.popleft()
             answer = event.text or event.payload
+            self._window_closed = False  # the person wrote: the messaging window is open
             ok, value = flowrt.validate_reply(step, answer)
             if ok:
                 self._last_reply = answer
@@ -258,8 +285,8 @@ class AutomationRunWorkflow:
         except ActivityError as err:
             text = step.get("fallback_text") or "Thanks for your message! A teammate will get back to you shortly."
             detail = f"AI failed ({root_message(err)}); fallback sent"
-        await self._send(step, text)
-        self._note(step["id"], "ai_reply", "done", detail)
+        if await self._send(step, text):
+            self._note(step["id"], "ai_reply", "done", detail)
         return step.get("next")
 
     async def _step_handoff(self, pos: int, step: dict) -> str | None:
@@ -272,7 +299,17 @@ class AutomationRunWorkflow:
 
     # -- helpers ---------------------------------------------------------------
 
-    async def _send(self, step: dict, text: str, *, quick_replies=(), buttons=(), suffix: str = "") -> None:
+    async def _send(self, step: dict, text: str, *, quick_replies=(), buttons=(), suffix: str = "") -> bool:
+        """Send one message; False when it was skipped (outside the window)."""
+        comment_id = ""
+        if self._private_reply_pending:
+            # A comment-triggered run answers first with a private reply.
+            comment_id = self._input.trigger.comment_id if self._input.trigger else ""
+            self._private_reply_pending = False
+            self._window_closed = True
+        elif self._window_closed:
+            # A private reply opens no messaging window: wait for the person.
+            await self._await_window(step)
         visit = self._visits.get(step["id"], 1)
         key = f"{self._input.run_id}/{step['id']}/{visit}{('/' + suffix) if suffix else ''}"
         try:
@@ -287,14 +324,59 @@ class AutomationRunWorkflow:
                     quick_replies=list(quick_replies),
                     buttons=list(buttons),
                     run_id=self._input.run_id,
+                    comment_id=comment_id,
                 ),
                 result_type=SendMessageResult,
                 start_to_close_timeout=SEND_TIMEOUT,
                 retry_policy=SEND_RETRY,
             )
         except ActivityError as err:
+            # Runs started before this policy failed here; keep them replayable.
+            if root_type(err) == "OutsideMessagingWindow" and workflow.patched("skip-outside-window"):
+                self._note(step["id"], step["type"], "skipped", root_message(err))
+                return False
             self._note(step["id"], step["type"], "failed", root_message(err))
             raise RunFailed(f"step {step['id']!r}: send failed: {root_message(err)}") from None
+        return True
+
+    async def _await_window(self, step: dict) -> None:
+        self._note(step["id"], step["type"], "waiting", "a private reply opens no window: waiting for the person")
+        await self._set_accepting(True)
+        self._status = "waiting"
+        try:
+            await workflow.wait_condition(lambda: bool(self._replies), timeout=PRIVATE_REPLY_WINDOW)
+        except TimeoutError:
+            self._status = "running"
+            await self._set_accepting(False)
+            raise RunEnded("the person did not answer the private reply within 7 days") from None
+        self._last_reply = self._replies.popleft().text
+        self._window_closed = False
+        self._status = "running"
+        await self._set_accepting(False)
+
+    async def _public_reply(self) -> None:
+        """Public reply under a top-level comment, from the trigger's variants."""
+        trigger = self._input.trigger
+        definition = self._input.automation.definition.get("trigger", {})
+        if trigger is None or not trigger.is_top_level_comment or not definition.get("public_replies"):
+            return
+        text = flowrt.public_reply_text(definition, trigger.comment_id)
+        try:
+            await workflow.execute_activity(
+                "reply_to_comment",
+                PublicReplyInput(
+                    channel_id=self._input.channel_id,
+                    comment_id=trigger.comment_id,
+                    text=text,
+                    idempotency_key=f"{self._input.run_id}/public-reply",
+                ),
+                result_type=SendMessageResult,
+                start_to_close_timeout=SEND_TIMEOUT,
+                retry_policy=SEND_RETRY,
+            )
+            self._note("-", "public_reply", "done", text[:200])
+        except ActivityError as err:
+            self._note("-", "public_reply", "failed", root_message(err))
 
     async def _update_contact(self, update: UpdateContactInput) -> None:
         try:

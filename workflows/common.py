@@ -70,3 +70,11 @@ def root_message(err: BaseException) -> str:
         cause = cause.__cause__
     message = getattr(cause, "message", None) or str(cause)
     return message[:300]
+
+
+def root_type(err: BaseException) -> str:
+    """The ApplicationError type of the innermost cause ("" if none)."""
+    cause: BaseException = err
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    return getattr(cause, "type", "") or ""

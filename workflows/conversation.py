@@ -28,6 +28,8 @@ with workflow.unsafe.imports_passed_through():
         ContactRef,
         ContactSnapshot,
         ConversationInput,
+        HumanMessageInput,
+        HumanMessageResult,
         InboundEvent,
         ProfileInput,
         RecordInboundInput,
@@ -36,6 +38,8 @@ with workflow.unsafe.imports_passed_through():
         ResumeSignal,
         RunInput,
         RunStateSignal,
+        SendMessageInput,
+        SendMessageResult,
         StartAutomationSignal,
         UpdateContactInput,
     )
@@ -46,6 +50,8 @@ with workflow.unsafe.imports_passed_through():
         PROFILE_TIMEOUT,
         SEND_RETRY,
         SEND_TIMEOUT,
+        root_message,
+        root_type,
         search_attributes,
     )
 
@@ -114,6 +120,29 @@ class ConversationWorkflow:
             self._active.accepting_input = False
         elif signal.state in ("finished", "handoff"):
             self._active = None
+
+    @workflow.update(name="send_human_message")
+    async def send_human_message(self, message: HumanMessageInput) -> HumanMessageResult:
+        """A teammate's reply: sent with Meta's HUMAN_AGENT tag (7-day window)."""
+        try:
+            result: SendMessageResult = await workflow.execute_activity(
+                "send_message",
+                SendMessageInput(
+                    channel_id=self._input.channel_id,
+                    contact_id=self._input.contact_id,
+                    recipient_id=self._input.contact_external_id,
+                    idempotency_key=f"{workflow.info().workflow_id}/human/{message.request_id}",
+                    text=message.text,
+                    human_agent=True,
+                ),
+                result_type=SendMessageResult,
+                start_to_close_timeout=SEND_TIMEOUT,
+                retry_policy=SEND_RETRY,
+            )
+        except ActivityError as err:
+            skipped = root_type(err) == "OutsideMessagingWindow"
+            return HumanMessageResult(status="skipped" if skipped else "failed", detail=root_message(err))
+        return HumanMessageResult(status="sent", platform_message_id=result.platform_message_id)
 
     @workflow.query(name="state")
     def state(self) -> dict:

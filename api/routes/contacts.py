@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from datetime import datetime
 from typing import Any
 
@@ -11,9 +12,9 @@ from sqlmodel import col, func, select
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
-from api.dispatch import signal_conversation
+from api.dispatch import conversation_start, signal_conversation
 from core.audit import audit
-from core.contracts import ResumeSignal
+from core.contracts import HumanMessageInput, HumanMessageResult, ResumeSignal
 from core.db import Channel, Contact, Message, Run, utcnow
 
 router = APIRouter(prefix="/v1/contacts", tags=["contacts"])
@@ -207,6 +208,57 @@ def list_messages(
         ],
         count=total,
     )
+
+
+class HumanMessageCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    text: str = Field(min_length=1, max_length=1000)
+
+
+class HumanMessageSent(BaseModel):
+    status: str
+    platform_message_id: str = ""
+    detail: str = ""
+
+
+@router.post(
+    "/{contact_id}/messages",
+    status_code=status.HTTP_201_CREATED,
+    response_model=HumanMessageSent,
+    operation_id="send_human_message",
+    summary="Send a teammate's reply to the contact",
+    description=(
+        "Sent through the contact's conversation workflow with Meta's HUMAN_AGENT tag, which allows "
+        "human-written replies up to 7 days after the person's last message. 409 when outside that "
+        "window (nothing is sent); Telegram has no window."
+    ),
+    responses={409: {"description": "outside the messaging window"}},
+)
+async def send_human_message(
+    contact_id: str,
+    body: HumanMessageCreate,
+    workspace: CurrentWorkspace,
+    session: SessionDep,
+    temporal: TemporalDep,
+    settings: SettingsDep,
+) -> HumanMessageSent:
+    contact = get_owned(session, workspace.id, contact_id)
+    channel = session.get(Channel, contact.channel_id)
+    if channel is None or channel.status != "active":
+        raise HTTPException(status.HTTP_409_CONFLICT, "the contact's channel is not active")
+    result: HumanMessageResult = await temporal.execute_update_with_start_workflow(
+        "send_human_message",
+        HumanMessageInput(request_id=secrets.token_hex(8), text=body.text),
+        start_workflow_operation=conversation_start(settings.task_queue, channel, contact.external_id),
+        result_type=HumanMessageResult,
+    )
+    if result.status == "skipped":
+        raise HTTPException(status.HTTP_409_CONFLICT, result.detail)
+    if result.status != "sent":
+        raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"the platform did not accept the message: {result.detail}")
+    audit(session, workspace.id, "api_key", "message.human", contact.id)
+    session.commit()
+    return HumanMessageSent(status=result.status, platform_message_id=result.platform_message_id)
 
 
 @router.post(

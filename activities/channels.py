@@ -35,8 +35,12 @@ from core.platforms import GraphClient, PlatformError, TelegramClient
 
 # The webhook fields each platform needs for the features we run; nothing more
 # (minimum data: DESIGN.md privacy promises).
-INSTAGRAM_FIELDS = ["messages", "messaging_postbacks", "messaging_referral", "messaging_seen", "message_reactions"]
-MESSENGER_FIELDS = ["messages", "messaging_postbacks", "messaging_referrals", "message_reads", "message_reactions"]
+INSTAGRAM_FIELDS = [
+    "messages", "messaging_postbacks", "messaging_referral", "messaging_seen", "message_reactions", "comments",
+]
+MESSENGER_FIELDS = [
+    "messages", "messaging_postbacks", "messaging_referrals", "message_reads", "message_reactions", "feed",
+]
 TELEGRAM_UPDATES = ["message", "callback_query"]
 
 

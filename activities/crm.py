@@ -91,7 +91,8 @@ class CrmActivities:
                 value = getattr(ev, attr)
                 if value:
                     setattr(contact, attr, value)
-            if ev.kind in ("message", "postback", "referral"):
+            # Events that open Meta's messaging window (a comment does not).
+            if ev.kind in ("message", "postback", "referral", "story_mention"):
                 contact.last_inbound_at = now
             contact.updated_at = now
             db.add(contact)

@@ -39,8 +39,17 @@ __all__ = [
     "merge_definition",
 ]
 
-SUPPORTED_TRIGGERS = ("dm_keyword", "any_message", "postback", "api")
-PLANNED_TRIGGERS = ("comment", "story_reply", "story_mention", "ref_link")
+SUPPORTED_TRIGGERS = (
+    "dm_keyword",
+    "any_message",
+    "postback",
+    "api",
+    "comment",
+    "story_reply",
+    "story_mention",
+    "ref_link",
+)
+PLANNED_TRIGGERS: tuple[str, ...] = ()
 STEP_TYPES = (
     "send_message",
     "wait_for_reply",
@@ -59,6 +68,11 @@ PLANNED_STEPS = ("http_request",)
 LOOP_BREAKERS = ("wait_for_reply", "wait_for_event", "delay", "add_tag", "remove_tag", "set_field", "handoff")
 
 MAX_REGEX = 200
+MAX_KEYWORD = 100
+MAX_PUBLIC_REPLY = 500
+MAX_REF = 100
+# m.me / ig.me ref parameters: a-z A-Z 0-9 + / = - . : _ (plus our * wildcard).
+_REF_RE = re.compile(r"^[A-Za-z0-9+/=\-.:_*]+$")
 MAX_WAIT_REPLY = 7 * 86400
 MAX_WAIT_EVENT = 30 * 86400
 MAX_DELAY = 30 * 86400
@@ -117,23 +131,29 @@ class _Model(BaseModel):
 # --- triggers -----------------------------------------------------------------------------------------
 
 
+Keyword = Annotated[str, StringConstraints(min_length=1, max_length=MAX_REGEX)]
+MatchMode = Literal["contains", "exact", "regex"]
+
+
+def _check_keywords(keywords: list[str], match: str) -> None:
+    for keyword in keywords:
+        _not_blank(keyword, "a keyword")
+        if match == "regex":
+            _compile(keyword, "keyword")
+        elif len(keyword) > MAX_KEYWORD:
+            raise _fail(
+                f"keyword {keyword[:20]!r}... is {len(keyword)} characters long; the limit is {MAX_KEYWORD}"
+            )
+
+
 class DmKeywordTrigger(_Model):
     type: Literal["dm_keyword"]
-    keywords: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_REGEX)]] = Field(
-        min_length=1, max_length=50
-    )
-    match: Literal["contains", "exact", "regex"] = "contains"
+    keywords: list[Keyword] = Field(min_length=1, max_length=50)
+    match: MatchMode = "contains"
 
     @model_validator(mode="after")
     def _check_keywords(self) -> DmKeywordTrigger:
-        for keyword in self.keywords:
-            _not_blank(keyword, "a keyword")
-            if self.match == "regex":
-                _compile(keyword, "keyword")
-            elif len(keyword) > 100:
-                raise _fail(
-                    f"keyword {keyword[:20]!r}... is {len(keyword)} characters long; the limit is 100"
-                )
+        _check_keywords(self.keywords, self.match)
         return self
 
 
@@ -160,8 +180,81 @@ class ApiTrigger(_Model):
     type: Literal["api"]
 
 
+class CommentTrigger(_Model):
+    """A comment on a post (Instagram media / Facebook Page post).
+
+    Empty ``media_ids``: any post; empty ``keywords``: any comment. ``public_replies``:
+    variants, one of which is posted as a public reply to a top-level comment.
+    """
+
+    type: Literal["comment"]
+    media_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
+        default_factory=list, max_length=100
+    )
+    keywords: list[Keyword] = Field(default_factory=list, max_length=50)
+    match: MatchMode = "contains"
+    public_replies: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PUBLIC_REPLY)]] = Field(
+        default_factory=list, max_length=10
+    )
+    only_top_level: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> CommentTrigger:
+        for media_id in self.media_ids:
+            if not media_id.strip() or media_id != media_id.strip():
+                raise _fail(f"media id {media_id!r} must not be blank or have surrounding spaces")
+        _check_keywords(self.keywords, self.match)
+        for i, reply in enumerate(self.public_replies):
+            _not_blank(reply, f"public reply {i}")
+            _check_template(reply, f"public reply {i}")
+        return self
+
+
+class StoryReplyTrigger(_Model):
+    """A DM replying to one of the account's stories; empty ``keywords``: any reply."""
+
+    type: Literal["story_reply"]
+    keywords: list[Keyword] = Field(default_factory=list, max_length=50)
+    match: MatchMode = "contains"
+
+    @model_validator(mode="after")
+    def _check(self) -> StoryReplyTrigger:
+        _check_keywords(self.keywords, self.match)
+        return self
+
+
+class StoryMentionTrigger(_Model):
+    type: Literal["story_mention"]
+
+
+class RefLinkTrigger(_Model):
+    """An ig.me / m.me link with ``?ref=``; a ``*`` in a ref matches any characters."""
+
+    type: Literal["ref_link"]
+    refs: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_REF)]] = Field(
+        min_length=1, max_length=50
+    )
+
+    @field_validator("refs")
+    @classmethod
+    def _refs(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            if not _REF_RE.match(ref):
+                raise _fail(
+                    f"ref {ref!r} may only contain letters, digits, '*' (wildcard) and + / = - . : _"
+                )
+        return value
+
+
 Trigger = Annotated[
-    DmKeywordTrigger | AnyMessageTrigger | PostbackTrigger | ApiTrigger,
+    DmKeywordTrigger
+    | AnyMessageTrigger
+    | PostbackTrigger
+    | ApiTrigger
+    | CommentTrigger
+    | StoryReplyTrigger
+    | StoryMentionTrigger
+    | RefLinkTrigger,
     Field(discriminator="type"),
 ]
 

@@ -100,23 +100,110 @@ def _trigger(automation: AutomationSnapshot) -> dict | None:
     return trigger if isinstance(trigger, dict) else None
 
 
+def _keyword_score(trigger: dict, text: str) -> int:
+    """Keyword filter of comment / story_reply triggers: no keywords = 1 (any text), else as dm_keyword."""
+    keywords = [k for k in (trigger.get("keywords") or []) if isinstance(k, str) and k.strip()]
+    if not keywords:
+        return 1
+    matched, score = keyword_matches(trigger, text)
+    return score if matched else 0
+
+
+def _best(scored: list[tuple[AutomationSnapshot, int]]) -> AutomationSnapshot | None:
+    """The highest score (> 0); ties go to the first in list order."""
+    best: AutomationSnapshot | None = None
+    best_score = 0
+    for automation, score in scored:
+        if score > best_score:
+            best, best_score = automation, score
+    return best
+
+
+def ref_matches(pattern: str, ref: str) -> bool:
+    """Does a ref_link pattern match a referral ref? Case-insensitive; ``*`` matches any characters."""
+    if not isinstance(pattern, str) or not isinstance(ref, str) or not pattern.strip() or not ref.strip():
+        return False
+    regex = ".*".join(re.escape(normalize(part)) for part in pattern.split("*"))
+    return re.fullmatch(regex, normalize(ref), re.DOTALL) is not None
+
+
+def _ref_score(trigger: dict, ref: str) -> int:
+    """2 for a ref listed exactly, 1 for a wildcard match, 0 for none."""
+    score = 0
+    for pattern in trigger.get("refs") or []:
+        if ref_matches(pattern, ref):
+            score = max(score, 1 if "*" in pattern else 2)
+    return score
+
+
+def _media_score(trigger: dict, media_id: str) -> int:
+    """1 for any post (no media_ids), 2 for a listed post, 0 for another post."""
+    wanted = [m for m in (trigger.get("media_ids") or []) if isinstance(m, str) and m.strip()]
+    if not wanted:
+        return 1
+    # A Page post id is "<page id>_<post id>"; either form may be listed.
+    if media_id and any(media_id == m or media_id.endswith("_" + m) for m in wanted):
+        return 2
+    return 0
+
+
 def select_automation(
     automations: list[AutomationSnapshot], event: InboundEvent, *, is_first_message: bool
 ) -> AutomationSnapshot | None:
     """The automation an inbound event starts, or None.
 
-    Priority: postback payload, then DM keyword (exact beats contains/regex),
-    then any_message/first_message (on a contact's first message), then
-    any_message/default (messages only). Ties go to the first in list order.
+    - ``comment``: comment triggers only (post filter, only_top_level, keywords;
+      exact beats contains/regex beats no keywords, then a trigger naming the post
+      beats an any-post one, then the first in list order).
+    - ``story_mention``: the first story_mention trigger.
+    - ``referral``, and messages / postbacks carrying a ``ref``: ref_link first
+      (a listed ref beats a wildcard match); a bare referral matches nothing else.
+    - messages and postbacks: postback payload, then story_reply (a message with
+      ``story_url``), then DM keyword (exact beats contains/regex), then
+      any_message/first_message (on a contact's first message), then
+      any_message/default (messages only). Ties go to the first in list order.
     """
-    if event.kind not in ("message", "postback"):
-        return None
     candidates = [(a, t) for a in automations if (t := _trigger(a)) is not None]
+
+    def of_type(kind: str) -> list[tuple[AutomationSnapshot, dict]]:
+        return [(a, t) for a, t in candidates if t.get("type") == kind]
+
+    if event.kind == "comment":
+        scored = []
+        for automation, trigger in of_type("comment"):
+            media = _media_score(trigger, event.media_id or "")
+            keyword = _keyword_score(trigger, event.text)
+            if not media or not keyword:
+                continue
+            if trigger.get("only_top_level", True) and not event.is_top_level_comment:
+                continue
+            # Keyword specificity first, then a trigger naming the post beats an any-post one.
+            scored.append((automation, keyword * 2 + media))
+        return _best(scored)
+
+    if event.kind == "story_mention":
+        mentions = of_type("story_mention")
+        return mentions[0][0] if mentions else None
+
+    if event.kind not in ("message", "postback", "referral"):
+        return None
+
+    if event.ref and event.ref.strip():
+        found = _best([(a, _ref_score(t, event.ref)) for a, t in of_type("ref_link")])
+        if found is not None:
+            return found
+    if event.kind == "referral":
+        return None
 
     if event.payload:
         for automation, trigger in candidates:
             if trigger.get("type") == "postback" and event.payload in (trigger.get("payloads") or []):
                 return automation
+
+    if event.kind == "message" and event.story_url:
+        found = _best([(a, _keyword_score(t, event.text)) for a, t in of_type("story_reply")])
+        if found is not None:
+            return found
 
     if event.kind == "message" and event.text and event.text.strip():
         best: AutomationSnapshot | None = None
@@ -140,6 +227,20 @@ def select_automation(
             if trigger.get("type") == "any_message" and (trigger.get("scope") or "default") == "default":
                 return automation
     return None
+
+
+def public_reply_text(trigger: dict, comment_id: str) -> str:
+    """The public reply variant for a comment: stable for a comment id (replays), varying across comments.
+
+    "" when the trigger has no variants. The text is returned as written (render it if it has placeholders).
+    """
+    variants = [v for v in (trigger.get("public_replies") or []) if isinstance(v, str) and v.strip()]
+    if not variants:
+        return ""
+    digest = 0x811C9DC5  # FNV-1a, 32 bit: deterministic across processes (unlike hash())
+    for byte in (comment_id or "").encode():
+        digest = ((digest ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return variants[digest % len(variants)]
 
 
 # --- templates ----------------------------------------------------------------------------------------

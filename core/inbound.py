@@ -5,9 +5,13 @@ Pure functions, no I/O. One bad item never sinks a batch: it is recorded in
 malformed top level raises ``MalformedPayload``.
 
 Meta (Instagram / Messenger): loop over every ``entry`` and every
-``messaging`` item (DESIGN.md §4); ``changes`` items (comments, mentions)
-are noted as ignored until they are handled. Echoes of our own messages are
-never events.
+``messaging`` and ``changes`` item (DESIGN.md §4). Echoes of our own
+messages and the account's own comments are never events.
+
+Kinds: ``message`` (``story_url`` set when it replies to a story, ``ref``
+when it carries a referral), ``postback``, ``referral``, ``reaction``,
+``seen``, ``story_mention`` (the CDN URL only, never the media) and
+``comment`` (Instagram ``comments`` / ``live_comments``, Page ``feed``).
 
 Telegram: one update per request; the event id is ``tg:<update_id>``.
 """
@@ -117,11 +121,12 @@ def parse_meta_webhook(payload: Any) -> ParseResult:
         if not isinstance(changes, list):
             result.ignored.append(("?", f"entry {entry_id or '?'}: 'changes' is not a list"))
             changes = []
+        entry_time = _timestamp_ms(entry.get("time"))
         for change in changes:
-            change = _dict(change)
-            change_id = _id(_dict(change.get("value")).get("id")) or "?"
-            field_name = _str(change.get("field")) or "?"
-            result.ignored.append((change_id, f"changes field '{field_name}' not handled yet"))
+            try:
+                result.events.append(_meta_change(change, platform, entry_id, entry_time))
+            except _Skip as skip:
+                result.ignored.append((skip.event_id, skip.reason))
 
         standby = entry.get("standby", [])
         if isinstance(standby, list):
@@ -130,6 +135,97 @@ def parse_meta_webhook(payload: Any) -> ParseResult:
                 result.ignored.append((mid, "standby item (handover protocol) not handled"))
 
     return result
+
+
+def _timestamp_ms(value: Any) -> int:
+    """A Meta time in milliseconds (``entry.time`` comes in ms or s, ``created_time`` in s)."""
+    number = _int(value)
+    if 0 < number < 100_000_000_000:  # seconds (ms values are 13 digits since 1973)
+        return number * 1000
+    return number
+
+
+def _meta_change(change: Any, platform: str, entry_id: str, entry_time: int) -> InboundEvent:
+    if not isinstance(change, dict):
+        raise _Skip("?", "changes item is not an object")
+    field_name = _str(change.get("field")) or "?"
+    value = _dict(change.get("value"))
+    if platform == "instagram" and field_name in ("comments", "live_comments"):
+        return _instagram_comment(value, entry_id, entry_time)
+    if platform == "messenger" and field_name == "feed":
+        return _page_feed_comment(value, entry_id, entry_time)
+    change_id = _id(value.get("comment_id")) or _id(value.get("id")) or "?"
+    if field_name == "mentions":
+        raise _Skip(change_id, "mention in comment/caption not handled")
+    raise _Skip(change_id, f"changes field '{field_name}' not handled yet")
+
+
+def _instagram_comment(value: dict[str, Any], entry_id: str, entry_time: int) -> InboundEvent:
+    comment_id = _id(value.get("id"))
+    if not comment_id:
+        raise _Skip("?", "comment without id")
+    sender = _dict(value.get("from"))
+    sender_id = _id(sender.get("id"))
+    if not sender_id:
+        raise _Skip(comment_id, "comment without from.id")
+    if not entry_id:
+        raise _Skip(comment_id, "comment without entry id")
+    if sender_id == entry_id:
+        raise _Skip(comment_id, "own comment")
+    return InboundEvent(
+        event_id=f"comment:{comment_id}",
+        platform="instagram",
+        account_id=entry_id,
+        sender_id=sender_id,
+        kind="comment",
+        text=_str(value.get("text")),
+        timestamp_ms=entry_time,
+        username=_str(sender.get("username")),
+        comment_id=comment_id,
+        media_id=_id(_dict(value.get("media")).get("id")),
+        is_top_level_comment=not _id(value.get("parent_id")),
+    )
+
+
+def _page_feed_comment(value: dict[str, Any], entry_id: str, entry_time: int) -> InboundEvent:
+    comment_id = _id(value.get("comment_id"))
+    item = _str(value.get("item")) or "?"
+    if item != "comment":
+        raise _Skip(_id(value.get("post_id")) or "?", f"feed item '{item}' not handled")
+    if not comment_id:
+        raise _Skip(_id(value.get("post_id")) or "?", "feed comment without comment_id")
+    verb = _str(value.get("verb")) or "?"
+    if verb == "edited":
+        raise _Skip(comment_id, "comment edited")
+    if verb == "remove":
+        raise _Skip(comment_id, "comment deleted")
+    if verb != "add":
+        raise _Skip(comment_id, f"comment verb '{verb}' not handled")
+    sender = _dict(value.get("from"))
+    sender_id = _id(sender.get("id"))
+    if not sender_id:
+        raise _Skip(comment_id, "comment without from.id")
+    if not entry_id:
+        raise _Skip(comment_id, "comment without entry id")
+    if sender_id == entry_id:
+        raise _Skip(comment_id, "own comment")
+    post_id = _id(value.get("post_id"))
+    parent_id = _id(value.get("parent_id"))
+    first_name, _, last_name = " ".join(_str(sender.get("name")).split()).partition(" ")
+    return InboundEvent(
+        event_id=f"comment:{comment_id}",
+        platform="messenger",
+        account_id=entry_id,
+        sender_id=sender_id,
+        kind="comment",
+        text=_str(value.get("message")),
+        timestamp_ms=_timestamp_ms(value.get("created_time")) or entry_time,
+        first_name=first_name,
+        last_name=last_name,
+        comment_id=comment_id,
+        media_id=post_id,
+        is_top_level_comment=not parent_id or parent_id == post_id,
+    )
 
 
 def _meta_messaging_item(item: Any, platform: str, entry_id: str) -> InboundEvent:
@@ -178,12 +274,25 @@ def _meta_messaging_item(item: Any, platform: str, entry_id: str) -> InboundEven
                 continue
             # Store the CDN URL only, never the media (DESIGN.md §4).
             attachments.append(Attachment(type=att_type, url=_str(_dict(att.get("payload")).get("url"))))
+        ref = _str(_dict(message.get("referral")).get("ref")) or _str(_dict(item.get("referral")).get("ref"))
+        mention = next((a for a in attachments if a.type == "story_mention"), None)
+        if mention is not None:
+            return event(
+                mid,
+                "story_mention",
+                text=_str(message.get("text")),
+                attachments=attachments,
+                story_url=mention.url,
+                ref=ref,
+            )
         return event(
             mid,
             "message",
             text=_str(message.get("text")),
             payload=_str(_dict(message.get("quick_reply")).get("payload")),
             attachments=attachments,
+            ref=ref,
+            story_url=_str(_dict(_dict(message.get("reply_to")).get("story")).get("url")),
         )
 
     if isinstance(postback, dict):
@@ -193,7 +302,7 @@ def _meta_messaging_item(item: Any, platform: str, entry_id: str) -> InboundEven
             "postback",
             payload=_str(postback.get("payload")),
             text=_str(postback.get("title")),
-            ref=_str(_dict(postback.get("referral")).get("ref")),
+            ref=_str(_dict(postback.get("referral")).get("ref")) or _str(_dict(item.get("referral")).get("ref")),
         )
 
     referral = item.get("referral")

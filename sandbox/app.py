@@ -114,7 +114,8 @@ class SandboxState:
         self.faults: list[Fault] = []
         self.webhooks: dict[str, dict[str, Any]] = {}  # by bot id
         self.subscriptions: dict[str, list[str]] = {}  # by account id
-        self.comment_replies: list[dict[str, Any]] = []
+        self.comment_replies: list[dict[str, Any]] = []  # public replies
+        self.private_replies: dict[str, dict[str, Any]] = {}  # by comment id: one each
         self.telegram_message_ids: dict[str, int] = {}
 
     def take_fault(self, service: str, http_method: str, path: str) -> Fault | None:
@@ -415,13 +416,21 @@ def create_app() -> FastAPI:
                 if not owns:
                     return _unsupported(method, object_id)
                 return send_message(account, params)
-            if edge == "replies" and method == "POST":
+            # Public reply: Instagram `POST /{comment-id}/replies`, Pages `POST /{comment-id}/comments`.
+            if edge in ("replies", "comments") and method == "POST":
                 text = params.get("message")
                 if not isinstance(text, str) or not text.strip():
                     return _param_error("(#100) The parameter message is required")
-                reply_id = secrets.token_hex(8)
+                reply_id = str(17_800_000_000_000_000 + secrets.randbelow(100_000_000_000_000))
                 state.comment_replies.append(
-                    {"id": reply_id, "comment_id": object_id, "message": text, "account_id": account.account_id}
+                    {
+                        "id": reply_id,
+                        "comment_id": object_id,
+                        "message": text,
+                        "account_id": account.account_id,
+                        "platform": account.platform,
+                        "at": time.time(),
+                    }
                 )
                 return Outcome(200, {"id": reply_id})
             return _unsupported(method, object_id)
@@ -445,7 +454,11 @@ def create_app() -> FastAPI:
         recipient = _maybe_json(params.get("recipient"))
         if not isinstance(recipient, dict) or not (recipient.get("id") or recipient.get("comment_id")):
             return _param_error("(#100) The parameter recipient is required")
+        comment_id = "" if recipient.get("id") else str(recipient.get("comment_id"))
         recipient_id = str(recipient.get("id") or recipient.get("comment_id"))
+        if comment_id and comment_id in state.private_replies:
+            # A private reply is one message per comment (DESIGN.md §4).
+            return meta_error(400, 10900, "(#10900) Activity already replied to")
         message = _maybe_json(params.get("message"))
         if message is None and params.get("sender_action"):
             return Outcome(200, {"recipient_id": recipient_id})
@@ -479,7 +492,17 @@ def create_app() -> FastAPI:
                         "(#100) param message[attachment][payload][buttons] must have at most "
                         f"{MAX_TEMPLATE_BUTTONS} elements"
                     )
-        return Outcome(200, {"recipient_id": recipient_id, "message_id": "m_" + secrets.token_urlsafe(24)})
+        message_id = "m_" + secrets.token_urlsafe(24)
+        if comment_id:
+            state.private_replies[comment_id] = {
+                "comment_id": comment_id,
+                "account_id": account.account_id,
+                "platform": account.platform,
+                "message": message,
+                "message_id": message_id,
+                "at": time.time(),
+            }
+        return Outcome(200, {"recipient_id": recipient_id, "message_id": message_id})
 
     def graph_token(request: Request, raw_body: bytes) -> str:
         token = request.query_params.get("access_token", "")
@@ -840,8 +863,15 @@ def create_app() -> FastAPI:
 
     @app.get("/_sandbox/comment_replies")
     async def comment_replies() -> dict[str, Any]:
+        """Public replies to comments, in order."""
         with state.lock:
             return {"replies": list(state.comment_replies)}
+
+    @app.get("/_sandbox/private_replies")
+    async def private_replies() -> dict[str, Any]:
+        """Private replies (``recipient.comment_id``), at most one per comment."""
+        with state.lock:
+            return {"replies": list(state.private_replies.values())}
 
     return app
 

@@ -92,6 +92,113 @@ def referral(account_id: str, sender_id: str, ref: str, *, timestamp_ms: int | N
     }
 
 
+def story_reply(
+    account_id: str,
+    sender_id: str,
+    text: str,
+    story_url: str,
+    *,
+    story_id: str | None = None,
+    mid: str | None = None,
+    timestamp_ms: int | None = None,
+) -> dict[str, Any]:
+    """One ``messaging`` item: a DM replying to one of the account's stories (``message.reply_to.story``)."""
+    item = instagram_dm(account_id, sender_id, text, mid=mid, timestamp_ms=timestamp_ms)
+    item["message"]["reply_to"] = {"story": {"url": story_url, "id": story_id or _numeric_id()}}
+    return item
+
+
+def story_mention(
+    account_id: str,
+    sender_id: str,
+    story_url: str,
+    *,
+    mid: str | None = None,
+    timestamp_ms: int | None = None,
+) -> dict[str, Any]:
+    """One ``messaging`` item: the person mentioned the account in their story (a ``story_mention`` attachment)."""
+    return instagram_dm(
+        account_id, sender_id, mid=mid, timestamp_ms=timestamp_ms, attachments=[("story_mention", story_url)]
+    )
+
+
+def _numeric_id() -> str:
+    return str(17_800_000_000_000_000 + secrets.randbelow(100_000_000_000_000))
+
+
+def instagram_comment(
+    account_id: str,
+    commenter_id: str,
+    text: str,
+    *,
+    media_id: str,
+    comment_id: str | None = None,
+    parent_id: str | None = None,
+    username: str = "",
+    media_product_type: str = "FEED",
+    field: str = "comments",
+    timestamp_ms: int | None = None,
+) -> dict[str, Any]:
+    """A full Instagram webhook body for a comment (``changes`` field ``comments``; ``live_comments`` too).
+
+    ``parent_id`` makes it a reply to another comment (not top level).
+    """
+    value: dict[str, Any] = {
+        "from": {"id": commenter_id, "username": username or f"user{commenter_id[-4:]}"},
+        "media": {"id": media_id, "media_product_type": media_product_type},
+        "id": comment_id or _numeric_id(),
+        "text": text,
+    }
+    if parent_id:
+        value["parent_id"] = parent_id
+    return {
+        "object": "instagram",
+        "entry": [
+            {
+                "id": account_id,
+                "time": timestamp_ms if timestamp_ms is not None else _now_ms(),
+                "changes": [{"field": field, "value": value}],
+            }
+        ],
+    }
+
+
+def page_comment(
+    page_id: str,
+    commenter_id: str,
+    message: str,
+    *,
+    post_id: str,
+    comment_id: str | None = None,
+    parent_id: str | None = None,
+    verb: str = "add",
+    name: str = "",
+    created_time: int | None = None,
+) -> dict[str, Any]:
+    """A full Page webhook body for a comment on a post (``changes`` field ``feed``, item ``comment``).
+
+    A top-level comment's ``parent_id`` is the post id; pass another comment id for a reply.
+    """
+    created = created_time if created_time is not None else int(time.time())
+    value: dict[str, Any] = {
+        "from": {"id": commenter_id, "name": name or f"User {commenter_id[-4:]}"},
+        "post": {"status_type": "added_photos", "is_published": True, "id": post_id},
+        "message": message,
+        "post_id": post_id,
+        "comment_id": comment_id or f"{post_id.rsplit('_', 1)[-1]}_{_numeric_id()}",
+        "created_time": created,
+        "item": "comment",
+        "parent_id": parent_id or post_id,
+        "verb": verb,
+    }
+    if verb == "remove":
+        value.pop("message")
+    return {
+        "object": "page",
+        "entry": [{"id": page_id, "time": created, "changes": [{"field": "feed", "value": value}]}],
+    }
+
+
 def meta_webhook(object_: str, items_by_account: Mapping[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """A full Meta webhook body: one ``entry`` per account, its items under ``messaging``."""
     now = _now_ms()

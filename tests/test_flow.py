@@ -25,7 +25,9 @@ from core.flowrt import (
     evaluate_condition,
     keyword_matches,
     normalize,
+    public_reply_text,
     quick_replies,
+    ref_matches,
     render,
     resolve_target,
     select_automation,
@@ -236,6 +238,19 @@ def test_quick_reply_object_payload_defaults_to_title():
         {"type": "any_message", "scope": "first_message"},
         {"type": "postback", "payloads": ["GET_STARTED"]},
         {"type": "api"},
+        {"type": "comment"},
+        {
+            "type": "comment",
+            "media_ids": ["18000000000000001", "104512345678901_900000000000001"],
+            "keywords": ["link", "info"],
+            "match": "exact",
+            "public_replies": ["Sent you a DM, {{contact.username | friend}}!", "Check your inbox"],
+            "only_top_level": False,
+        },
+        {"type": "story_reply"},
+        {"type": "story_reply", "keywords": [r"^price"], "match": "regex"},
+        {"type": "story_mention"},
+        {"type": "ref_link", "refs": ["summer*", "fb_ad_42", "a+b/c=d-e.f:g_h"]},
     ],
 )
 def test_supported_triggers_validate(trigger):
@@ -278,13 +293,56 @@ def test_missing_step_type_and_planned_step_type():
     assert "step 0 ('call'): step type 'http_request' is not supported yet" in text
 
 
-@pytest.mark.parametrize("kind", ["comment", "story_reply", "story_mention", "ref_link"])
-def test_unsupported_trigger_type(kind):
-    errors = errors_of(example(trigger={"type": kind}), AutomationCreate)
-    assert [e["msg"] for e in errors] == [
-        f"trigger type '{kind}' is not supported yet; supported: dm_keyword, any_message, postback, api"
-    ]
-    assert errors[0]["loc"] == ("trigger",)
+def test_new_trigger_defaults_in_runtime_json():
+    def dumped(trigger: dict) -> dict:
+        return definition_dict(AutomationDefinition.model_validate(flow({"id": "a", "type": "add_tag", "tag": "x"}, trigger=trigger)))["trigger"]
+
+    assert dumped({"type": "comment"}) == {
+        "type": "comment",
+        "media_ids": [],
+        "keywords": [],
+        "match": "contains",
+        "public_replies": [],
+        "only_top_level": True,
+    }
+    assert dumped({"type": "story_reply"}) == {"type": "story_reply", "keywords": [], "match": "contains"}
+    assert dumped({"type": "story_mention"}) == {"type": "story_mention"}
+    assert dumped({"type": "ref_link", "refs": ["x"]}) == {"type": "ref_link", "refs": ["x"]}
+
+
+@pytest.mark.parametrize(
+    ("trigger", "message"),
+    [
+        ({"type": "comment", "public_replies": ["x"] * 11}, "List should have at most 10 items"),
+        ({"type": "comment", "public_replies": ["x" * 501]}, "at most 500 characters"),
+        ({"type": "comment", "public_replies": ["ok", "   "]}, "public reply 1 must not be blank"),
+        ({"type": "comment", "public_replies": ["Hi {{user.name}}"]}, "public reply 0: unknown placeholder '{{user.name}}'"),
+        ({"type": "comment", "keywords": ["(x"], "match": "regex"}, "keyword '(x' is not a valid regular expression"),
+        ({"type": "comment", "keywords": [" "]}, "a keyword must not be blank"),
+        ({"type": "comment", "keywords": ["k" * 101]}, "is 101 characters long; the limit is 100"),
+        ({"type": "comment", "match": "fuzzy"}, "Input should be 'contains', 'exact' or 'regex'"),
+        ({"type": "comment", "media_ids": [" 1"]}, "media id ' 1' must not be blank or have surrounding spaces"),
+        ({"type": "comment", "only_top_level": "sometimes"}, "Input should be a valid boolean"),
+        ({"type": "comment", "keyword": ["x"]}, "trigger.comment.keyword: Extra inputs are not permitted"),
+        ({"type": "story_reply", "keywords": ["[a"], "match": "regex"}, "keyword '[a' is not a valid regular expression"),
+        ({"type": "story_reply", "public_replies": ["x"]}, "Extra inputs are not permitted"),
+        ({"type": "story_mention", "keywords": ["x"]}, "trigger.story_mention.keywords: Extra inputs are not permitted"),
+        ({"type": "ref_link"}, "trigger.ref_link.refs: Field required"),
+        ({"type": "ref_link", "refs": []}, "List should have at least 1 item"),
+        ({"type": "ref_link", "refs": ["x"] * 51}, "List should have at most 50 items"),
+        ({"type": "ref_link", "refs": ["r" * 101]}, "at most 100 characters"),
+        ({"type": "ref_link", "refs": [""]}, "at least 1 character"),
+        (
+            {"type": "ref_link", "refs": ["summer sale"]},
+            "ref 'summer sale' may only contain letters, digits, '*' (wildcard) and + / = - . : _",
+        ),
+    ],
+)
+def test_new_trigger_errors_are_precise(trigger, message):
+    errors = errors_of(example(trigger=trigger), AutomationCreate)
+    assert message in error_text(example(trigger=trigger), AutomationCreate)
+    assert len(errors) == 1
+    assert errors[0]["loc"][0] == "trigger"
 
 
 def test_unknown_and_missing_trigger_type():
@@ -612,8 +670,9 @@ def test_update_with_name_only_keeps_definition():
 def test_update_validates_its_parts_precisely():
     text = error_text({"steps": [{"id": "a", "type": "sendmessage", "text": "x"}]}, AutomationUpdate)
     assert "step 0 ('a'): unknown step type 'sendmessage'" in text
-    text = error_text({"trigger": {"type": "story_reply"}}, AutomationUpdate)
-    assert "trigger type 'story_reply' is not supported yet" in text
+    text = error_text({"trigger": {"type": "ref_link", "refs": []}}, AutomationUpdate)
+    assert "trigger.ref_link.refs: List should have at least 1 item" in text
+    assert AutomationUpdate.model_validate({"trigger": {"type": "story_reply"}}).trigger is not None
     assert "nmae: Extra inputs are not permitted" in error_text({"nmae": "x"}, AutomationUpdate)
     assert "at least 1 item" in error_text({"steps": []}, AutomationUpdate)
 
@@ -738,6 +797,139 @@ def test_api_triggers_paused_automations_and_other_kinds_never_match():
     assert chosen([auto("default", DEFAULT)], msg("hi", kind="reaction")) is None
     assert chosen([auto("default", DEFAULT)], msg("hi", kind="referral")) is None
     assert chosen([], msg("hi")) is None
+
+
+def comment(text: str = "", *, media_id: str = "m1", top: bool = True, comment_id: str = "c1") -> InboundEvent:
+    return InboundEvent(
+        event_id=f"comment:{comment_id}",
+        platform="instagram",
+        account_id="acc",
+        sender_id="u1",
+        kind="comment",
+        text=text,
+        comment_id=comment_id,
+        media_id=media_id,
+        is_top_level_comment=top,
+    )
+
+
+def event(kind: str = "message", text: str = "", **kw) -> InboundEvent:
+    return InboundEvent(event_id="e1", platform="instagram", account_id="acc", sender_id="u1", kind=kind, text=text, **kw)
+
+
+ANY_COMMENT = {"type": "comment"}
+COMMENT_LINK = {"type": "comment", "keywords": ["link"], "match": "contains"}
+COMMENT_LINK_EXACT = {"type": "comment", "keywords": ["link"], "match": "exact"}
+COMMENT_ON_M2 = {"type": "comment", "media_ids": ["m2"]}
+STORY_ANY = {"type": "story_reply"}
+STORY_PRICE = {"type": "story_reply", "keywords": ["price"]}
+MENTION = {"type": "story_mention"}
+REF_SUMMER = {"type": "ref_link", "refs": ["summer*"]}
+REF_EXACT = {"type": "ref_link", "refs": ["summer_sale"]}
+
+
+def test_comments_match_only_comment_triggers():
+    autos = [auto("default", DEFAULT), auto("kw", CONTAINS), auto("first", FIRST), auto("comment", ANY_COMMENT)]
+    assert chosen(autos, comment("price please"), first=True) == "comment"
+    assert chosen(autos[:3], comment("price please"), first=True) is None
+    # And comment triggers never fire for DMs.
+    assert chosen([auto("comment", ANY_COMMENT)], msg("hello"), first=True) is None
+
+
+def test_comment_media_and_keyword_filters():
+    autos = [auto("m2", COMMENT_ON_M2), auto("link", COMMENT_LINK)]
+    assert chosen(autos, comment("nice post", media_id="m2")) == "m2"
+    assert chosen(autos, comment("", media_id="m2")) == "m2"
+    assert chosen(autos, comment("send the LINK", media_id="m1")) == "link"
+    assert chosen(autos, comment("nice post", media_id="m1")) is None
+    # A keyword match beats "any comment", even on the named post.
+    assert chosen(autos, comment("send the LINK", media_id="m2")) == "link"
+    # Same keyword level: the trigger naming the post beats the any-post one, whatever the order.
+    on_post = auto("link_m2", {"type": "comment", "media_ids": ["m2"], "keywords": ["link"]})
+    assert chosen([auto("link", COMMENT_LINK), on_post], comment("link?", media_id="m2")) == "link_m2"
+    assert chosen([auto("link", COMMENT_LINK), on_post], comment("link?", media_id="m1")) == "link"
+    # Ties go to the first in list order.
+    assert chosen([auto("a", ANY_COMMENT), auto("b", ANY_COMMENT)], comment("hi")) == "a"
+    # Keyword specificity as for DMs: exact beats contains beats "any comment", whatever the order.
+    ranked = [auto("any", ANY_COMMENT), auto("contains", COMMENT_LINK), auto("exact", COMMENT_LINK_EXACT)]
+    assert chosen(ranked, comment("Link!")) == "exact"
+    assert chosen(ranked, comment("the link please")) == "contains"
+    assert chosen(ranked, comment("wow")) == "any"
+    # A Page post id "<page>_<post>" matches either form.
+    page_post = auto("page", {"type": "comment", "media_ids": ["900"]})
+    assert chosen([page_post], comment("hi", media_id="104_900")) == "page"
+    assert chosen([page_post], comment("hi", media_id="104_9000")) is None
+
+
+def test_comment_only_top_level():
+    autos = [auto("top", ANY_COMMENT)]
+    assert chosen(autos, comment("link", top=False)) is None
+    threads = auto("threads", {"type": "comment", "only_top_level": False})
+    assert chosen([*autos, threads], comment("link", top=False)) == "threads"
+    assert chosen([*autos, threads], comment("link", top=True)) == "top"
+
+
+def test_story_mentions():
+    autos = [auto("default", DEFAULT), auto("mention", MENTION), auto("mention2", MENTION)]
+    assert chosen(autos, event("story_mention", story_url="https://cdn/x"), first=True) == "mention"
+    assert chosen(autos[:1], event("story_mention", story_url="https://cdn/x"), first=True) is None
+    assert chosen([auto("mention", MENTION)], msg("hi")) is None
+
+
+def test_story_reply_comes_before_keywords_then_normal_rules():
+    autos = [auto("kw", EXACT), auto("default", DEFAULT), auto("story_price", STORY_PRICE), auto("story", STORY_ANY)]
+    story = "https://cdn/story"
+    assert chosen(autos, event(text="price", story_url=story)) == "story_price"
+    assert chosen(autos, event(text="so cute", story_url=story)) == "story"
+    assert chosen(autos, event(text="", story_url=story)) == "story"  # a sticker / emoji-only reply
+    # Without a story reply trigger: the normal DM rules.
+    dm_only = [auto("kw", EXACT), auto("default", DEFAULT), auto("story_price", STORY_PRICE)]
+    assert chosen(dm_only, event(text="price", story_url=story)) == "story_price"
+    assert chosen(dm_only, event(text="so cute", story_url=story)) == "default"
+    # A plain DM never matches a story reply trigger.
+    assert chosen(autos, msg("price")) == "kw"
+    assert chosen([auto("story", STORY_ANY)], msg("hi")) is None
+
+
+def test_ref_matches():
+    assert ref_matches("summer*", "summer_sale") and ref_matches("summer*", "SUMMER")
+    assert ref_matches("*sale", "summer_sale") and ref_matches("s*r_*e", "summer_sale")
+    assert ref_matches("*", "anything")
+    assert ref_matches("fb_ad_42", "FB_AD_42")
+    assert not ref_matches("summer*", "big_summer")
+    assert not ref_matches("fb_ad_4", "fb_ad_42")
+    assert not ref_matches("a.c", "abc")  # dots are literal
+    assert not ref_matches("summer*", "") and not ref_matches("", "x")
+
+
+def test_ref_link_beats_other_triggers():
+    autos = [auto("pb", {"type": "postback", "payloads": ["GET_STARTED"]}), auto("first", FIRST), auto("kw", CONTAINS), auto("ref", REF_SUMMER)]
+    assert chosen(autos, event("referral", ref="summer_2024"), first=True) == "ref"
+    assert chosen(autos, event("referral", ref="winter"), first=True) is None  # a bare referral starts nothing else
+    assert chosen(autos, event("postback", payload="GET_STARTED", ref="Summer1"), first=True) == "ref"
+    assert chosen(autos, event("postback", payload="GET_STARTED", ref="winter"), first=True) == "pb"
+    assert chosen(autos, event(text="price", ref="summer"), first=True) == "ref"
+    assert chosen(autos, event(text="price", ref="winter"), first=True) == "kw"
+    # A ref listed exactly beats a wildcard, whatever the order.
+    both = [auto("wild", REF_SUMMER), auto("exact", REF_EXACT)]
+    assert chosen(both, event("referral", ref="summer_sale")) == "exact"
+    assert chosen(both, event("referral", ref="summer_fun")) == "wild"
+    assert chosen([auto("paused", REF_SUMMER, status="paused")], event("referral", ref="summer")) is None
+
+
+def test_public_reply_text_is_stable_and_varies():
+    trigger = {"type": "comment", "public_replies": ["A", "B", "C"]}
+    ids = [f"1780000000000{i:04d}" for i in range(60)]
+    picks = [public_reply_text(trigger, cid) for cid in ids]
+    assert picks == [public_reply_text(trigger, cid) for cid in ids]  # replay-stable
+    assert set(picks) == {"A", "B", "C"}
+    assert public_reply_text({"type": "comment"}, "c1") == ""
+    assert public_reply_text({"type": "comment", "public_replies": []}, "c1") == ""
+    assert public_reply_text({"type": "comment", "public_replies": ["only"]}, "") == "only"
+    # Pinned values: changing the choice function would change replies on replay.
+    assert [public_reply_text(trigger, cid) for cid in ("17865799348089039", "c1", "")] == ["A", "C", "B"]
+    # Blank variants are skipped.
+    assert public_reply_text({"public_replies": ["  ", "X"]}, "17865799348089039") == "X"
 
 
 def test_select_works_on_a_validated_definition():

@@ -109,10 +109,10 @@ def test_instagram_batch_of_three_entries() -> None:
     assert isinstance(result, ParseResult)
     assert result.object == "instagram"
     kinds = [e.kind for e in result.events]
-    assert kinds == ["message", "message", "postback", "reaction", "seen"]
+    assert kinds == ["message", "message", "postback", "reaction", "seen", "comment"]
     assert all(e.platform == "instagram" and e.account_id == IG_ACCOUNT for e in result.events)
 
-    dm, quick, postback, reaction, seen = result.events
+    dm, quick, postback, reaction, seen, comment = result.events
     assert dm.event_id == "aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAw"
     assert dm.sender_id == IGSID_A
     assert dm.text == "Hi! Is the course still open?"
@@ -135,9 +135,15 @@ def test_instagram_batch_of_three_entries() -> None:
 
     assert seen.event_id == f"seen:{IGSID_B}:1718000000012"
 
-    assert ("aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAy", "echo of our own message") in result.ignored
-    assert ("17865799348089039", "changes field 'comments' not handled yet") in result.ignored
-    assert len(result.ignored) == 2
+    assert comment.event_id == "comment:17865799348089039"
+    assert comment.comment_id == "17865799348089039"
+    assert comment.media_id == "18000000000000001"
+    assert comment.sender_id == IGSID_B and comment.username == "jane.doe"
+    assert comment.text == "LINK please"
+    assert comment.is_top_level_comment is True
+    assert comment.timestamp_ms == 1718000000789  # the entry's time
+
+    assert result.ignored == [("aWdfZAG1faXRlbToxOklHTWVzc2FnZAUlEOjE3ODQxNDAy", "echo of our own message")]
 
 
 def test_story_mention_attachment_keeps_url_only() -> None:
@@ -171,6 +177,9 @@ def test_story_mention_attachment_keeps_url_only() -> None:
         ],
     }
     [event] = parse_meta_webhook(payload).events
+    assert event.kind == "story_mention"
+    assert event.event_id == "mid.story.1"
+    assert event.story_url == "https://lookaside.fbsbx.com/ig_messaging_cdn/?asset_id=1"
     assert event.text == ""
     assert event.attachments == [
         Attachment(type="story_mention", url="https://lookaside.fbsbx.com/ig_messaging_cdn/?asset_id=1"),
@@ -202,8 +211,237 @@ def test_instagram_referral_from_ig_me_link() -> None:
     assert event.event_id == f"referral:{IGSID_A}:1718000002000"
 
 
+def _ig_comment(value: dict, *, field: str = "comments", entry_id: str = IG_ACCOUNT, time: int = 1718000007000):
+    return {"object": "instagram", "entry": [{"id": entry_id, "time": time, "changes": [{"field": field, "value": value}]}]}
+
+
+COMMENT_VALUE = {
+    "from": {"id": IGSID_A, "username": "ana.l"},
+    "media": {"id": "18000000000000002", "media_product_type": "REELS"},
+    "id": "17800000000000010",
+    "text": "Send me the LINK",
+}
+
+
+def test_instagram_comment_event() -> None:
+    [event] = parse_meta_webhook(_ig_comment(copy.deepcopy(COMMENT_VALUE))).events
+    assert event.kind == "comment"
+    assert event.platform == "instagram" and event.account_id == IG_ACCOUNT
+    assert event.event_id == "comment:17800000000000010"
+    assert (event.sender_id, event.username, event.text) == (IGSID_A, "ana.l", "Send me the LINK")
+    assert (event.comment_id, event.media_id) == ("17800000000000010", "18000000000000002")
+    assert event.is_top_level_comment is True
+    assert event.timestamp_ms == 1718000007000
+    assert event.story_url == "" and event.ref == "" and event.payload == ""
+
+
+def test_instagram_entry_time_in_seconds_is_normalised_and_live_comments_count() -> None:
+    [event] = parse_meta_webhook(_ig_comment(copy.deepcopy(COMMENT_VALUE), time=1718000007)).events
+    assert event.timestamp_ms == 1718000007000
+    [live] = parse_meta_webhook(_ig_comment(copy.deepcopy(COMMENT_VALUE), field="live_comments")).events
+    assert live.kind == "comment" and live.comment_id == "17800000000000010"
+
+
+def test_reply_to_a_comment_is_not_top_level() -> None:
+    value = dict(copy.deepcopy(COMMENT_VALUE), parent_id="17800000000000001")
+    [event] = parse_meta_webhook(_ig_comment(value)).events
+    assert event.kind == "comment" and event.is_top_level_comment is False
+
+
+def test_own_and_broken_instagram_comments_are_ignored() -> None:
+    own = dict(copy.deepcopy(COMMENT_VALUE), **{"from": {"id": IG_ACCOUNT, "username": "acme"}})
+    result = parse_meta_webhook(_ig_comment(own))
+    assert result.events == []
+    assert result.ignored == [("17800000000000010", "own comment")]
+
+    no_from = {k: v for k, v in COMMENT_VALUE.items() if k != "from"}
+    assert parse_meta_webhook(_ig_comment(no_from)).ignored == [("17800000000000010", "comment without from.id")]
+    no_id = {k: v for k, v in COMMENT_VALUE.items() if k != "id"}
+    assert parse_meta_webhook(_ig_comment(no_id)).ignored == [("?", "comment without id")]
+
+
+def test_mentions_and_other_change_fields_are_ignored_with_a_reason() -> None:
+    mention = _ig_comment({"media_id": "18000000000000003", "comment_id": "17800000000000099"}, field="mentions")
+    result = parse_meta_webhook(mention)
+    assert result.events == []
+    assert result.ignored == [("17800000000000099", "mention in comment/caption not handled")]
+    other = parse_meta_webhook(_ig_comment({"id": "1"}, field="story_insights"))
+    assert other.ignored == [("1", "changes field 'story_insights' not handled yet")]
+    bad = parse_meta_webhook({"object": "instagram", "entry": [{"id": IG_ACCOUNT, "changes": ["x"]}]})
+    assert bad.ignored == [("?", "changes item is not an object")]
+
+
+def test_story_reply_is_a_message_with_the_story_url() -> None:
+    payload = {
+        "object": "instagram",
+        "entry": [
+            {
+                "id": IG_ACCOUNT,
+                "time": 1718000008000,
+                "messaging": [
+                    {
+                        "sender": {"id": IGSID_A},
+                        "recipient": {"id": IG_ACCOUNT},
+                        "timestamp": 1718000008000,
+                        "message": {
+                            "mid": "mid.storyreply.1",
+                            "text": "Love this! price?",
+                            "reply_to": {
+                                "story": {
+                                    "url": "https://lookaside.fbsbx.com/ig_messaging_cdn/?asset_id=2",
+                                    "id": "17900000000000001",
+                                }
+                            },
+                        },
+                    },
+                    {
+                        # A reply to an earlier message is not a story reply.
+                        "sender": {"id": IGSID_A},
+                        "recipient": {"id": IG_ACCOUNT},
+                        "timestamp": 1718000008001,
+                        "message": {"mid": "mid.reply.2", "text": "this one", "reply_to": {"mid": "mid.old"}},
+                    },
+                ],
+            }
+        ],
+    }
+    story, reply = parse_meta_webhook(payload).events
+    assert story.kind == "message" and story.event_id == "mid.storyreply.1"
+    assert story.text == "Love this! price?"
+    assert story.story_url == "https://lookaside.fbsbx.com/ig_messaging_cdn/?asset_id=2"
+    assert reply.kind == "message" and reply.story_url == ""
+
+
+def test_referral_inside_a_message_keeps_the_message_kind() -> None:
+    payload = {
+        "object": "page",
+        "entry": [
+            {
+                "id": "104512345678901",
+                "time": 1718000009000,
+                "messaging": [
+                    {
+                        "sender": {"id": "5432109876543210"},
+                        "recipient": {"id": "104512345678901"},
+                        "timestamp": 1718000009000,
+                        "message": {
+                            "mid": "m_ref1",
+                            "text": "hi",
+                            "referral": {"ref": "summer_sale", "source": "SHORTLINKS", "type": "OPEN_THREAD"},
+                        },
+                    },
+                    {
+                        "sender": {"id": "5432109876543210"},
+                        "recipient": {"id": "104512345678901"},
+                        "timestamp": 1718000009001,
+                        "referral": {"ref": "winter", "source": "SHORTLINKS", "type": "OPEN_THREAD"},
+                        "postback": {"mid": "m_pb1", "title": "Get Started", "payload": "GET_STARTED"},
+                    },
+                ],
+            }
+        ],
+    }
+    message, postback = parse_meta_webhook(payload).events
+    assert (message.kind, message.ref, message.text) == ("message", "summer_sale", "hi")
+    assert (postback.kind, postback.ref, postback.payload) == ("postback", "winter", "GET_STARTED")
+
+
 PAGE_ID = "104512345678901"
 PSID = "5432109876543210"
+POST_ID = f"{PAGE_ID}_900000000000001"
+
+
+def _page_feed(value: dict, *, time: int = 1718000010) -> dict:
+    return {"object": "page", "entry": [{"id": PAGE_ID, "time": time, "changes": [{"field": "feed", "value": value}]}]}
+
+
+def _feed_comment(**changes) -> dict:
+    value = {
+        "from": {"id": PSID, "name": "Ana Maria Lima"},
+        "post": {"status_type": "added_photos", "is_published": True, "id": POST_ID},
+        "message": "Interested! info please",
+        "post_id": POST_ID,
+        "comment_id": "900000000000001_700000000000001",
+        "created_time": 1718000010,
+        "item": "comment",
+        "parent_id": POST_ID,
+        "verb": "add",
+    }
+    value.update(changes)
+    return value
+
+
+def test_page_feed_comment_add() -> None:
+    [event] = parse_meta_webhook(_page_feed(_feed_comment())).events
+    assert event.kind == "comment" and event.platform == "messenger" and event.account_id == PAGE_ID
+    assert event.event_id == "comment:900000000000001_700000000000001"
+    assert event.comment_id == "900000000000001_700000000000001"
+    assert event.media_id == POST_ID
+    assert event.sender_id == PSID
+    assert (event.first_name, event.last_name) == ("Ana", "Maria Lima")
+    assert event.text == "Interested! info please"
+    assert event.is_top_level_comment is True
+    assert event.timestamp_ms == 1718000010000  # created_time is in seconds
+
+    # No parent_id at all: top level too. A reply to another comment: not top level.
+    no_parent = {k: v for k, v in _feed_comment().items() if k != "parent_id"}
+    assert parse_meta_webhook(_page_feed(no_parent)).events[0].is_top_level_comment is True
+    reply = _feed_comment(parent_id="900000000000001_700000000000000")
+    assert parse_meta_webhook(_page_feed(reply)).events[0].is_top_level_comment is False
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"verb": "edited"}, "comment edited"),
+        ({"verb": "remove"}, "comment deleted"),
+        ({"verb": "hide"}, "comment verb 'hide' not handled"),
+        ({"from": {"id": PAGE_ID, "name": "Acme"}}, "own comment"),
+        ({"from": {}}, "comment without from.id"),
+    ],
+)
+def test_page_feed_comment_edits_removals_and_own_comments_are_ignored(changes: dict, reason: str) -> None:
+    result = parse_meta_webhook(_page_feed(_feed_comment(**changes)))
+    assert result.events == []
+    assert result.ignored == [("900000000000001_700000000000001", reason)]
+
+
+def test_page_feed_other_items_are_ignored() -> None:
+    reaction = {"item": "reaction", "verb": "add", "post_id": POST_ID, "reaction_type": "like", "from": {"id": PSID}}
+    result = parse_meta_webhook(_page_feed(reaction))
+    assert result.events == [] and result.ignored == [(POST_ID, "feed item 'reaction' not handled")]
+
+
+def test_sandbox_payload_builders_parse() -> None:
+    from sandbox import payloads
+
+    [ig] = parse_meta_webhook(
+        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "link?", media_id="m1", comment_id="c1", username="ana")
+    ).events
+    assert (ig.kind, ig.comment_id, ig.media_id, ig.username, ig.is_top_level_comment) == (
+        "comment", "c1", "m1", "ana", True
+    )
+    [ig_reply] = parse_meta_webhook(
+        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "me too", media_id="m1", parent_id="c1")
+    ).events
+    assert ig_reply.is_top_level_comment is False and ig_reply.comment_id
+
+    [fb] = parse_meta_webhook(
+        payloads.page_comment(PAGE_ID, PSID, "info", post_id=POST_ID, comment_id="c2", name="Ana Lima")
+    ).events
+    assert (fb.kind, fb.comment_id, fb.media_id, fb.first_name, fb.is_top_level_comment) == (
+        "comment", "c2", POST_ID, "Ana", True
+    )
+    removed = parse_meta_webhook(payloads.page_comment(PAGE_ID, PSID, "", post_id=POST_ID, verb="remove"))
+    assert removed.events == [] and removed.ignored[0][1] == "comment deleted"
+
+    url = "https://lookaside.fbsbx.com/ig_messaging_cdn/?asset_id=3"
+    hook = payloads.instagram_webhook(
+        {IG_ACCOUNT: [payloads.story_reply(IG_ACCOUNT, IGSID_A, "wow", url), payloads.story_mention(IG_ACCOUNT, IGSID_A, url)]}
+    )
+    reply, mention = parse_meta_webhook(hook).events
+    assert (reply.kind, reply.text, reply.story_url) == ("message", "wow", url)
+    assert (mention.kind, mention.story_url, mention.text) == ("story_mention", url, "")
 
 MESSENGER_WEBHOOK = {
     "object": "page",

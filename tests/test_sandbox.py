@@ -440,3 +440,86 @@ def test_simulate_without_account_is_a_clear_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("VECTORY_DEMO_ACCOUNT", raising=False)
     assert simulate.main(["dm", "--text", "x", "--wait", "0"]) == 2
     assert "VECTORY_DEMO_ACCOUNT" in capsys.readouterr().err
+
+
+def test_private_reply_once_per_comment_and_public_replies_are_recorded(client: TestClient) -> None:
+    auth = {"Authorization": f"Bearer {IG_TOKEN}"}
+    url = f"/instagram/v21.0/{IG_ACCOUNT}/messages"
+    body = {"recipient": {"comment_id": "17800000000000010"}, "message": {"text": "Here is your link"}}
+
+    first = client.post(url, json=body, headers=auth)
+    assert first.status_code == 200
+    assert first.json()["recipient_id"] == "17800000000000010" and first.json()["message_id"].startswith("m_")
+
+    again = client.post(url, json={**body, "message": {"text": "And again"}}, headers=auth)
+    assert again.status_code == 400
+    error = again.json()["error"]
+    assert error["code"] == 10900 and error["message"] == "(#10900) Activity already replied to"
+    assert error["type"] == "OAuthException" and error["fbtrace_id"]
+
+    # Another comment gets its own private reply; a normal DM to the person is not limited.
+    other = {"recipient": {"comment_id": "17800000000000011"}, "message": {"text": "Link"}}
+    assert client.post(url, json=other, headers=auth).status_code == 200
+    assert _send(client, "follow-up").status_code == 200
+
+    replies = client.get("/_sandbox/private_replies").json()["replies"]
+    assert [(r["comment_id"], r["message"]["text"]) for r in replies] == [
+        ("17800000000000010", "Here is your link"),
+        ("17800000000000011", "Link"),
+    ]
+    assert replies[0]["account_id"] == IG_ACCOUNT
+    # A failed send (invalid body) does not use up the comment's private reply.
+    bad = client.post(url, json={"recipient": {"comment_id": "17800000000000012"}, "message": {}}, headers=auth)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == 100
+    third = {"recipient": {"comment_id": "17800000000000012"}, "message": {"text": "ok"}}
+    assert client.post(url, json=third, headers=auth).status_code == 200
+
+    # Messenger (Page) private replies follow the same rule.
+    page_url = f"/graph/v21.0/{PAGE_ID}/messages"
+    page_body = {"recipient": {"comment_id": "900_700"}, "message": {"text": "Hi"}}
+    page_auth = {"Authorization": f"Bearer {PAGE_TOKEN}"}
+    assert client.post(page_url, json=page_body, headers=page_auth).status_code == 200
+    assert client.post(page_url, json=page_body, headers=page_auth).json()["error"]["code"] == 10900
+
+    # Public replies: Instagram /replies and Page /comments record the text.
+    ig = client.post("/instagram/v21.0/17800000000000010/replies", headers=auth, json={"message": "Check your DMs!"})
+    fb = client.post("/graph/v21.0/900_700/comments", headers=page_auth, json={"message": "Sent!"})
+    assert ig.status_code == 200 and fb.status_code == 200 and ig.json()["id"] != fb.json()["id"]
+    public = client.get("/_sandbox/comment_replies").json()["replies"]
+    assert [(r["comment_id"], r["message"], r["platform"]) for r in public] == [
+        ("17800000000000010", "Check your DMs!", "instagram"),
+        ("900_700", "Sent!", "messenger"),
+    ]
+    empty = client.post("/instagram/v21.0/17800000000000010/replies", headers=auth, json={"message": " "})
+    assert empty.status_code == 400
+
+    client.post("/_sandbox/reset")
+    assert client.get("/_sandbox/private_replies").json() == {"replies": []}
+
+
+def test_comment_and_story_payload_builders() -> None:
+    hook = payloads.instagram_comment(IG_ACCOUNT, "555", "link?", media_id="m1", username="ann")
+    [entry] = hook["entry"]
+    assert hook["object"] == "instagram" and entry["id"] == IG_ACCOUNT and entry["time"] > 0
+    [change] = entry["changes"]
+    assert change["field"] == "comments"
+    value = change["value"]
+    assert value["from"] == {"id": "555", "username": "ann"} and value["media"]["id"] == "m1"
+    assert value["id"] and value["text"] == "link?" and "parent_id" not in value
+    reply = payloads.instagram_comment(IG_ACCOUNT, "555", "x", media_id="m1", comment_id="c9", parent_id="c1")
+    assert reply["entry"][0]["changes"][0]["value"]["parent_id"] == "c1"
+    assert reply["entry"][0]["changes"][0]["value"]["id"] == "c9"
+
+    page = payloads.page_comment(PAGE_ID, "777", "info", post_id=f"{PAGE_ID}_1", name="Ana Lima")
+    assert page["object"] == "page"
+    [change] = page["entry"][0]["changes"]
+    assert change["field"] == "feed"
+    value = change["value"]
+    assert (value["item"], value["verb"], value["parent_id"]) == ("comment", "add", f"{PAGE_ID}_1")
+    assert value["from"] == {"id": "777", "name": "Ana Lima"} and value["comment_id"].startswith("1_")
+
+    story = payloads.story_reply(IG_ACCOUNT, "555", "wow", "https://cdn/s.mp4")
+    assert story["message"]["text"] == "wow" and story["message"]["reply_to"]["story"]["url"] == "https://cdn/s.mp4"
+    mention = payloads.story_mention(IG_ACCOUNT, "555", "https://cdn/m.jpg")
+    assert mention["message"]["attachments"] == [{"type": "story_mention", "payload": {"url": "https://cdn/m.jpg"}}]
+    assert "text" not in mention["message"]

@@ -119,6 +119,7 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
         profiles.fetch_profile,
         messaging.send_message,
         messaging.acknowledge_callback,
+        messaging.reply_to_comment,
         ai.generate_reply,
         channels.verify_channel,
         channels.subscribe_webhooks,

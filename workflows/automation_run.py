@@ -360,7 +360,9 @@ class AutomationRunWorkflow:
         definition = self._input.automation.definition.get("trigger", {})
         if trigger is None or not trigger.is_top_level_comment or not definition.get("public_replies"):
             return
-        text = flowrt.public_reply_text(definition, trigger.comment_id)
+        text = flowrt.render(
+            flowrt.public_reply_text(definition, trigger.comment_id), self._contact, self._input.context
+        )
         try:
             await workflow.execute_activity(
                 "reply_to_comment",

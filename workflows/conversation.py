@@ -14,6 +14,7 @@ import hashlib
 from collections import deque
 
 from temporalio import workflow
+from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import ActivityError, FailureError, WorkflowAlreadyStartedError
 from temporalio.workflow import ParentClosePolicy
 
@@ -56,6 +57,10 @@ with workflow.unsafe.imports_passed_through():
     )
 
 MAX_SEEN_EVENT_IDS = 1000
+# Events that can start an automation; of those, the ones that answer a run
+# waiting for input (a comment is not an answer to a DM question).
+TRIGGERING_KINDS = ("message", "postback", "comment", "story_mention", "referral")
+REPLY_KINDS = ("message", "postback")
 EVENTS_BEFORE_CONTINUE_AS_NEW = 2000
 
 
@@ -239,8 +244,8 @@ class ConversationWorkflow:
         )
 
     async def _route(self, event: InboundEvent, record: RecordInboundResult, *, may_forward: bool) -> None:
-        if event.kind not in ("message", "postback"):
-            return  # reactions, seen, referrals: recorded, not triggering
+        if event.kind not in TRIGGERING_KINDS:
+            return  # reactions, seen: recorded, not triggering
         contact = record.contact
         assert contact is not None
         if contact.processing_restricted or contact.consent_withdrawn:
@@ -249,7 +254,7 @@ class ConversationWorkflow:
             self._takeover = True
             return  # a human owns the conversation until resumed
 
-        if may_forward and self._active is not None and self._active.accepting_input:
+        if may_forward and event.kind in REPLY_KINDS and self._active is not None and self._active.accepting_input:
             if await self._forward(event):
                 return
 
@@ -260,8 +265,14 @@ class ConversationWorkflow:
             return
         if contact.is_new and not contact.first_name and self._input.platform != "telegram":
             contact = await self._fetch_profile(contact)
-        run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, event.event_id)
-        await self._start_run(run_id, automation, contact, trigger=event, context={})
+        if event.kind == "comment":
+            # Once per commenter, per post, per automation: the run id is the key.
+            run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, f"media:{event.media_id}")
+            reuse = WorkflowIDReusePolicy.REJECT_DUPLICATE
+        else:
+            run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, event.event_id)
+            reuse = WorkflowIDReusePolicy.ALLOW_DUPLICATE
+        await self._start_run(run_id, automation, contact, trigger=event, context={}, id_reuse_policy=reuse)
 
     async def _on_api_start(self, signal: StartAutomationSignal) -> None:
         if not self._remember(f"api:{signal.run_id}"):
@@ -326,15 +337,14 @@ class ConversationWorkflow:
         *,
         trigger: InboundEvent | None,
         context: dict,
+        id_reuse_policy: WorkflowIDReusePolicy = WorkflowIDReusePolicy.ALLOW_DUPLICATE,
     ) -> None:
-        if self._active is not None:
-            # A new trigger supersedes a run that is not waiting for this person.
-            previous = self._active.workflow_id
-            self._active = None
-            try:
-                await workflow.get_external_workflow_handle(previous).cancel()
-            except FailureError:
-                pass  # it already finished
+        # A new trigger supersedes a run that is not waiting for this person;
+        # newer code cancels it only once the new run has really started (a
+        # comment that already had its run must not cancel anything).
+        start_first = workflow.patched("start-before-supersede")
+        if not start_first:
+            await self._supersede_active()
         try:
             handle = await workflow.start_child_workflow(
                 AUTOMATION_RUN_WORKFLOW,
@@ -350,6 +360,7 @@ class ConversationWorkflow:
                     context=context,
                 ),
                 id=run_id,
+                id_reuse_policy=id_reuse_policy,
                 parent_close_policy=ParentClosePolicy.ABANDON,
                 search_attributes=search_attributes(
                     self._input.workspace_id,
@@ -365,7 +376,19 @@ class ConversationWorkflow:
         # its result is consumed here only so a terminated run is not logged
         # as an unretrieved exception.
         handle.add_done_callback(_consume_result)
+        if start_first:
+            await self._supersede_active()
         self._active = ActiveRun(workflow_id=run_id, automation_id=automation.id)
+
+    async def _supersede_active(self) -> None:
+        if self._active is None:
+            return
+        previous = self._active.workflow_id
+        self._active = None
+        try:
+            await workflow.get_external_workflow_handle(previous).cancel()
+        except FailureError:
+            pass  # it already finished
 
     def _acknowledge(self, callback_query_id: str) -> None:
         """Fire-and-forget: answer a Telegram button press (spinner off)."""

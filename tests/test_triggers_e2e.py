@@ -1,0 +1,95 @@
+"""Comment → DM, story mentions and replies, ig.me ref links, end to end."""
+
+from __future__ import annotations
+
+import asyncio
+
+from sandbox import payloads
+
+from helpers import (
+    connect_instagram,
+    create_automation,
+    create_tenant,
+    new_sender,
+    post_meta,
+    sandbox_messages,
+    send_dm,
+    text_of,
+    wait_for,
+    wait_for_messages,
+)
+
+
+async def private_replies(stack, comment_id=None):
+    calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": "/messages"})).json()["calls"]
+    return [c for c in calls if c["status"] < 400 and "comment_id" in (c["json"] or {}).get("recipient", {})
+            and (comment_id is None or c["json"]["recipient"]["comment_id"] == comment_id)]
+
+
+async def test_comment_keyword_gets_one_private_reply_a_public_reply_and_the_flow_waits_for_the_person(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"],
+        {"type": "comment", "media_ids": ["media_1"], "keywords": ["guide"],
+         "public_replies": ["Sent you a DM!", "Check your inbox!"]},
+        [{"id": "dm", "type": "send_message", "text": "Here is the guide: https://example.com/guide"},
+         {"id": "more", "type": "send_message", "text": "Want the advanced version too?"}],
+    )
+    person = new_sender()
+    r = await post_meta(stack, payloads.instagram_comment(account_id, person, "GUIDE please", media_id="media_1",
+                                                          comment_id="c_1"))
+    assert r.status_code == 200 and r.json()["dispatched"] == 1
+
+    async def replied():
+        return await private_replies(stack, "c_1")
+
+    calls = await wait_for(replied)
+    assert calls and text_of(calls[0]) == "Here is the guide: https://example.com/guide"
+    async def public_replies():
+        return [p for p in (await stack.sandbox.get("/_sandbox/comment_replies")).json()["replies"]
+                if p["comment_id"] == "c_1"]
+
+    public = await wait_for(public_replies)
+    assert len(public) == 1 and public[0]["message"] in ("Sent you a DM!", "Check your inbox!")
+
+    # Same person, same post, same automation: no second private reply.
+    await post_meta(stack, payloads.instagram_comment(account_id, person, "guide again", media_id="media_1",
+                                                      comment_id="c_2"))
+    # The account's own comment never triggers.
+    await post_meta(stack, payloads.instagram_comment(account_id, account_id, "guide", media_id="media_1",
+                                                      comment_id="c_3"))
+    await asyncio.sleep(1.5)
+    assert len(await private_replies(stack, "c_1")) == 1
+    assert await private_replies(stack, "c_2") == [] and await private_replies(stack, "c_3") == []
+    # The second step waits: a private reply opens no window until the person writes.
+    assert await sandbox_messages(stack, person) == []
+    await send_dm(stack, account_id, person, "thanks!")
+    calls = await wait_for_messages(stack, person, 1)
+    assert text_of(calls[0]) == "Want the advanced version too?"
+
+
+async def test_story_mention_and_ref_link_trigger_their_automations(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "story_mention"},
+                            [{"id": "s", "type": "send_message", "text": "Thanks for the mention!"}])
+    await create_automation(stack, tenant, channel["id"], {"type": "ref_link", "refs": ["summer*"]},
+                            [{"id": "r", "type": "send_message", "text": "Summer sale: 20% off"}])
+    await create_automation(stack, tenant, channel["id"], {"type": "story_reply"},
+                            [{"id": "sr", "type": "send_message", "text": "Glad you liked the story"}])
+    fan, visitor, replier = new_sender(), new_sender(), new_sender()
+    mention = payloads.story_mention(account_id, fan, "https://cdn.example/story/1.jpg")
+    await post_meta(stack, payloads.instagram_webhook({account_id: [mention]}))
+    link = payloads.referral(account_id, visitor, "SUMMER_2026")
+    await post_meta(stack, payloads.instagram_webhook({account_id: [link]}))
+    reply = payloads.story_reply(account_id, replier, "love it", "https://cdn.example/story/2.jpg")
+    await post_meta(stack, payloads.instagram_webhook({account_id: [reply]}))
+    assert text_of((await wait_for_messages(stack, fan, 1))[0]) == "Thanks for the mention!"
+    assert text_of((await wait_for_messages(stack, visitor, 1))[0]) == "Summer sale: 20% off"
+    assert text_of((await wait_for_messages(stack, replier, 1))[0]) == "Glad you liked the story"
+    # The mention is logged with its CDN URL, never the media.
+    contacts = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()["data"]
+    fan_contact = next(c for c in contacts if c["external_id"] == fan)
+    log = (await stack.api.get(f"/v1/contacts/{fan_contact['id']}/messages", headers=tenant.headers)).json()
+    assert log["data"][-1]["kind"] == "story_mention"

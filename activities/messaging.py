@@ -23,9 +23,18 @@ from core.platforms import (
     build_meta_message,
     build_telegram_message,
 )
+from core.ratelimit import Budget, RateLimiter, public_reply_budgets, send_budgets
+from core.settings import Settings, get_settings
 
 STANDARD_WINDOW = timedelta(hours=24)
 HUMAN_AGENT_WINDOW = timedelta(days=7)
+
+# Rate limits (core/ratelimit.py): a wait up to RATE_WAIT_INLINE is slept in
+# the activity (at most RATE_WAIT_TOTAL in all, well inside SEND_TIMEOUT); a
+# longer one fails the attempt with a retryable ``RateLimited`` whose
+# next_retry_delay is the wait, so Temporal holds the send durably.
+RATE_WAIT_INLINE = 2.0
+RATE_WAIT_TOTAL = 10.0
 
 
 class MessagingActivities:
@@ -36,12 +45,33 @@ class MessagingActivities:
         graph: GraphClient,
         instagram: GraphClient,
         telegram: TelegramClient,
+        settings: Settings | None = None,
     ):
         self.engine = engine
         self.vault = vault
         self.graph = graph
         self.instagram = instagram
         self.telegram = telegram
+        self.settings = settings or get_settings()
+        self.limiter = RateLimiter(engine)
+
+    async def _take_rate_budget(self, budgets: list[Budget]) -> None:
+        """Take one cell of every budget (all or nothing, durable in the
+        database). Short waits are slept here; a longer one raises a
+        retryable ``RateLimited`` with the wait as next_retry_delay."""
+        waited = 0.0
+        while True:
+            wait, key = await asyncio.to_thread(self.limiter.reserve, budgets)
+            if wait <= 0:
+                return
+            if wait > RATE_WAIT_INLINE or waited + wait > RATE_WAIT_TOTAL:
+                raise ApplicationError(
+                    f"rate limit {key}: next slot in {wait:.1f}s",
+                    type="RateLimited",
+                    next_retry_delay=timedelta(seconds=wait),
+                )
+            await asyncio.sleep(wait)
+            waited += wait
 
     def _existing_send(self, key: str) -> str | None:
         with Session(self.engine) as db:
@@ -111,6 +141,7 @@ class MessagingActivities:
             load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
         )
         client = self.instagram if creds.platform == "instagram" else self.graph
+        await self._take_rate_budget(public_reply_budgets(creds.external_id))
         try:
             reply_id = await client.reply_to_comment(input.comment_id, creds.token, input.text)
         except PlatformError as err:
@@ -134,6 +165,10 @@ class MessagingActivities:
         Before calling the platform, the idempotency record is checked: an
         attempt that finds a recorded platform message id returns it without
         sending again. The record is written as soon as the platform accepts.
+        After the idempotency and window checks and before the platform call,
+        one cell of each rate budget is taken (``send_budgets``): a send over
+        budget is delayed (slept, or retried by Temporal after the wait),
+        never dropped.
         """
         existing = await asyncio.to_thread(self._existing_send, input.idempotency_key)
         if existing is not None:
@@ -143,6 +178,16 @@ class MessagingActivities:
         )
         if creds.platform != "telegram" and not input.comment_id:
             await asyncio.to_thread(self._check_window, input)
+        await self._take_rate_budget(
+            send_budgets(
+                creds.platform,
+                creds.external_id,
+                input.recipient_id,
+                private_reply=bool(input.comment_id),
+                human=input.human_agent,
+                settings=self.settings,
+            )
+        )
         # The log orders by the moment we asked the platform to deliver, not
         # when its answer came back (the person may already be replying).
         sent_at = utcnow()

@@ -31,6 +31,7 @@ from core.db import (
     AuditEntry,
     Automation,
     AutomationVersion,
+    Broadcast,
     Channel,
     Contact,
     ErasureJob,
@@ -41,6 +42,7 @@ from core.db import (
     Workspace,
     utcnow,
 )
+from core.ratelimit import buckets_of
 
 OPEN_RUN_STATES = ("running", "waiting")
 
@@ -148,6 +150,10 @@ class PrivacyActivities:
                 "audit_unlinked",
                 update(AuditEntry).where(col(AuditEntry.target).in_(contact_ids)).values(target="erased-contact"),
             )
+            for contact in contacts:  # Telegram per-chat buckets name the chat id
+                channel = db.get(Channel, contact.channel_id)
+                if channel is not None and channel.platform == "telegram":
+                    run("rate_buckets", buckets_of([channel.external_id], chat_id=contact.external_id))
             run("contacts", delete(Contact).where(col(Contact.id).in_(contact_ids)))
             if input.scope in ("channels", "workspace"):
                 channel_ids = input.channel_ids
@@ -166,9 +172,16 @@ class PrivacyActivities:
                     delete(AutomationVersion).where(col(AutomationVersion.automation_id).in_(automation_ids)),
                 )
                 run("automations", delete(Automation).where(col(Automation.id).in_(automation_ids)))
+                accounts = [
+                    a for a in db.exec(select(Channel.external_id).where(col(Channel.id).in_(channel_ids))).all() if a
+                ]
+                if accounts:
+                    run("rate_buckets", buckets_of(accounts))
+                run("broadcasts", delete(Broadcast).where(col(Broadcast.channel_id).in_(channel_ids)))
                 run("channels", delete(Channel).where(col(Channel.id).in_(channel_ids)))
             if input.scope == "workspace":
                 run("ai_usage", delete(AiUsage).where(AiUsage.workspace_id == input.workspace_id))
+                run("broadcasts", delete(Broadcast).where(Broadcast.workspace_id == input.workspace_id))
                 run("workspaces", delete(Workspace).where(Workspace.id == input.workspace_id))
             db.commit()
             if self.engine.dialect.name == "sqlite":

@@ -13,6 +13,7 @@ from temporalio.client import Client
 from api.inbox import run_relay
 from api.routes import (
     automations,
+    broadcasts,
     channels,
     codec,
     contacts,
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.vault = TokenVault(settings.keyring())
     app.state.keys = KeyStore(app.state.engine, app.state.vault)
     app.state.temporal = temporal
-    for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops):
+    for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops, broadcasts):
         app.include_router(module.router)
 
     if settings.codec_cors_origins:

@@ -21,6 +21,7 @@ ERASE_CONTACT_WORKFLOW = "EraseContact"
 ERASE_CHANNELS_WORKFLOW = "EraseChannels"
 ERASE_WORKSPACE_WORKFLOW = "EraseWorkspace"
 RETENTION_SWEEP_WORKFLOW = "RetentionSweep"
+BROADCAST_WORKFLOW = "Broadcast"
 
 ERASURE_WORKFLOWS = {
     "contact": ERASE_CONTACT_WORKFLOW,
@@ -436,3 +437,51 @@ class RetentionInput:
 class RetentionResult:
     messages_deleted: int = 0
     runs_deleted: int = 0
+
+
+@dataclass
+class BroadcastInput:
+    """Carried across continue-as-new: the cursor and the counts so far."""
+
+    broadcast_id: str
+    workspace_id: str
+    channel_id: str
+    text: str
+    segment: dict[str, Any] = field(default_factory=dict)
+    after_contact_id: str = ""
+    sent: int = 0
+    failed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class BroadcastPageInput:
+    broadcast_id: str
+    workspace_id: str
+    channel_id: str
+    segment: dict[str, Any] = field(default_factory=dict)
+    after_contact_id: str = ""
+    limit: int = 200
+    now_iso: str = ""
+
+
+@dataclass
+class Recipient:
+    contact_id: str
+    external_id: str
+
+
+@dataclass
+class BroadcastPage:
+    recipients: list[Recipient] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (restricted, outside_window, ...)
+    next_after: str = ""  # "" when this was the last page
+
+
+@dataclass
+class BroadcastProgress:
+    broadcast_id: str
+    status: str
+    sent: int = 0
+    failed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)

@@ -176,6 +176,23 @@ class ErasureJob(SQLModel, table=True):
     completed_at: datetime | None = None
 
 
+class Broadcast(SQLModel, table=True):
+    """A message sent to a segment of a channel's contacts (BroadcastWorkflow)."""
+
+    id: str = Field(primary_key=True)
+    workspace_id: str = Field(index=True, foreign_key="workspace.id")
+    channel_id: str = Field(index=True)
+    name: str = ""
+    text: str = Field(sa_column=Column(Text, nullable=False))
+    segment: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    status: str = "queued"  # queued | running | completed | cancelled | failed
+    sent: int = 0
+    failed: int = 0
+    skipped: dict[str, int] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    finished_at: datetime | None = None
+
+
 class InboxEvent(SQLModel, table=True):
     """A verified webhook event held while Temporal is unreachable; the
     relay hands it to its conversation and deletes it (durable inbox)."""
@@ -199,6 +216,19 @@ class DataKey(SQLModel, table=True):
     wrapped: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     created_at: datetime = Field(default_factory=utcnow)
     destroyed_at: datetime | None = None
+
+
+class RateBucket(SQLModel, table=True):
+    """One outbound rate-limit bucket (GCRA, ``core.ratelimit``).
+
+    ``tat`` is the theoretical arrival time (epoch seconds) of the next cell.
+    A row whose ``tat`` is in the past behaves exactly like a missing row,
+    so such rows can be deleted at any time (``RateLimiter.prune``).
+    """
+
+    key: str = Field(primary_key=True)  # e.g. "meta:dm:<account id>", "tg:chat:<bot id>:<chat id>"
+    tat: float
+    updated_at: datetime = Field(default_factory=utcnow)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

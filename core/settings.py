@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     codec_cors_origins: str = "http://127.0.0.1:8233,http://localhost:8233"
     max_webhook_body_bytes: int = 4 * 1024 * 1024
     http_timeout_seconds: float = 15.0
+    # Automated Instagram/Messenger DMs per connected account per hour (a
+    # burst of this many, then evenly spaced; durable across workers, see
+    # core/ratelimit.py). Human-agent messages and private replies have their
+    # own budgets. 0 disables this budget (benchmarks).
+    automated_dm_per_hour: int = Field(200, ge=0)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

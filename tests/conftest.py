@@ -142,6 +142,9 @@ async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Pa
         telegram_api_url=f"{sandbox_url}/telegram",
         ai_model="sandbox-model",
         codec_token=CODEC_TOKEN,
+        # Budgets are tested on their own (test_ratelimit.py); off here so
+        # bulk tests are not paced by the 200/hour default.
+        automated_dm_per_hour=0,
     )
     # The worker and the API refuse an unmigrated database (engine_for).
     migrate(database_url)

@@ -32,6 +32,7 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ai import AiActivities
+from activities.broadcasts import BroadcastActivities
 from activities.channels import ChannelActivities
 from activities.crm import CrmActivities, ProfileActivities
 from activities.messaging import MessagingActivities
@@ -45,6 +46,7 @@ from core.platforms import GraphClient, TelegramClient
 from core.settings import Settings, get_settings
 from core.temporal import connect
 from workflows.automation_run import AutomationRunWorkflow
+from workflows.broadcast import BroadcastWorkflow
 from workflows.channel import ConnectChannelWorkflow, DisconnectChannelWorkflow
 from workflows.conversation import ConversationWorkflow
 from workflows.privacy import (
@@ -63,6 +65,7 @@ WORKFLOWS = [
     EraseChannelsWorkflow,
     EraseWorkspaceWorkflow,
     RetentionSweepWorkflow,
+    BroadcastWorkflow,
 ]
 
 RETENTION_SCHEDULE_ID = "retention-sweep"
@@ -98,13 +101,16 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
     telegram = TelegramClient(deps.http, settings.telegram_api_url)
     crm = CrmActivities(deps.engine)
     profiles = ProfileActivities(deps.engine, deps.vault, graph, instagram)
-    messaging = MessagingActivities(deps.engine, deps.vault, graph, instagram, telegram)
+    messaging = MessagingActivities(deps.engine, deps.vault, graph, instagram, telegram, settings)
     ai = AiActivities(deps.engine, deps.ai, settings.ai_model, settings.ai_history_messages)
     channels = ChannelActivities(
         deps.engine, deps.vault, graph, instagram, telegram, settings.public_url, temporal=client
     )
     privacy = PrivacyActivities(deps.engine, deps.keys, temporal=client)
+    broadcasts = BroadcastActivities(deps.engine)
     return [
+        broadcasts.load_broadcast_page,
+        broadcasts.record_broadcast_progress,
         privacy.set_erasure_status,
         privacy.list_erasure_channels,
         privacy.stop_subject_workflows,

@@ -33,14 +33,28 @@ def search_attributes(
 DB_TIMEOUT = timedelta(seconds=15)
 DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5), maximum_attempts=5)
 
-# Sends: throttling advice (next_retry_delay) overrides the backoff; clean
-# 4xx, invalid tokens and window errors are non-retryable at the source.
+# Sends: throttling advice (next_retry_delay: the platform's, or our own
+# rate limits' "RateLimited" with the wait until the next slot) overrides the
+# backoff; clean 4xx, invalid tokens and window errors are non-retryable at
+# the source. Attempts are unlimited (0): an hourly budget can hold a send
+# for longer than any fixed count of attempts would cover, and nothing may
+# be dropped; the non-retryable types above are what end the loop (a send
+# delayed past the messaging window fails the window check on its retry).
 SEND_TIMEOUT = timedelta(seconds=30)
 SEND_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=5),
-    maximum_attempts=25,
+    maximum_attempts=0,
+    non_retryable_error_types=["TokenInvalid", "OutsideMessagingWindow", "PlatformRejected", "ChannelUnavailable"],
+)
+
+# Best-effort or interactive sends (Telegram button acknowledgements, a
+# teammate waiting for the API answer): a few attempts, then report.
+INTERACTIVE_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=10),
+    maximum_attempts=5,
     non_retryable_error_types=["TokenInvalid", "OutsideMessagingWindow", "PlatformRejected", "ChannelUnavailable"],
 )
 

@@ -47,9 +47,9 @@ with workflow.unsafe.imports_passed_through():
     from workflows.common import (
         DB_RETRY,
         DB_TIMEOUT,
+        INTERACTIVE_RETRY,
         PROFILE_RETRY,
         PROFILE_TIMEOUT,
-        SEND_RETRY,
         SEND_TIMEOUT,
         root_message,
         root_type,
@@ -142,7 +142,7 @@ class ConversationWorkflow:
                 ),
                 result_type=SendMessageResult,
                 start_to_close_timeout=SEND_TIMEOUT,
-                retry_policy=SEND_RETRY,
+                retry_policy=INTERACTIVE_RETRY,
             )
         except ActivityError as err:
             skipped = root_type(err) == "OutsideMessagingWindow"
@@ -396,7 +396,7 @@ class ConversationWorkflow:
             "acknowledge_callback",
             AckCallbackInput(channel_id=self._input.channel_id, callback_query_id=callback_query_id),
             start_to_close_timeout=SEND_TIMEOUT,
-            retry_policy=SEND_RETRY,
+            retry_policy=INTERACTIVE_RETRY,
         )
         self._pending_acks.add(task)
         task.add_done_callback(self._ack_done)

@@ -31,6 +31,7 @@ from core.db import (
     AuditEntry,
     Automation,
     AutomationVersion,
+    Broadcast,
     Channel,
     Contact,
     ErasureJob,
@@ -88,12 +89,14 @@ EXPORTED_TABLES: dict[str, TableExport] = {
     "aiusage": TableExport(AiUsage, "workspace_id", contact_key="ai_usage", contact_scope="run_id"),
     "auditentry": TableExport(AuditEntry, "workspace_id", contact_key="audit", contact_scope="target"),
     "erasurejob": TableExport(ErasureJob, "workspace_id"),
+    "broadcast": TableExport(Broadcast, "workspace_id"),
 }
 
 NOT_EXPORTED: dict[str, str] = {
     "datakey": "encryption keys (wrapped by the master keyring); credentials, not personal data",
     "sendrecord": "idempotency records of outbound sends: only ids, already exported as the message log",
     "inboxevent": "transient: webhook events held while Temporal is unreachable, deleted once relayed",
+    "ratebucket": "transient rate-limit state (platform account and chat ids); deleted on erasure",
 }
 
 

@@ -1,0 +1,167 @@
+"""Broadcasts: one message to a segment, as a durable fan-out workflow."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+from fastapi import APIRouter, HTTPException, status
+from pydantic import BaseModel, Field
+from sqlmodel import col, select
+from temporalio.service import RPCError, RPCStatusCode
+
+from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from core.audit import audit
+from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress
+from core.db import Broadcast, Channel, new_id
+from workflows.common import search_attributes
+
+router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
+
+
+class Segment(BaseModel):
+    model_config = {"extra": "forbid"}
+    tags_any: list[str] = Field(default_factory=list, max_length=50)
+    tags_all: list[str] = Field(default_factory=list, max_length=50)
+    tags_none: list[str] = Field(default_factory=list, max_length=50)
+    fields: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    last_seen_within_hours: float | None = Field(None, gt=0, le=24 * 365)
+
+
+class BroadcastCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+    channel_id: str
+    name: str = Field("", max_length=200)
+    text: str = Field(min_length=1, max_length=1000)
+    segment: Segment = Field(default_factory=Segment)
+
+
+class BroadcastPublic(BaseModel):
+    id: str
+    channel_id: str
+    name: str
+    status: str
+    sent: int
+    failed: int
+    skipped: dict[str, int] = Field(description="Contacts not messaged, by reason (restricted, outside_window, ...).")
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class BroadcastList(BaseModel):
+    data: list[BroadcastPublic]
+    count: int
+
+
+def public(b: Broadcast, live: BroadcastProgress | None = None) -> BroadcastPublic:
+    return BroadcastPublic(
+        id=b.id,
+        channel_id=b.channel_id,
+        name=b.name,
+        status=live.status if live else b.status,
+        sent=live.sent if live else b.sent,
+        failed=live.failed if live else b.failed,
+        skipped=dict(live.skipped if live else b.skipped or {}),
+        created_at=b.created_at,
+        finished_at=b.finished_at,
+    )
+
+
+def workflow_id(b: Broadcast) -> str:
+    return f"{b.workspace_id}/broadcast/{b.id}"
+
+
+def get_owned(session, workspace_id: str, broadcast_id: str) -> Broadcast:
+    b = session.get(Broadcast, broadcast_id)
+    if b is None or b.workspace_id != workspace_id:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "broadcast not found")
+    return b
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=BroadcastPublic,
+    operation_id="create_broadcast",
+    summary="Send a message to a segment of a channel's contacts",
+    description=(
+        "Runs as a durable Broadcast workflow that respects the 24-hour window and the rate limits; "
+        "contacts that are restricted, handed to a human or outside the window are skipped and counted."
+    ),
+)
+async def create_broadcast(
+    body: BroadcastCreate, workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep, settings: SettingsDep
+) -> BroadcastPublic:
+    channel = session.get(Channel, body.channel_id)
+    if channel is None or channel.workspace_id != workspace.id:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"no channel {body.channel_id!r} in this workspace")
+    if channel.status != "active":
+        raise HTTPException(status.HTTP_409_CONFLICT, "the channel is not active")
+    b = Broadcast(
+        id=new_id("bc"),
+        workspace_id=workspace.id,
+        channel_id=channel.id,
+        name=body.name,
+        text=body.text,
+        segment=body.segment.model_dump(exclude_defaults=True),
+    )
+    session.add(b)
+    audit(session, workspace.id, "api_key", "broadcast.create", b.id)
+    session.commit()
+    await temporal.start_workflow(
+        BROADCAST_WORKFLOW,
+        BroadcastInput(
+            broadcast_id=b.id, workspace_id=workspace.id, channel_id=channel.id, text=b.text, segment=b.segment
+        ),
+        id=workflow_id(b),
+        task_queue=settings.task_queue,
+        search_attributes=search_attributes(workspace.id, channel.id, platform=channel.platform),
+    )
+    return public(b)
+
+
+@router.get("", response_model=BroadcastList, operation_id="list_broadcasts", summary="List broadcasts")
+def list_broadcasts(workspace: CurrentWorkspace, session: SessionDep) -> BroadcastList:
+    rows = session.exec(
+        select(Broadcast).where(Broadcast.workspace_id == workspace.id).order_by(col(Broadcast.created_at).desc())
+    ).all()
+    return BroadcastList(data=[public(b) for b in rows], count=len(rows))
+
+
+@router.get("/{broadcast_id}", response_model=BroadcastPublic, operation_id="get_broadcast", summary="Progress")
+async def get_broadcast(
+    broadcast_id: str, workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep
+) -> BroadcastPublic:
+    b = get_owned(session, workspace.id, broadcast_id)
+    if b.status in ("completed", "cancelled", "failed"):
+        return public(b)
+    try:
+        live = await asyncio.wait_for(
+            temporal.get_workflow_handle(workflow_id(b)).query("progress", result_type=BroadcastProgress), 5
+        )
+    except Exception:  # worker busy or unreachable: the last recorded progress
+        return public(b)
+    return public(b, live)
+
+
+@router.post(
+    "/{broadcast_id}/cancel",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=BroadcastPublic,
+    operation_id="cancel_broadcast",
+    summary="Cancel a broadcast (messages already sent stay sent)",
+)
+async def cancel_broadcast(
+    broadcast_id: str, workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep
+) -> BroadcastPublic:
+    b = get_owned(session, workspace.id, broadcast_id)
+    if b.status in ("completed", "cancelled", "failed"):
+        return public(b)
+    try:
+        await temporal.get_workflow_handle(workflow_id(b)).cancel()
+    except RPCError as err:
+        if err.status != RPCStatusCode.NOT_FOUND:
+            raise
+    audit(session, workspace.id, "api_key", "broadcast.cancel", b.id)
+    session.commit()
+    return public(b)

@@ -1,0 +1,118 @@
+"""Broadcasts: segment, skips with reasons, progress, cancel, continue-as-new."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime, timedelta
+
+from sqlmodel import Session
+from temporalio.client import WorkflowExecutionStatus
+
+from core.contracts import contact_id_for
+from core.db import Contact
+
+from helpers import connect_instagram, create_tenant, sandbox_messages, text_of, wait_for
+
+
+def add_contacts(stack, tenant, channel_id, n, *, tags=(), ago=timedelta(hours=1), **flags) -> list[str]:
+    ids = []
+    with Session(stack.deps.engine) as db:
+        for _ in range(n):
+            external = str(10**15 + secrets.randbelow(10**15))
+            db.add(Contact(id=contact_id_for(channel_id, external), workspace_id=tenant.workspace_id,
+                           channel_id=channel_id, external_id=external, tags=list(tags),
+                           last_inbound_at=datetime.now(UTC) - ago, **flags))
+            ids.append(external)
+        db.commit()
+    return ids
+
+
+async def finished(stack, tenant, broadcast_id, timeout=60):
+    async def done():
+        b = (await stack.api.get(f"/v1/broadcasts/{broadcast_id}", headers=tenant.headers)).json()
+        return b["status"] in ("completed", "cancelled", "failed") and b
+    return await wait_for(done, timeout=timeout, interval=0.3)
+
+
+async def test_broadcast_reaches_the_segment_and_counts_skips_with_reasons(stack):
+    tenant = await create_tenant(stack)
+    channel, _, _ = await connect_instagram(stack, tenant)
+    vips = add_contacts(stack, tenant, channel["id"], 3, tags=["VIP"])
+    restricted = add_contacts(stack, tenant, channel["id"], 1, tags=["vip"], processing_restricted=True)
+    stale = add_contacts(stack, tenant, channel["id"], 1, tags=["vip"], ago=timedelta(hours=30))
+    others = add_contacts(stack, tenant, channel["id"], 2, tags=["regular"])
+    r = await stack.api.post("/v1/broadcasts", headers=tenant.headers, json={
+        "channel_id": channel["id"], "name": "VIP drop", "text": "New collection is live!",
+        "segment": {"tags_any": ["vip"]},
+    })
+    assert r.status_code == 202, r.text
+    b = await finished(stack, tenant, r.json()["id"])
+    assert b and b["status"] == "completed"
+    assert (b["sent"], b["failed"], b["skipped"]) == (3, 0, {"restricted": 1, "outside_window": 1})
+    for person in vips:
+        calls = await sandbox_messages(stack, person)
+        assert [text_of(c) for c in calls] == ["New collection is live!"]
+    for person in restricted + stale + others:
+        assert await sandbox_messages(stack, person) == []
+    listing = (await stack.api.get("/v1/broadcasts", headers=tenant.headers)).json()
+    assert listing["count"] == 1 and listing["data"][0]["name"] == "VIP drop"
+
+
+async def test_broadcast_bad_input_and_tenancy(stack):
+    tenant = await create_tenant(stack)
+    other = await create_tenant(stack, "Other")
+    channel, _, _ = await connect_instagram(stack, tenant)
+    bad = [
+        {"channel_id": channel["id"], "text": ""},
+        {"channel_id": channel["id"], "text": "x", "segment": {"tags_sometimes": ["a"]}},
+        {"channel_id": "ch_nope", "text": "x"},
+    ]
+    for body in bad:
+        assert (await stack.api.post("/v1/broadcasts", json=body, headers=tenant.headers)).status_code == 422
+    r = await stack.api.post("/v1/broadcasts", json={"channel_id": channel["id"], "text": "x"}, headers=other.headers)
+    assert r.status_code == 422
+    r = await stack.api.post("/v1/broadcasts", json={"channel_id": channel["id"], "text": "hi"}, headers=tenant.headers)
+    assert (await stack.api.get(f"/v1/broadcasts/{r.json()['id']}", headers=other.headers)).status_code == 404
+    assert (await stack.api.post(f"/v1/broadcasts/{r.json()['id']}/cancel", headers=other.headers)).status_code == 404
+
+
+async def test_broadcast_can_be_cancelled_midway(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    add_contacts(stack, tenant, channel["id"], 60, tags=["all"])
+    await stack.sandbox.post("/_sandbox/faults", json={
+        "service": "instagram", "path_contains": f"/{account_id}/messages", "kind": "timeout",
+        "delay_seconds": 0.5, "times": -1,
+    })
+    try:
+        r = await stack.api.post("/v1/broadcasts", headers=tenant.headers,
+                                 json={"channel_id": channel["id"], "text": "slow news"})
+        bid = r.json()["id"]
+
+        async def started():
+            b = (await stack.api.get(f"/v1/broadcasts/{bid}", headers=tenant.headers)).json()
+            return b["sent"] > 0
+        await wait_for(started, timeout=30)
+        r = await stack.api.post(f"/v1/broadcasts/{bid}/cancel", headers=tenant.headers)
+        assert r.status_code == 202
+        b = await finished(stack, tenant, bid)
+        assert b and b["status"] == "cancelled" and 0 < b["sent"] < 60
+    finally:
+        await stack.sandbox.delete("/_sandbox/faults")
+
+
+async def test_large_broadcast_continues_as_new_and_sends_each_contact_once(stack):
+    tenant = await create_tenant(stack)
+    channel, _, _ = await connect_instagram(stack, tenant)
+    people = add_contacts(stack, tenant, channel["id"], 1100, tags=["all"])
+    r = await stack.api.post("/v1/broadcasts", headers=tenant.headers,
+                             json={"channel_id": channel["id"], "text": "Big news"})
+    bid = r.json()["id"]
+    b = await finished(stack, tenant, bid, timeout=180)
+    assert b and (b["status"], b["sent"], b["failed"]) == ("completed", 1100, 0)
+    wf_id = f"{tenant.workspace_id}/broadcast/{bid}"
+    runs = [wf async for wf in stack.client.list_workflows(f"WorkflowId = '{wf_id}'")]
+    assert len(runs) >= 2  # continued as new at least once
+    assert any(w.status == WorkflowExecutionStatus.CONTINUED_AS_NEW for w in runs)
+    for person in people[:20] + people[-20:]:
+        assert len(await sandbox_messages(stack, person)) == 1

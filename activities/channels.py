@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from datetime import datetime, timedelta
 
 from sqlalchemy import Engine, text
 from sqlmodel import Session, select
@@ -16,15 +17,18 @@ from activities.common import (
     load_credentials,
     set_channel_status,
     to_application_error,
+    token_context,
     webhook_secret_context,
 )
-from core.audit import audit_now
+from core.audit import audit, audit_now
 from core.contracts import (
     ChannelRef,
     ChannelStatusInput,
     ChannelVerified,
     ConnectChannelInput,
     PurgeDataInput,
+    RefreshTokensInput,
+    RefreshTokensResult,
     RevokeResult,
     StopWorkflowsResult,
     conversation_workflow_id,
@@ -42,6 +46,7 @@ MESSENGER_FIELDS = [
     "messages", "messaging_postbacks", "messaging_referrals", "message_reads", "message_reactions", "feed",
 ]
 TELEGRAM_UPDATES = ["message", "callback_query"]
+INSTAGRAM_TOKEN_LIFETIME = timedelta(days=60)
 
 
 class ChannelActivities:
@@ -105,6 +110,10 @@ class ChannelActivities:
             channel.external_id = external_id
             if not channel.name:
                 channel.name = name
+            if channel.platform == "instagram":
+                # Instagram Login long-lived tokens live 60 days; the daily
+                # RefreshTokens schedule renews them well before.
+                channel.token_expires_at = utcnow() + INSTAGRAM_TOKEN_LIFETIME
             channel.updated_at = utcnow()
             db.add(channel)
             db.commit()
@@ -194,6 +203,57 @@ class ChannelActivities:
             db.commit()
             if self.engine.dialect.name == "sqlite":
                 db.exec(text("PRAGMA wal_checkpoint(TRUNCATE)"))  # type: ignore[call-overload]
+
+    @activity.defn(name="refresh_expiring_tokens")
+    async def refresh_expiring_tokens(self, input: RefreshTokensInput) -> RefreshTokensResult:
+        """Renew Instagram long-lived tokens that expire within the horizon.
+        A token the platform rejects marks its channel ``needs_reconnect``."""
+        now = datetime.fromisoformat(input.now_iso) if input.now_iso else utcnow()
+        ids = await asyncio.to_thread(self._expiring, now + timedelta(days=input.within_days))
+        result = RefreshTokensResult()
+        for channel_id in ids:
+            activity.heartbeat(result.refreshed)
+            try:
+                creds = await asyncio.to_thread(
+                    load_credentials, self.engine, self.vault, channel_id, allow_statuses={"active"}
+                )
+                token, expires_in = await self.instagram.refresh_long_lived_token(creds.token)
+            except PlatformError as err:
+                to_application_error(err, engine=self.engine, channel_id=channel_id)  # marks needs_reconnect on 190
+                result.failed.append(channel_id)
+                continue
+            except ApplicationError:
+                result.failed.append(channel_id)
+                continue
+            await asyncio.to_thread(self._store_refreshed, creds.workspace_id, channel_id, token, expires_in)
+            result.refreshed += 1
+        return result
+
+    def _expiring(self, horizon: datetime) -> list[str]:
+        with Session(self.engine) as db:
+            rows = db.exec(
+                select(Channel.id).where(
+                    Channel.platform == "instagram",
+                    Channel.status == "active",
+                    Channel.token_expires_at.is_not(None),  # type: ignore[union-attr]
+                    Channel.token_expires_at < horizon,  # type: ignore[operator]
+                )
+            ).all()
+            return list(rows)
+
+    def _store_refreshed(self, workspace_id: str, channel_id: str, token: str, expires_in: int) -> None:
+        with Session(self.engine) as db:
+            channel = db.get(Channel, channel_id)
+            if channel is None:
+                return
+            channel.token_ciphertext = self.vault.encrypt(token, token_context(channel_id))
+            channel.token_expires_at = utcnow() + (
+                timedelta(seconds=expires_in) if expires_in else INSTAGRAM_TOKEN_LIFETIME
+            )
+            channel.updated_at = utcnow()
+            db.add(channel)
+            audit(db, workspace_id, "worker", "token.refresh", channel_id)
+            db.commit()
 
     @activity.defn(name="stop_channel_workflows")
     async def stop_channel_workflows(self, input: ChannelRef) -> StopWorkflowsResult:

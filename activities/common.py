@@ -9,6 +9,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session
 from temporalio.exceptions import ApplicationError
 
+from core.audit import audit
 from core.crypto import TokenVault
 from core.db import Channel, utcnow
 from core.platforms import PlatformError
@@ -66,10 +67,14 @@ def set_channel_status(engine: Engine, channel_id: str, status: str, detail: str
         channel = db.get(Channel, channel_id)
         if channel is None:
             return
+        changed = channel.status != status
         channel.status = status
         channel.status_detail = detail
         channel.updated_at = utcnow()
         db.add(channel)
+        if changed and status == "needs_reconnect":
+            # The business sees why its automations paused (GET /v1/audit, channel status).
+            audit(db, channel.workspace_id, "worker", "channel.needs_reconnect", channel.id, detail)
         db.commit()
 
 

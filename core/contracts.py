@@ -22,6 +22,7 @@ ERASE_CHANNELS_WORKFLOW = "EraseChannels"
 ERASE_WORKSPACE_WORKFLOW = "EraseWorkspace"
 RETENTION_SWEEP_WORKFLOW = "RetentionSweep"
 BROADCAST_WORKFLOW = "Broadcast"
+REFRESH_TOKENS_WORKFLOW = "RefreshTokens"
 
 ERASURE_WORKFLOWS = {
     "contact": ERASE_CONTACT_WORKFLOW,
@@ -485,3 +486,17 @@ class BroadcastProgress:
     sent: int = 0
     failed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class RefreshTokensInput:
+    """Refresh tokens expiring before now + ``within_days`` (the daily schedule)."""
+
+    within_days: int = 10
+    now_iso: str = ""
+
+
+@dataclass
+class RefreshTokensResult:
+    refreshed: int = 0
+    failed: list[str] = field(default_factory=list)  # channel ids (reason in the channel's status detail)

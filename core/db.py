@@ -52,6 +52,8 @@ class Channel(SQLModel, table=True):
     status_detail: str = ""
     token_ciphertext: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     webhook_secret_ciphertext: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    # Instagram Login long-lived tokens expire after 60 days; refreshed before.
+    token_expires_at: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

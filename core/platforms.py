@@ -276,9 +276,10 @@ class GraphClient:
         *,
         params: dict[str, str] | None = None,
         json: dict[str, Any] | None = None,
+        versioned: bool = True,
     ) -> Any:
         _check_token(token, "meta")
-        url = f"{self._base}/{self._version}/{path}"
+        url = f"{self._base}/{self._version}/{path}" if versioned else f"{self._base}/{path}"
         action = f"graph {method} {path}"
         failure: PlatformError | None = None
         try:
@@ -340,6 +341,17 @@ class GraphClient:
             # Not retryable: the message may well have been delivered.
             raise PlatformError("rejected", "send API response without message_id")
         return str(message_id)
+
+    async def refresh_long_lived_token(self, token: str) -> tuple[str, int]:
+        """Instagram Login: exchange a long-lived token (older than 24 h) for a
+        fresh 60-day one. Returns (token, expires_in seconds)."""
+        body = await self._call(
+            "GET", "refresh_access_token", token, params={"grant_type": "ig_refresh_token"}, versioned=False
+        )
+        new_token = body.get("access_token") if isinstance(body, dict) else None
+        if not new_token:
+            raise PlatformError("rejected", "token refresh response without access_token")
+        return str(new_token), int(body.get("expires_in") or 0)
 
     async def reply_to_comment(self, comment_id: str, token: str, text: str) -> str:
         """Public reply under a comment (top-level comments only)."""

@@ -115,6 +115,7 @@ class SandboxState:
         self.webhooks: dict[str, dict[str, Any]] = {}  # by bot id
         self.subscriptions: dict[str, list[str]] = {}  # by account id
         self.comment_replies: list[dict[str, Any]] = []  # public replies
+        self.refreshes: list[dict[str, Any]] = []  # long-lived token refreshes
         self.private_replies: dict[str, dict[str, Any]] = {}  # by comment id: one each
         self.telegram_message_ids: dict[str, int] = {}
 
@@ -370,6 +371,14 @@ def create_app() -> FastAPI:
             if account is None or account.revoked or account.platform not in META_PLATFORMS:
                 return _invalid_token()
             segments = [s for s in rest.split("/") if s]
+            if segments == ["refresh_access_token"] and service == "instagram":
+                # Instagram Login long-lived tokens: a fresh 60-day token, the old one stays valid.
+                if params.get("grant_type") != "ig_refresh_token":
+                    return _param_error("(#100) grant_type must be ig_refresh_token")
+                new_token = f"IGAA{secrets.token_hex(24)}"
+                state.accounts[new_token] = account
+                state.refreshes.append({"account_id": account.account_id, "at": time.time()})
+                return Outcome(200, {"access_token": new_token, "token_type": "bearer", "expires_in": 5184000})
             if len(segments) < 2:
                 return _unsupported(method, segments[0] if segments else "")
             parts = segments[1:]

@@ -210,10 +210,10 @@ async def test_audit_log_records_actions_without_content_and_attestation_is_requ
 
 
 async def test_retention_schedule_is_created_once_and_runs_daily(stack):
-    from workers.main import RETENTION_SCHEDULE_ID, ensure_retention_schedule
+    from workers.main import RETENTION_SCHEDULE_ID, ensure_schedules
 
-    await ensure_retention_schedule(stack.client, stack.settings)
-    await ensure_retention_schedule(stack.client, stack.settings)  # idempotent
+    await ensure_schedules(stack.client, stack.settings)
+    await ensure_schedules(stack.client, stack.settings)  # idempotent
     description = await stack.client.get_schedule_handle(RETENTION_SCHEDULE_ID).describe()
     assert description.schedule.spec.intervals[0].every == timedelta(days=1)
     assert description.schedule.action.workflow == RETENTION_SWEEP_WORKFLOW

@@ -38,7 +38,12 @@ from activities.crm import CrmActivities, ProfileActivities
 from activities.messaging import MessagingActivities
 from activities.privacy import PrivacyActivities
 from core.codec import KeyStore, data_converter
-from core.contracts import RETENTION_SWEEP_WORKFLOW, RetentionSweepInput
+from core.contracts import (
+    REFRESH_TOKENS_WORKFLOW,
+    RETENTION_SWEEP_WORKFLOW,
+    RefreshTokensInput,
+    RetentionSweepInput,
+)
 from core.crypto import TokenVault
 from core.db import DatabaseNotMigrated, engine_for
 from core.observability import configure_logging, serve_metrics, start_worker_metrics
@@ -47,7 +52,7 @@ from core.settings import Settings, get_settings
 from core.temporal import connect
 from workflows.automation_run import AutomationRunWorkflow
 from workflows.broadcast import BroadcastWorkflow
-from workflows.channel import ConnectChannelWorkflow, DisconnectChannelWorkflow
+from workflows.channel import ConnectChannelWorkflow, DisconnectChannelWorkflow, RefreshTokensWorkflow
 from workflows.conversation import ConversationWorkflow
 from workflows.privacy import (
     EraseChannelsWorkflow,
@@ -66,9 +71,11 @@ WORKFLOWS = [
     EraseWorkspaceWorkflow,
     RetentionSweepWorkflow,
     BroadcastWorkflow,
+    RefreshTokensWorkflow,
 ]
 
 RETENTION_SCHEDULE_ID = "retention-sweep"
+TOKEN_REFRESH_SCHEDULE_ID = "token-refresh"
 
 log = logging.getLogger("vectory.worker")
 
@@ -133,6 +140,7 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
         channels.revoke_token,
         channels.purge_data,
         channels.stop_channel_workflows,
+        channels.refresh_expiring_tokens,
     ]
 
 
@@ -144,20 +152,25 @@ def workflow_runner() -> SandboxedWorkflowRunner:
     )
 
 
-async def ensure_retention_schedule(client: Client, settings: Settings) -> None:
-    """Create the daily RetentionSweep schedule once (idempotent)."""
-    schedule = Schedule(
-        action=ScheduleActionStartWorkflow(
-            RETENTION_SWEEP_WORKFLOW, RetentionSweepInput(), id="retention-sweep-run", task_queue=settings.task_queue
-        ),
-        spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(days=1))]),
-        policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
-    )
-    try:
-        await client.create_schedule(RETENTION_SCHEDULE_ID, schedule)
-        log.info("created the daily retention schedule %r", RETENTION_SCHEDULE_ID)
-    except ScheduleAlreadyRunningError:
-        pass
+async def ensure_schedules(client: Client, settings: Settings) -> None:
+    """Create the daily schedules once (idempotent): retention sweep and
+    long-lived token refresh."""
+    for schedule_id, workflow_name, arg in (
+        (RETENTION_SCHEDULE_ID, RETENTION_SWEEP_WORKFLOW, RetentionSweepInput()),
+        (TOKEN_REFRESH_SCHEDULE_ID, REFRESH_TOKENS_WORKFLOW, RefreshTokensInput()),
+    ):
+        schedule = Schedule(
+            action=ScheduleActionStartWorkflow(
+                workflow_name, arg, id=f"{schedule_id}-run", task_queue=settings.task_queue
+            ),
+            spec=ScheduleSpec(intervals=[ScheduleIntervalSpec(every=timedelta(days=1))]),
+            policy=SchedulePolicy(overlap=ScheduleOverlapPolicy.SKIP),
+        )
+        try:
+            await client.create_schedule(schedule_id, schedule)
+            log.info("created the daily schedule %r", schedule_id)
+        except ScheduleAlreadyRunningError:
+            pass
 
 
 def build_worker(client: Client, settings: Settings, deps: WorkerDeps, *, task_queue: str | None = None, **kwargs) -> Worker:
@@ -193,7 +206,7 @@ async def amain() -> None:
     deps = build_deps(settings)
     client = await connect(settings, data_converter(deps.keys), runtime=runtime)
     worker = build_worker(client, settings, deps)
-    await ensure_retention_schedule(client, settings)
+    await ensure_schedules(client, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -9,6 +9,7 @@ with workflow.unsafe.imports_passed_through():
     from core.contracts import (
         CONNECT_CHANNEL_WORKFLOW,
         DISCONNECT_CHANNEL_WORKFLOW,
+        REFRESH_TOKENS_WORKFLOW,
         ChannelRef,
         ChannelStatusInput,
         ChannelVerified,
@@ -16,6 +17,8 @@ with workflow.unsafe.imports_passed_through():
         ConnectResult,
         DisconnectResult,
         PurgeDataInput,
+        RefreshTokensInput,
+        RefreshTokensResult,
         RevokeResult,
         StopWorkflowsResult,
     )
@@ -115,3 +118,20 @@ class DisconnectChannelWorkflow:
             retry_policy=DB_RETRY,
         )
         return DisconnectResult(revoked=revoke.revoked, stopped_workflows=stopped.stopped, detail=revoke.detail)
+
+
+@workflow.defn(name=REFRESH_TOKENS_WORKFLOW)
+class RefreshTokensWorkflow:
+    """Started daily by the ``token-refresh`` schedule: renews long-lived
+    Instagram tokens ten days before they expire."""
+
+    @workflow.run
+    async def run(self, input: RefreshTokensInput) -> RefreshTokensResult:
+        return await workflow.execute_activity(
+            "refresh_expiring_tokens",
+            RefreshTokensInput(within_days=input.within_days, now_iso=input.now_iso or workflow.now().isoformat()),
+            result_type=RefreshTokensResult,
+            start_to_close_timeout=PLATFORM_TIMEOUT * 20,
+            heartbeat_timeout=PLATFORM_TIMEOUT * 2,
+            retry_policy=DB_RETRY,
+        )

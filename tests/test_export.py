@@ -31,7 +31,7 @@ CONTACT_EXPORT_ALLOWED_GAPS: dict[str, str] = {
 }
 
 # Columns whose names look secret but hold no credential.
-NOT_SECRET = {("aiusage", "prompt_tokens"), ("aiusage", "completion_tokens")}
+NOT_SECRET = {("aiusage", "prompt_tokens"), ("aiusage", "completion_tokens"), ("channel", "token_expires_at")}
 SECRET_MARKERS = ("token", "secret", "api_key", "ciphertext", "password", "wrapped")
 
 

@@ -23,6 +23,25 @@ MAX_CONCURRENT_SIGNALS = 64
 SIGNAL_RPC_TIMEOUT = timedelta(seconds=3)
 
 
+def _conversation_start(task_queue: str, channel: Channel, contact_external_id: str) -> dict:
+    """Arguments that start a contact's conversation if it is not running."""
+    contact_id = contact_id_for(channel.id, contact_external_id)
+    return {
+        "workflow": CONVERSATION_WORKFLOW,
+        "arg": ConversationInput(
+            workspace_id=channel.workspace_id,
+            channel_id=channel.id,
+            platform=channel.platform,
+            contact_id=contact_id,
+            contact_external_id=contact_external_id,
+        ),
+        "id": conversation_workflow_id(channel.workspace_id, channel.id, contact_id),
+        "task_queue": task_queue,
+        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
+        "search_attributes": search_attributes(channel.workspace_id, channel.id, contact_id, "", channel.platform),
+    }
+
+
 async def signal_conversation(
     client: Client,
     task_queue: str,
@@ -31,46 +50,24 @@ async def signal_conversation(
     signal: str,
     arg: object,
 ) -> str:
-    contact_id = contact_id_for(channel.id, contact_external_id)
-    workflow_id = conversation_workflow_id(channel.workspace_id, channel.id, contact_id)
+    """Signal-with-start the contact's conversation; returns its workflow id."""
+    start = _conversation_start(task_queue, channel, contact_external_id)
     await client.start_workflow(
-        CONVERSATION_WORKFLOW,
-        ConversationInput(
-            workspace_id=channel.workspace_id,
-            channel_id=channel.id,
-            platform=channel.platform,
-            contact_id=contact_id,
-            contact_external_id=contact_external_id,
-        ),
-        id=workflow_id,
-        task_queue=task_queue,
+        start.pop("workflow"),
+        start.pop("arg"),
         start_signal=signal,
         start_signal_args=[arg],
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        search_attributes=search_attributes(channel.workspace_id, channel.id, contact_id, "", channel.platform),
         # Fail fast when Temporal is down: the webhook keeps the event in the inbox.
         rpc_timeout=SIGNAL_RPC_TIMEOUT,
+        **start,
     )
-    return workflow_id
+    return start["id"]
 
 
 def conversation_start(task_queue: str, channel: Channel, contact_external_id: str) -> WithStartWorkflowOperation:
     """Start-if-missing operation for a contact's conversation (update-with-start)."""
-    contact_id = contact_id_for(channel.id, contact_external_id)
-    return WithStartWorkflowOperation(
-        CONVERSATION_WORKFLOW,
-        ConversationInput(
-            workspace_id=channel.workspace_id,
-            channel_id=channel.id,
-            platform=channel.platform,
-            contact_id=contact_id,
-            contact_external_id=contact_external_id,
-        ),
-        id=conversation_workflow_id(channel.workspace_id, channel.id, contact_id),
-        task_queue=task_queue,
-        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        search_attributes=search_attributes(channel.workspace_id, channel.id, contact_id, "", channel.platform),
-    )
+    start = _conversation_start(task_queue, channel, contact_external_id)
+    return WithStartWorkflowOperation(start.pop("workflow"), start.pop("arg"), **start)
 
 
 async def dispatch_events(

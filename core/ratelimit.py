@@ -52,6 +52,15 @@ MIN_WAIT = 0.001
 _TABLE = RateBucket.__table__  # type: ignore[attr-defined]
 
 
+def capped(key: str, limit: int, window: float) -> Budget:
+    """A bucket that never lets more than ``limit`` cells through in ANY
+    window of ``window`` seconds. GCRA admits at most ``burst + W/interval``
+    cells in a window W, so half the limit is the burst and the other half
+    is paced over the window."""
+    burst = max(1, limit // 2)
+    return (key, window / (limit - burst), burst)
+
+
 def send_budgets(
     platform: str, account_id: str, chat_id: str, *, private_reply: bool, human: bool, settings: Any
 ) -> list[Budget]:
@@ -62,34 +71,31 @@ def send_budgets(
 
     - Telegram: ``tg:chat:<bot>:<chat>`` 1/s and ``tg:bot:<bot>`` 30/s
       (platform limits: they apply to human-written messages too).
-    - Meta: always the Send API cap ``meta:send:<account>`` (300/s, burst 300).
+    - Meta: always the Send API cap ``meta:send:<account>`` (300 in any second).
       Human-agent messages draw from nothing else. Private replies to
       comments (Instagram's 750/hour; applied to Messenger pages too) draw
       from ``meta:private:<account>`` instead of the automated-DM budget
-      ``meta:dm:<account>`` (``settings.automated_dm_per_hour``, burst of the
-      same size; 0 disables it).
+      ``meta:dm:<account>`` (``settings.automated_dm_per_hour`` in any hour;
+      0 disables it). Every cap holds over any window, not only on average.
     """
     if platform == "telegram":
         return [
             (f"tg:chat:{account_id}:{chat_id}", TELEGRAM_CHAT_INTERVAL, 1),
             (f"tg:bot:{account_id}", TELEGRAM_BOT_INTERVAL, 1),
         ]
-    budgets: list[Budget] = [(f"meta:send:{account_id}", 1.0 / META_SEND_PER_SECOND, META_SEND_PER_SECOND)]
+    budgets: list[Budget] = [capped(f"meta:send:{account_id}", META_SEND_PER_SECOND, 1.0)]
     if human:
         return budgets
     if private_reply:
-        budgets.append(
-            (f"meta:private:{account_id}", 3600.0 / META_PRIVATE_REPLIES_PER_HOUR, META_PRIVATE_REPLIES_PER_HOUR)
-        )
+        budgets.append(capped(f"meta:private:{account_id}", META_PRIVATE_REPLIES_PER_HOUR, 3600.0))
     elif settings.automated_dm_per_hour > 0:
-        limit = int(settings.automated_dm_per_hour)
-        budgets.append((f"meta:dm:{account_id}", 3600.0 / limit, limit))
+        budgets.append(capped(f"meta:dm:{account_id}", int(settings.automated_dm_per_hour), 3600.0))
     return budgets
 
 
 def public_reply_budgets(account_id: str) -> list[Budget]:
     """A public reply under a comment: the Send API cap only."""
-    return [(f"meta:send:{account_id}", 1.0 / META_SEND_PER_SECOND, META_SEND_PER_SECOND)]
+    return [capped(f"meta:send:{account_id}", META_SEND_PER_SECOND, 1.0)]
 
 
 def buckets_of(account_ids: Sequence[str], chat_id: str | None = None) -> Delete:

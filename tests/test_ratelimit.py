@@ -300,12 +300,13 @@ def test_send_budgets_per_platform_and_kind():
     assert send_budgets("telegram", "555", "42", private_reply=False, human=True, settings=settings) == tg
 
     dm = send_budgets("instagram", "178", "igsid", private_reply=False, human=False, settings=settings)
-    assert dm == [("meta:send:178", pytest.approx(1 / 300), 300), ("meta:dm:178", pytest.approx(30.0), 120)]
+    # Caps hold over any window: half the limit as burst, the rest paced.
+    assert dm == [("meta:send:178", pytest.approx(1 / 150), 150), ("meta:dm:178", pytest.approx(60.0), 60)]
     assert send_budgets("messenger", "pg", "psid", private_reply=False, human=False, settings=settings)[1][0] == "meta:dm:pg"
     private = send_budgets("instagram", "178", "igsid", private_reply=True, human=False, settings=settings)
-    assert private == [("meta:send:178", pytest.approx(1 / 300), 300), ("meta:private:178", pytest.approx(4.8), 750)]
+    assert private == [("meta:send:178", pytest.approx(1 / 150), 150), ("meta:private:178", pytest.approx(3600 / 375), 375)]
     human = send_budgets("instagram", "178", "igsid", private_reply=False, human=True, settings=settings)
-    assert human == [("meta:send:178", pytest.approx(1 / 300), 300)]
+    assert human == [("meta:send:178", pytest.approx(1 / 150), 150)]
     assert public_reply_budgets("178") == human
     off = send_budgets("instagram", "178", "x", private_reply=False, human=False, settings=Settings(automated_dm_per_hour=0))
     assert [b[0] for b in off] == ["meta:send:178"]
@@ -319,18 +320,21 @@ def test_default_budget_and_environment_override(monkeypatch):
 
 
 def test_hourly_dm_budget_in_the_database(limiter):
-    """200 automated DMs at once, then one every 18 s; private replies and
-    human-agent messages are not charged to it."""
+    """200 automated DMs per hour: 100 at once, then one every 36 s, so no
+    hour ever holds more than 200; private replies and human-agent messages
+    are not charged to it."""
     settings = Settings()
     account, t0 = secrets.token_hex(6), 8_000_000.0
     dm = send_budgets("instagram", account, "p", private_reply=False, human=False, settings=settings)
-    assert all(limiter.acquire_all(dm, now=t0) == 0.0 for _ in range(200))
-    assert limiter.acquire_all(dm, now=t0 + 1) == pytest.approx(17.0)
+    assert all(limiter.acquire_all(dm, now=t0) == 0.0 for _ in range(100))
+    assert limiter.acquire_all(dm, now=t0 + 1) == pytest.approx(35.0)
     human = send_budgets("instagram", account, "p", private_reply=False, human=True, settings=settings)
     private = send_budgets("instagram", account, "p", private_reply=True, human=False, settings=settings)
     assert limiter.acquire_all(human, now=t0 + 1) == 0.0
     assert limiter.acquire_all(private, now=t0 + 1) == 0.0
-    assert limiter.acquire_all(dm, now=t0 + 18) == 0.0
+    granted = 100 + sum(limiter.acquire_all(dm, now=t0 + 36 * k) == 0.0 for k in range(1, 101))
+    assert granted == 200  # the 100th paced one lands at exactly one hour: still 200 in [t0, t0 + 3600]
+    assert limiter.acquire_all(dm, now=t0 + 3600) > 0
 
 
 # --------------------------------------------------------------------------- end to end
@@ -400,7 +404,7 @@ async def test_telegram_bot_sends_at_most_30_per_second(stack):
 async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(stack):
     from workers.main import build_worker
 
-    low = stack.settings.model_copy(update={"automated_dm_per_hour": 3})
+    low = stack.settings.model_copy(update={"automated_dm_per_hour": 6})  # 3 at once, then 1 per 1200 s
     await stack.stop_worker()
     stack.worker = build_worker(stack.client, low, stack.deps)
     stack.worker_task = asyncio.create_task(stack.worker.run())
@@ -422,7 +426,7 @@ async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(sta
         assert await wait_for(three_sent, timeout=30)
 
         # The other two runs are alive, their send pending and retried after
-        # the budget's next slot (1200 s at 3/hour), not failed.
+        # the budget's next slot (1200 s at 6 per hour), not failed.
         async def two_pending():
             failures = []
             async for wf in stack.client.list_workflows(

@@ -5,9 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run migrate test lint clean
+.PHONY: help venv run migrate test lint bench clean
 
 help: ## List the targets
 	@echo "Vectory make targets:"
@@ -33,6 +34,10 @@ migrate: $(STAMP) ## Upgrade the database (VECTORY_DATABASE_URL, default .data S
 test: $(STAMP) ## Lint, then run the test suite (PYTEST_ARGS="-k e2e" to filter)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP) ## Benchmarks on their own stacks: latency vs the bare-Temporal floor, then broadcast pacing and comment bursts (BENCH_ARGS=--quick)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.platform $(BENCH_ARGS)
 
 lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check .

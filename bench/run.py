@@ -976,6 +976,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"error: {exc}")
         code = 1
     finally:
+        # A second Ctrl-C / SIGTERM must not cut the cleanup short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop(log=say)
         if args.keep or code:
             say(f"logs and databases kept in {data}")

@@ -407,8 +407,8 @@ class Bench:
         senders = [str(base + i) for i in range(s.burst)]
         bodies = [self.dm(x, f"{KEYWORD} price please") for x in senders]
         await self.api.warm(concurrency)
-        before = self.query("SELECT count(*) FROM run WHERE automation_id = ? AND status = 'completed'",
-                            (self.seed.reply_automation_id,))[0][0]
+        contacts = [contact_id_for(self.seed.channel_id, x) for x in senders]
+        in_contacts = f"contact_id IN ({','.join('?' * len(contacts))})"
         say(f"burst: {s.burst} keyword DMs from new contacts at concurrency {concurrency}")
         t0s: dict[str, float] = {}
         acks: list[float] = []
@@ -443,9 +443,8 @@ class Bench:
         completed, last_end = 0, None
         while time.monotonic() < deadline:
             completed, last_end = self.query(
-                "SELECT count(*), max(ended_at) FROM run WHERE automation_id = ? AND status = 'completed'",
-                (self.seed.reply_automation_id,))[0]
-            completed -= before
+                "SELECT count(*), max(ended_at) FROM run WHERE automation_id = ? AND status = 'completed' AND "
+                + in_contacts, (self.seed.reply_automation_id, *contacts))[0]
             if completed >= len(accepted):
                 break
             await asyncio.sleep(0.1)

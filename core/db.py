@@ -252,7 +252,8 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # A short pool timeout: exhaustion answers an error instead of stalling.
+        engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, pool_timeout=5)
     return engine
 
 

@@ -11,11 +11,11 @@ import time
 from fastapi import APIRouter, HTTPException, Query, Request, status
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel
-from sqlmodel import select
+from sqlmodel import Session, select
 from temporalio.service import RPCError
 
 from activities.common import webhook_secret_context
-from api.deps import SessionDep, SettingsDep, VaultDep
+from api.deps import SettingsDep, VaultDep
 from api.dispatch import dispatch_events
 from api.inbox import store
 from core.crypto import VaultError, constant_time_equals, meta_signature
@@ -54,6 +54,24 @@ def parse_json(body: bytes) -> object:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed JSON: {exc}") from None
+
+
+def _active_channels(engine, platform: str, account_ids: set[str]) -> list[Channel]:
+    with Session(engine, expire_on_commit=False) as session:
+        return list(
+            session.exec(
+                select(Channel).where(
+                    Channel.platform == platform,
+                    Channel.status == "active",
+                    Channel.external_id.in_(account_ids),  # type: ignore[attr-defined]
+                )
+            ).all()
+        )
+
+
+def _channel(engine, channel_id: str) -> Channel | None:
+    with Session(engine, expire_on_commit=False) as session:
+        return session.get(Channel, channel_id)
 
 
 @router.get(
@@ -108,7 +126,7 @@ async def _dispatch(request: Request, routed) -> None:
     ),
 )
 @observe_webhook("meta")
-async def meta_receive(request: Request, settings: SettingsDep, session: SessionDep) -> WebhookAck:
+async def meta_receive(request: Request, settings: SettingsDep) -> WebhookAck:
     body = await read_limited_body(request, settings.max_webhook_body_bytes)
     signature = request.headers.get("x-hub-signature-256", "")
     if not signature or not constant_time_equals(signature, meta_signature(settings.meta_app_secret, body)):
@@ -122,13 +140,10 @@ async def meta_receive(request: Request, settings: SettingsDep, session: Session
     account_ids = {e.account_id for e in parsed.events}
     channels = {}
     if account_ids:
-        rows = session.exec(
-            select(Channel).where(
-                Channel.platform == platform,
-                Channel.status == "active",
-                Channel.external_id.in_(account_ids),  # type: ignore[attr-defined]
-            )
-        ).all()
+        # A short session in a thread, closed before dispatch: holding a pooled
+        # connection across the Temporal call exhausted the pool under load
+        # and blocked the event loop.
+        rows = await asyncio.to_thread(_active_channels, request.app.state.engine, platform, account_ids)
         channels = {c.external_id: c for c in rows}
     routed = []
     ignored = len(parsed.ignored)
@@ -158,11 +173,10 @@ async def telegram_receive(
     channel_id: str,
     request: Request,
     settings: SettingsDep,
-    session: SessionDep,
     vault: VaultDep,
 ) -> WebhookAck:
     body = await read_limited_body(request, settings.max_webhook_body_bytes)
-    channel = session.get(Channel, channel_id)
+    channel = await asyncio.to_thread(_channel, request.app.state.engine, channel_id)
     if channel is None or channel.platform != "telegram" or not channel.webhook_secret_ciphertext:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown channel")
     try:

@@ -29,12 +29,12 @@ from core.settings import Settings, get_settings
 STANDARD_WINDOW = timedelta(hours=24)
 HUMAN_AGENT_WINDOW = timedelta(days=7)
 
-# Rate limits (core/ratelimit.py): a wait up to RATE_WAIT_INLINE is slept in
-# the activity (at most RATE_WAIT_TOTAL in all, well inside SEND_TIMEOUT); a
-# longer one fails the attempt with a retryable ``RateLimited`` whose
-# next_retry_delay is the wait, so Temporal holds the send durably.
+# Rate limits (core/ratelimit.py): a cell that frees up within
+# RATE_WAIT_INLINE is booked and its wait slept in the activity (well inside
+# SEND_TIMEOUT); a longer wait fails the attempt with a retryable
+# ``RateLimited`` whose next_retry_delay is the wait, so Temporal holds the
+# send durably.
 RATE_WAIT_INLINE = 2.0
-RATE_WAIT_TOTAL = 10.0
 
 
 class MessagingActivities:
@@ -57,21 +57,19 @@ class MessagingActivities:
 
     async def _take_rate_budget(self, budgets: list[Budget]) -> None:
         """Take one cell of every budget (all or nothing, durable in the
-        database). Short waits are slept here; a longer one raises a
-        retryable ``RateLimited`` with the wait as next_retry_delay."""
-        waited = 0.0
-        while True:
-            wait, key = await asyncio.to_thread(self.limiter.reserve, budgets)
-            if wait <= 0:
-                return
-            if wait > RATE_WAIT_INLINE or waited + wait > RATE_WAIT_TOTAL:
-                raise ApplicationError(
-                    f"rate limit {key}: next slot in {wait:.1f}s",
-                    type="RateLimited",
-                    next_retry_delay=timedelta(seconds=wait),
-                )
+        database). A cell free within RATE_WAIT_INLINE is booked and waited
+        for here (concurrent sends queue in booking order, one per slot);
+        a longer wait raises a retryable ``RateLimited`` with the wait as
+        next_retry_delay and books nothing."""
+        wait, key = await asyncio.to_thread(self.limiter.reserve, budgets, max_wait=RATE_WAIT_INLINE)
+        if key:
+            raise ApplicationError(
+                f"rate limit {key}: next slot in {wait:.1f}s",
+                type="RateLimited",
+                next_retry_delay=timedelta(seconds=wait),
+            )
+        if wait > 0:
             await asyncio.sleep(wait)
-            waited += wait
 
     def _existing_send(self, key: str) -> str | None:
         with Session(self.engine) as db:

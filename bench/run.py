@@ -65,7 +65,7 @@ from bench.stack import (
     BIN,
     HOST,
     KEYWORD,
-    TUNED_DYNAMIC_CONFIG,
+    UNTUNED_DYNAMIC_CONFIG,
     WAIT_KEYWORD,
     Stack,
     StackError,
@@ -913,17 +913,17 @@ async def amain(stack: Stack, sizes: Sizes, results: dict[str, Any], only: set[s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Benchmark Vectory against a bare-Temporal floor.")
     parser.add_argument("--quick", action="store_true", help="small N everywhere (1,000 waiting): a fast check")
-    parser.add_argument("--persistence", choices=["memory", "sqlite", "sqlite-wal"], default="memory",
-                        help="dev-server persistence (default: memory)")
+    parser.add_argument("--persistence", choices=["memory", "sqlite", "sqlite-wal"], default="sqlite-wal",
+                        help="dev-server persistence (default: sqlite-wal, as make run)")
     parser.add_argument("--no-eager", action="store_true",
                         help="start the dev server with eager workflow start and eager activities disabled")
-    parser.add_argument("--tuned", action="store_true",
-                        help="also pass " + " ".join(TUNED_DYNAMIC_CONFIG) + " to the dev server")
+    parser.add_argument("--untuned", action="store_true",
+                        help="pass " + " ".join(UNTUNED_DYNAMIC_CONFIG) + " to the dev server (its default)")
     parser.add_argument("--dc", action="append", default=[], metavar="KEY=VALUE",
                         help="extra dev-server dynamic config (repeatable)")
     parser.add_argument("--worker-knob", action="append", default=[], metavar="KEY=VALUE",
-                        help="run bench/worker.py instead of workers.main with VECTORY_BENCH_<KEY>=VALUE "
-                             "(runner=passthrough|unsandboxed, max_cached=N, wft_pollers=N, act_pollers=N)")
+                        help="worker setting VECTORY_WORKER_<KEY>=VALUE (sandbox=passthrough|strict, "
+                             "max_cached_workflows=N, workflow_pollers=N, activity_pollers=N)")
     parser.add_argument("--waiting", type=int, help="override the number of waiting conversations")
     parser.add_argument("--wait-deadline", type=float,
                         help="seconds to keep posting 'wait' DMs (default 150, quick 75); 10,000 takes ~30 min here")
@@ -945,13 +945,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     data = Path(tempfile.mkdtemp(prefix="vectory-bench-"))
-    dynamic = (TUNED_DYNAMIC_CONFIG if args.tuned else []) + args.dc
+    dynamic = (UNTUNED_DYNAMIC_CONFIG if args.untuned else []) + args.dc
     knobs = {}
     for item in args.worker_knob:
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--worker-knob wants KEY=VALUE, not {item!r}")
-        knobs[f"VECTORY_BENCH_{key.upper()}"] = value
+        knobs[f"VECTORY_WORKER_{key.upper()}"] = value
     stack = Stack(data, persistence=args.persistence, eager=not args.no_eager, dynamic_config=dynamic,
                   worker_knobs=knobs)
     results: dict[str, Any] = {
@@ -959,7 +959,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": asdict(sizes),
         "machine": machine_info(),
         "config": {"persistence": args.persistence, "eager": not args.no_eager, "dynamic_config": dynamic,
-                   "worker": "bench.worker " + " ".join(args.worker_knob) if knobs else "workers.main"},
+                   "worker": " ".join(f"{k}={v}" for k, v in knobs.items()) or "defaults"},
     }
     started = time.monotonic()
     code = 0

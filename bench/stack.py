@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 
 from core.settings import SEARCH_ATTRIBUTES
+from core.temporal import dev_server_args
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -60,12 +61,9 @@ WAIT_AUTOMATION = {
 }
 
 
-# The dev server has one history shard, whose transfer-queue reader polls at
-# most history.transferProcessorMaxPollRPS (default 20) times a second: every
-# task the server hands out through that queue (a workflow task after a signal
-# or an activity completion, a child start, a signal to another workflow)
-# can wait up to 50 ms for the next poll. ``--tuned`` lifts that limit.
-TUNED_DYNAMIC_CONFIG = ["history.transferProcessorMaxPollRPS=1000"]
+# ``--untuned``: the dev server's own default for the one setting
+# core/temporal.py raises (each dispatch hop then waits up to 50 ms).
+UNTUNED_DYNAMIC_CONFIG = ["history.transferProcessorMaxPollRPS=20"]
 
 
 class StackError(Exception):
@@ -107,14 +105,14 @@ class Seed:
 @dataclass
 class Stack:
     data: Path
-    persistence: str = "memory"
+    persistence: str = "sqlite-wal"
     eager: bool = True
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
     seed: Seed = field(default_factory=Seed)
     dev_server_flags: list[str] = field(default_factory=list)
     dynamic_config: list[str] = field(default_factory=list)  # extra KEY=VALUE for the dev server
-    # Non-empty: run bench/worker.py with these VECTORY_BENCH_* knobs instead of workers.main.
+    # Worker settings (VECTORY_WORKER_*, core/settings.py) for this run.
     worker_knobs: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -211,16 +209,13 @@ class Stack:
         if done.returncode != 0:
             raise StackError(f"the code snapshot does not import or migrate:\n{done.stderr[-2000:]}")
         temporal = str(BIN / "temporal")
-        flags = ["--log-level", "error", "--headless"]
+        # The dev server as make run starts it (core/temporal.py), with this
+        # run's persistence and dynamic-config overrides.
+        overrides = dict(item.split("=", 1) for item in self.dynamic_config)
+        if not self.eager:
+            overrides |= {"system.enableEagerWorkflowStart": "false", "system.enableActivityEagerExecution": "false"}
+        flags = ["--log-level", "error", "--headless", *dev_server_args(overrides)]
         flags += [arg.format(data=self.data) for arg in PERSISTENCE[self.persistence]]
-        if self.eager:
-            flags += ["--dynamic-config-value", "system.enableEagerWorkflowStart=true",
-                      "--dynamic-config-value", "system.enableActivityEagerExecution=true"]
-        else:
-            flags += ["--dynamic-config-value", "system.enableEagerWorkflowStart=false",
-                      "--dynamic-config-value", "system.enableActivityEagerExecution=false"]
-        for item in self.dynamic_config:
-            flags += ["--dynamic-config-value", item]
         for name in SEARCH_ATTRIBUTES:
             flags += ["--search-attribute", f"{name}=Keyword"]
         self.dev_server_flags = flags
@@ -233,7 +228,7 @@ class Stack:
             capture_output=True, timeout=10).returncode == 0)
         self._start("sandbox", [py, "-m", "sandbox.app", "--host", HOST, "--port", str(self.sandbox_port),
                                 "--log-level", "warning"])
-        self._start("worker", [py, "-m", "bench.worker" if self.worker_knobs else "workers.main"])
+        self._start("worker", [py, "-m", "workers.main"])
         self._start("api", self.api_cmd())
         self.wait_until("the sandbox", lambda: httpx.get(f"{self.sandbox_url}/_sandbox/health", timeout=2)
                         .status_code == 200)

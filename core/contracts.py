@@ -130,6 +130,15 @@ class ResumeSignal:
 
 
 @dataclass
+class StopRunsSignal:
+    """Cancel the conversation's active run (processing restricted or consent
+    withdrawn). Handled in event order, so a run whose start is under way
+    when this arrives is cancelled too."""
+
+    reason: str = "processing restricted"
+
+
+@dataclass
 class AutomationSnapshot:
     """An automation pinned at one version; a run interprets only this."""
 
@@ -182,6 +191,9 @@ class RunInput:
     conversation_workflow_id: str = ""
     trigger: InboundEvent | None = None
     context: dict[str, Any] = field(default_factory=dict)
+    # The conversation sent the first message already and forwards answers to
+    # this run from its start (the prompt may be answered before it runs).
+    accepting_from_start: bool = False
 
 
 @dataclass

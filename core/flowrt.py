@@ -528,3 +528,18 @@ def buttons(step: dict) -> list[Button]:
                 Button(title=item["title"], payload=item.get("payload") or "", url=item.get("url") or "")
             )
     return out
+
+
+def leading_send(steps: list[dict]) -> tuple[dict | None, bool]:
+    """The flow's first step when it is a ``send_message`` (else None), and
+    whether a ``wait_for_reply`` follows it (the run must accept the answer
+    from its first moment)."""
+    if not steps or steps[0].get("type") != "send_message" or not isinstance(steps[0].get("text"), str):
+        return None, False
+    nxt = resolve_target(steps, 0, steps[0].get("next"))
+    return steps[0], nxt is not None and steps[nxt].get("type") == "wait_for_reply"
+
+
+def uses_contact(template: str) -> bool:
+    """True when the template reads the contact (name, fields)."""
+    return any(m.group(1).strip().lower().startswith("contact.") for m in PLACEHOLDER_RE.finditer(template))

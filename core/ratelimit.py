@@ -17,6 +17,11 @@ inserted (``ON CONFLICT DO NOTHING``) on first use, and rows whose ``tat``
 is in the past can be deleted at any time without changing behaviour
 (``prune``).
 
+A sender may also book a cell that frees up soon (``reserve(max_wait=...)``:
+the same UPDATE with ``tau + max_wait``), then sleep until its slot: queued
+senders are served one per interval in booking order, so a paced bucket
+runs at its rate instead of losing each slot to the wake-up race.
+
 Semantics of ``(interval, burst)``: at most ``burst`` cells at once, then
 one every ``interval`` seconds; over any span of ``T`` seconds at most
 ``burst + T / interval`` cells. ``now`` is the caller's wall clock (workers'
@@ -145,10 +150,18 @@ class RateLimiter:
         consumed)."""
         return self.reserve(requests, now=now)[0]
 
-    def reserve(self, requests: Sequence[Budget], now: float | None = None) -> tuple[float, str]:
+    def reserve(
+        self, requests: Sequence[Budget], now: float | None = None, *, max_wait: float = 0.0
+    ) -> tuple[float, str]:
         """``acquire_all`` that also names the bucket to wait for:
         ``(0.0, "")`` when every cell was taken, else ``(wait, key)`` of the
         full bucket with the longest wait.
+
+        With ``max_wait``, a cell that frees up within ``max_wait`` seconds is
+        booked now (its slot is the caller's): ``(wait, "")`` means every cell
+        was taken and the caller must wait ``wait`` seconds before using them.
+        Callers queueing for one bucket are then served in booking order, one
+        per interval, instead of all waking for the same free cell.
 
         All or nothing: the conditional UPDATEs run in one transaction (in key
         order) that is rolled back when any bucket is full.
@@ -157,11 +170,15 @@ class RateLimiter:
         if not budgets:
             return 0.0, ""
         now = time.time() if now is None else float(now)
+        booked = 0.0
         with self.engine.connect() as conn:
             tx = conn.begin()
             try:
                 for i, (key, interval, burst) in enumerate(budgets):
-                    wait = self._take(conn, key, interval, burst, now)
+                    wait = self._take(conn, key, interval, burst, now, max_wait)
+                    if wait < 0:  # booked: usable in -wait seconds
+                        booked = max(booked, -wait)
+                        continue
                     if wait > 0:
                         # The buckets not tried yet may be full too: report the
                         # longest wait so the caller does not come back early.
@@ -175,18 +192,24 @@ class RateLimiter:
                 if tx.is_active:
                     tx.rollback()
                 raise
-        return 0.0, ""
+        return booked, ""
 
-    def _take(self, conn: Connection, key: str, interval: float, burst: int, now: float) -> float:
-        """One conditional UPDATE; 0.0 when a cell was taken, else the wait."""
+    def _take(self, conn: Connection, key: str, interval: float, burst: int, now: float, max_wait: float = 0.0) -> float:
+        """One conditional UPDATE; 0.0 when a cell was taken now, minus the
+        wait when one was booked that frees up within ``max_wait``, else the
+        (positive) wait."""
         tau = (burst - 1) * interval
         stmt = (
             update(_TABLE)
-            .where(_TABLE.c.key == key, _TABLE.c.tat - now <= tau)
+            .where(_TABLE.c.key == key, _TABLE.c.tat - now <= tau + max_wait)
             .values(tat=case((_TABLE.c.tat > now, _TABLE.c.tat), else_=now) + interval, updated_at=utcnow())
         )
         if conn.execute(stmt).rowcount == 1:
-            return 0.0
+            if max_wait <= 0:
+                return 0.0
+            tat = float(conn.execute(select(_TABLE.c.tat).where(_TABLE.c.key == key)).scalar_one())
+            booked_at = tat - interval - tau  # the free moment of the cell just taken
+            return -(booked_at - now) if booked_at > now else 0.0
         tat = conn.execute(select(_TABLE.c.tat).where(_TABLE.c.key == key)).scalar()
         if tat is None:
             # First use of this bucket: an empty one (tat = now), then take.

@@ -11,6 +11,7 @@ import os
 import secrets
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,16 @@ class Settings(BaseSettings):
     # core/ratelimit.py). Human-agent messages and private replies have their
     # own budgets. 0 disables this budget (benchmarks).
     automated_dm_per_hour: int = Field(200, ge=0)
+    # Worker tuning (bench/README.md has what each bought). The workflow
+    # sandbox: "passthrough" keeps its determinism checks but imports our
+    # modules once instead of once per workflow instance; "strict" re-imports
+    # workflow modules per instance. The cache bounds worker memory with many
+    # waiting conversations (evicted ones replay from history when woken).
+    worker_sandbox: Literal["passthrough", "strict"] = "passthrough"
+    worker_max_cached_workflows: int = Field(1000, ge=0)
+    worker_workflow_pollers: int = Field(5, ge=1)
+    worker_activity_pollers: int = Field(5, ge=1)
+    worker_max_concurrent_activities: int = Field(100, ge=1)
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

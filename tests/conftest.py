@@ -27,6 +27,8 @@ from temporalio.common import SearchAttributeKey
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from core.temporal import dev_server_args
+
 BIN = Path(sys.executable).parent
 TEMPORAL_CLI = BIN / "temporal"
 TEST_SERVER = BIN / "temporal-test-server"
@@ -71,6 +73,7 @@ async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
             for name in ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
         ],
         dev_server_log_level="error",
+        dev_server_extra_args=dev_server_args(),
     )
     yield env
     await env.shutdown()

@@ -590,3 +590,17 @@ def test_env_example_generators_work(clean_env: pytest.MonkeyPatch):
     master_keys = [out for out in outputs if out.startswith("k1:")]
     assert len(master_keys) == 1
     assert Settings(master_key=master_keys[0]).keyring()[0][0] == "k1"
+
+
+def test_temporal_service_gets_the_dev_servers_dynamic_config(resolved: dict):
+    """The compose cluster runs with the settings `make run` and the
+    benchmarks measure (eager start/activities, transfer-queue polling)."""
+    from core.temporal import DEV_SERVER_DYNAMIC_CONFIG
+
+    temporal = resolved["temporal"]
+    target = temporal["environment"]["DYNAMIC_CONFIG_FILE_PATH"]
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in temporal["volumes"]}
+    assert target in mounts, "the dynamic config file is not mounted where DYNAMIC_CONFIG_FILE_PATH points"
+    config = yaml.safe_load((ROOT / mounts[target]).read_text())
+    flattened = {key: str(entries[0]["value"]).lower() for key, entries in config.items()}
+    assert flattened == {key: value.lower() for key, value in DEV_SERVER_DYNAMIC_CONFIG.items()}

@@ -155,6 +155,23 @@ def test_telegram_bot_pacing_keeps_every_second_at_30_or_fewer(limiter):
     assert len(granted) >= 43  # and it does not throttle much below 30/s
 
 
+def test_booking_serves_queued_callers_one_slot_each_in_order(limiter):
+    """Senders that queue for a paced bucket each book their own future slot
+    (no two wake for the same free cell); a wait beyond max_wait books nothing."""
+    k, t0 = key(), 6_000_000.0
+    waits = [limiter.reserve([(k, 0.5, 1)], now=t0, max_wait=2.0) for _ in range(5)]
+    assert [(round(w, 6), which) for w, which in waits[:5]] == [
+        (0.0, ""), (0.5, ""), (1.0, ""), (1.5, ""), (2.0, ""),
+    ]
+    wait, which = limiter.reserve([(k, 0.5, 1)], now=t0, max_wait=2.0)
+    assert (round(wait, 6), which) == (2.5, k)  # refused: not booked
+    assert limiter.reserve([(k, 0.5, 1)], now=t0 + 0.5, max_wait=2.0) == (pytest.approx(2.0), "")
+    # All or nothing: a refused bucket leaves the other one's slot unbooked.
+    other = key()
+    wait, which = limiter.reserve([(other, 0.5, 1), (k, 0.5, 1)], now=t0, max_wait=1.0)
+    assert which == k and limiter.wait_time(other, interval=0.5, now=t0) == 0.0
+
+
 def test_acquire_all_is_all_or_nothing_and_reports_the_longest_wait(limiter):
     a, b, c, t0 = "a:" + key(), "b:" + key(), "c:" + key(), 5_000_000.0
     assert limiter.acquire(b, interval=10.0, now=t0) == 0.0  # b: full for 10 s

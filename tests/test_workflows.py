@@ -141,6 +141,8 @@ class Mocks:
         self.updates: list[UpdateContactInput] = []
         self.runs: list[RecordRunInput] = []
         self.sent: list[tuple[datetime, SendMessageInput]] = []
+        self.sent_keys: dict[str, str] = {}
+        self.send_calls: list[activity.Info] = []
         self.acks: list[AckCallbackInput] = []
         self.ai_calls: list[GenerateReplyInput] = []
         self.verified: list[ConnectChannelInput] = []
@@ -151,6 +153,7 @@ class Mocks:
         self.stopped: list[ChannelRef] = []
         # Behaviour switches.
         self.send_error: Exception | None = None
+        self.send_failures = 0  # fail this many calls, then succeed
         self.ai_error: Exception | None = None
         self.verify_error: Exception | None = None
         self.revoke_error: Exception | None = None
@@ -206,10 +209,18 @@ class Mocks:
 
         @activity.defn(name="send_message")
         async def send_message(input: SendMessageInput) -> SendMessageResult:
+            # Like the real activity: one send per idempotency key.
+            if input.idempotency_key in self.sent_keys:
+                return SendMessageResult(platform_message_id=self.sent_keys[input.idempotency_key], deduplicated=True)
             self.sent.append((activity.info().current_attempt_scheduled_time, input))
+            self.send_calls.append(activity.info())
             if self.send_error is not None:
                 raise self.send_error
-            return SendMessageResult(platform_message_id=f"mid.{len(self.sent)}")
+            if self.send_failures > 0:
+                self.send_failures -= 1
+                raise ApplicationError("platform unavailable", type="PlatformUnavailable")
+            self.sent_keys[input.idempotency_key] = f"mid.{len(self.sent)}"
+            return SendMessageResult(platform_message_id=self.sent_keys[input.idempotency_key])
 
         @activity.defn(name="acknowledge_callback")
         async def acknowledge_callback(input: AckCallbackInput) -> None:
@@ -280,9 +291,11 @@ async def env(time_skipping: WorkflowEnvironment) -> WorkflowEnvironment:
 
 
 @asynccontextmanager
-async def running_worker(client: Client, mocks: Mocks, **kwargs) -> AsyncIterator[str]:
-    """A worker on a fresh task queue, configured like workers/main.py; yields the task queue."""
-    task_queue = f"wf-test-{uuid.uuid4()}"
+async def running_worker(
+    client: Client, mocks: Mocks, *, task_queue: str | None = None, **kwargs
+) -> AsyncIterator[str]:
+    """A worker on a (fresh) task queue, configured like workers/main.py; yields the task queue."""
+    task_queue = task_queue or f"wf-test-{uuid.uuid4()}"
     async with Worker(
         client,
         task_queue=task_queue,
@@ -572,6 +585,60 @@ async def test_reply_through_the_conversation_reaches_the_waiting_run(env):
     ]
     # Every send carries the run's idempotency key.
     assert [s.idempotency_key.split("/")[-2:] for _, s in mocks.sent] == [["ask", "1"], ["thanks", "1"]]
+
+
+async def test_the_first_message_leaves_from_the_conversations_own_task(env):
+    """The reply does not wait for a child workflow to start: the conversation
+    sends the flow's first message by a local activity, and the run finds it
+    sent under its own idempotency key (one message, recorded in its trail)."""
+    mocks, result = await price_conversation(env.client)
+
+    first = mocks.send_calls[0]
+    assert first.is_local and first.workflow_type == CONVERSATION_WORKFLOW
+    assert [s.idempotency_key.split("/")[-2:] for _, s in mocks.sent] == [["ask", "1"], ["thanks", "1"]]
+    assert ("ask", "done") in trail_pairs(result)
+
+
+async def test_an_answer_right_after_the_prompt_reaches_the_run_before_it_has_run(env):
+    """Both the trigger and the answer are queued before any workflow task
+    runs: the conversation sends the prompt, starts the run and forwards the
+    answer at once; the run, accepting from its start, takes it (the
+    catch-all automation must not fire)."""
+    mocks = Mocks([automation("auto_price", PRICE_FLOW), automation("auto_catch_all", CATCH_ALL)])
+    ws = new_workspace()
+    task_queue = f"wf-test-{uuid.uuid4()}"
+    conv = await start_conversation(env.client, task_queue, ws, dm("mid.1", "price?"))
+    await conv.signal("inbound", dm("mid.2", "a@b.co"))
+    async with running_worker(env.client, mocks, task_queue=task_queue):
+        run_id = run_workflow_id(ws, "auto_price", CONTACT, "mid.1")
+        await until(lambda: len(mocks.started_runs()) >= 1)
+        result = await outcome(env.client.get_workflow_handle(run_id, result_type=RunResult))
+        await settled(conv, 2)
+        await close_conversation(env.client, conv, "conversation_fast_answer")
+
+    assert result.status == "completed"
+    assert mocks.texts == [ASK, "Thanks! It is on its way to a@b.co."]
+    assert mocks.started_runs() == [run_id]
+
+
+async def test_a_first_send_that_fails_is_sent_by_the_run(env):
+    """The conversation tries the first message once; when that fails, the
+    run sends it with its durable retries: exactly one message arrives."""
+    mocks = Mocks([automation("auto_menu", MENU_FLOW)])
+    mocks.send_failures = 1
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.f1", "menu please"))
+        run_id = run_workflow_id(ws, "auto_menu", CONTACT, "mid.f1")
+        await until(lambda: len(mocks.started_runs()) >= 1)
+        result = await outcome(env.client.get_workflow_handle(run_id, result_type=RunResult))
+        await close_conversation(env.client, conv)
+
+    assert result.status == "completed"
+    assert [call.is_local for call in mocks.send_calls] == [True, False]
+    step_id = MENU_FLOW["steps"][0]["id"]
+    assert list(mocks.sent_keys) == [f"{run_id}/{step_id}/1"]  # one message delivered
+    assert trail_pairs(result) == [(step_id, "done")]
 
 
 async def test_redelivered_event_starts_exactly_one_run(env):

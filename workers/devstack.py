@@ -24,6 +24,7 @@ import httpx
 
 from core.db import DatabaseNotMigrated, head_revisions, migrate
 from core.settings import DATA_DIR, DEV_APP_SECRET, Settings
+from core.temporal import dev_server_args
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -276,8 +277,8 @@ def run(stack: Stack) -> None:
 
     temporal = str(BIN / "temporal")
     cmd = [temporal, "server", "start-dev", "--ip", HOST, "--port", str(TEMPORAL_PORT),
-           "--ui-port", str(TEMPORAL_UI_PORT), "--db-filename", str(DATA_DIR / "temporal.db"),
-           "--log-level", "warn", "--dynamic-config-value", "system.enableEagerWorkflowStart=true",
+           "--ui-port", str(TEMPORAL_UI_PORT), "--log-level", "warn",
+           *dev_server_args(db_file=str(DATA_DIR / "temporal.db")),
            # The UI decodes encrypted payloads through the API's codec server.
            "--ui-codec-endpoint", f"{API}/codec/t/{os.environ['VECTORY_CODEC_TOKEN']}"]
     for name in SEARCH_ATTRIBUTES:

@@ -28,7 +28,7 @@ from temporalio.client import (
     SchedulePolicy,
     ScheduleSpec,
 )
-from temporalio.worker import Worker
+from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ai import AiActivities
@@ -144,12 +144,20 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
     ]
 
 
-def workflow_runner() -> SandboxedWorkflowRunner:
+def workflow_runner(mode: str = "passthrough") -> SandboxedWorkflowRunner:
     """The workflow sandbox, shared by the worker, the replayer and the CLI.
-    Our deterministic modules (contracts, flow runtime) pass through."""
-    return SandboxedWorkflowRunner(
-        restrictions=SandboxRestrictions.default.with_passthrough_modules("core", "workflows.common")
-    )
+
+    Both modes keep the sandbox's determinism checks (a clock, random or I/O
+    call in workflow code fails the task). ``passthrough`` imports every
+    module once for all workflow instances; ``strict`` re-imports the
+    workflow modules for each new instance (isolates module-level state, at
+    about a quarter of the worker's CPU per automation run)."""
+    restrictions = SandboxRestrictions.default
+    if mode == "strict":
+        restrictions = restrictions.with_passthrough_modules("core", "workflows.common")
+    else:
+        restrictions = restrictions.with_passthrough_all_modules()
+    return SandboxedWorkflowRunner(restrictions=restrictions)
 
 
 async def ensure_schedules(client: Client, settings: Settings) -> None:
@@ -179,9 +187,15 @@ def build_worker(client: Client, settings: Settings, deps: WorkerDeps, *, task_q
         task_queue=task_queue or settings.task_queue,
         workflows=WORKFLOWS,
         activities=activities_for(settings, deps, client),
-        activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=32),
-        workflow_runner=workflow_runner(),
-        **kwargs,
+        activity_executor=concurrent.futures.ThreadPoolExecutor(max_workers=settings.worker_max_concurrent_activities),
+        **{
+            "workflow_runner": workflow_runner(settings.worker_sandbox),
+            "max_cached_workflows": settings.worker_max_cached_workflows,
+            "workflow_task_poller_behavior": PollerBehaviorSimpleMaximum(settings.worker_workflow_pollers),
+            "activity_task_poller_behavior": PollerBehaviorSimpleMaximum(settings.worker_activity_pollers),
+            "max_concurrent_activities": settings.worker_max_concurrent_activities,
+            **kwargs,
+        },
     )
 
 

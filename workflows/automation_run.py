@@ -12,7 +12,7 @@ from collections import deque
 from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, FailureError
+from temporalio.exceptions import ActivityError, CancelledError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from core import flowrt
@@ -36,6 +36,7 @@ with workflow.unsafe.imports_passed_through():
         UpdateContactInput,
     )
     from workflows.common import (
+        ACTIVITY_FAILURES,
         AI_RETRY,
         AI_TIMEOUT,
         DB_RETRY,
@@ -51,6 +52,13 @@ MAX_TRAIL = 200
 
 
 PRIVATE_REPLY_WINDOW = timedelta(days=7)
+
+
+def _reraise_cancellation(err: BaseException) -> None:
+    """An activity the run's cancellation cancelled: the run is cancelled (not
+    failed, and no fallback is sent)."""
+    if isinstance(err.__cause__, CancelledError) or isinstance(err, CancelledError):
+        raise asyncio.CancelledError() from None
 
 
 class RunFailed(Exception):
@@ -72,7 +80,7 @@ class AutomationRunWorkflow:
         self._status = "running"
         self._current = ""
         self._trail: list[TrailEntry] = []
-        self._accepting = False
+        self._accepting = input.accepting_from_start
         self._replies: deque[InboundEvent] = deque()
         self._events: dict[str, deque[dict]] = {}
         self._last_reply = input.trigger.text if input.trigger else ""
@@ -111,9 +119,11 @@ class AutomationRunWorkflow:
     async def run(self, input: RunInput) -> RunResult:
         # No awaits in ``finally`` blocks: on eviction from the worker cache
         # the SDK closes coroutines, and workflow calls there would fail.
-        await self._record("running")
         cancelled = False
         try:
+            # Inside the try: a run cancelled before its first step (its
+            # contact restricted while it started) still records that.
+            await self._record("running")
             await self._start_comment_run()
             await self._interpret()
             self._status = "completed"
@@ -283,6 +293,7 @@ class AutomationRunWorkflow:
             )
             text = result.text
         except ActivityError as err:
+            _reraise_cancellation(err)
             text = step.get("fallback_text") or "Thanks for your message! A teammate will get back to you shortly."
             detail = f"AI failed ({root_message(err)}); fallback sent"
         if await self._send(step, text):
@@ -331,6 +342,7 @@ class AutomationRunWorkflow:
                 retry_policy=SEND_RETRY,
             )
         except ActivityError as err:
+            _reraise_cancellation(err)
             # Runs started before this policy failed here; keep them replayable.
             if root_type(err) == "OutsideMessagingWindow" and workflow.patched("skip-outside-window"):
                 self._note(step["id"], step["type"], "skipped", root_message(err))
@@ -378,6 +390,7 @@ class AutomationRunWorkflow:
             )
             self._note("-", "public_reply", "done", text[:200])
         except ActivityError as err:
+            _reraise_cancellation(err)
             self._note("-", "public_reply", "failed", root_message(err))
 
     async def _update_contact(self, update: UpdateContactInput) -> None:
@@ -389,7 +402,8 @@ class AutomationRunWorkflow:
                 start_to_close_timeout=DB_TIMEOUT,
                 retry_policy=DB_RETRY,
             )
-        except ActivityError as err:
+        except ACTIVITY_FAILURES as err:
+            _reraise_cancellation(err)
             raise RunFailed(f"contact update failed: {root_message(err)}") from None
 
     async def _announce_if_followed_by_wait(self, pos: int, step: dict) -> None:

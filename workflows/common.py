@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 WORKSPACE_ID = SearchAttributeKey.for_keyword("WorkspaceId")
 CHANNEL_ID = SearchAttributeKey.for_keyword("ChannelId")
@@ -63,6 +64,9 @@ AI_TIMEOUT = timedelta(seconds=60)
 AI_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=10), maximum_attempts=3)
 
 # Profile lookups delay a new contact's first reply: short and few.
+# The conversation's early first send: one try, the run does the durable rest.
+SINGLE_ATTEMPT = RetryPolicy(maximum_attempts=1)
+
 PROFILE_TIMEOUT = timedelta(seconds=5)
 PROFILE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=2)
 
@@ -74,6 +78,12 @@ PLATFORM_RETRY = RetryPolicy(
     maximum_attempts=6,
     non_retryable_error_types=["TokenInvalid", "PlatformRejected", "ChannelUnavailable", "AccountAlreadyConnected"],
 )
+
+
+# What a failed activity raises in the workflow: ActivityError (its cause the
+# activity's error) for a regular activity; a local activity's own error
+# (ApplicationError, or TimeoutError), unwrapped, for a local one.
+ACTIVITY_FAILURES = (ActivityError, ApplicationError, TimeoutError)
 
 
 def root_message(err: BaseException) -> str:

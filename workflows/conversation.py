@@ -42,15 +42,18 @@ with workflow.unsafe.imports_passed_through():
         SendMessageInput,
         SendMessageResult,
         StartAutomationSignal,
+        StopRunsSignal,
         UpdateContactInput,
     )
     from workflows.common import (
+        ACTIVITY_FAILURES,
         DB_RETRY,
         DB_TIMEOUT,
         INTERACTIVE_RETRY,
         PROFILE_RETRY,
         PROFILE_TIMEOUT,
         SEND_TIMEOUT,
+        SINGLE_ATTEMPT,
         root_message,
         root_type,
         search_attributes,
@@ -86,7 +89,7 @@ class ConversationWorkflow:
     @workflow.init
     def __init__(self, input: ConversationInput) -> None:
         self._input = input
-        self._queue: deque[InboundEvent | StartAutomationSignal | ResumeSignal] = deque()
+        self._queue: deque[InboundEvent | StartAutomationSignal | ResumeSignal | StopRunsSignal] = deque()
         self._seen: deque[str] = deque(input.seen_event_ids[-MAX_SEEN_EVENT_IDS:])
         self._seen_set = set(self._seen)
         self._active: ActiveRun | None = input.active_run
@@ -106,6 +109,10 @@ class ConversationWorkflow:
 
     @workflow.signal(name="resume")
     def resume(self, signal: ResumeSignal) -> None:
+        self._queue.append(signal)
+
+    @workflow.signal(name="stop_runs")
+    def stop_runs(self, signal: StopRunsSignal) -> None:
         self._queue.append(signal)
 
     @workflow.signal(name="run_state")
@@ -175,6 +182,8 @@ class ConversationWorkflow:
                     await self._on_returned(item.event)
                 elif isinstance(item, StartAutomationSignal):
                     await self._on_api_start(item)
+                elif isinstance(item, StopRunsSignal):
+                    await self._supersede_active()
                 else:
                     await self._on_resume(item)
                 self._handled += 1
@@ -263,16 +272,75 @@ class ConversationWorkflow:
         )
         if automation is None:
             return
-        if contact.is_new and not contact.first_name and self._input.platform != "telegram":
-            contact = await self._fetch_profile(contact)
-        if event.kind == "comment":
-            # Once per commenter, per post, per automation: the run id is the key.
-            run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, f"media:{event.media_id}")
-            reuse = WorkflowIDReusePolicy.REJECT_DUPLICATE
-        else:
+        accepting = False
+        if event.kind != "comment" and workflow.patched("send-first-step"):
             run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, event.event_id)
+            contact, accepting = await self._send_first_step(run_id, automation, contact)
             reuse = WorkflowIDReusePolicy.ALLOW_DUPLICATE
-        await self._start_run(run_id, automation, contact, trigger=event, context={}, id_reuse_policy=reuse)
+        else:
+            if self._needs_profile(contact):
+                contact = await self._fetch_profile(contact)
+            if event.kind == "comment":
+                # Once per commenter, per post, per automation: the run id is the key.
+                run_id = run_workflow_id(
+                    self._input.workspace_id, automation.id, contact.id, f"media:{event.media_id}"
+                )
+                reuse = WorkflowIDReusePolicy.REJECT_DUPLICATE
+            else:
+                run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, event.event_id)
+                reuse = WorkflowIDReusePolicy.ALLOW_DUPLICATE
+        await self._start_run(
+            run_id, automation, contact, trigger=event, context={}, id_reuse_policy=reuse,
+            accepting_from_start=accepting,
+        )
+
+    def _needs_profile(self, contact: ContactSnapshot) -> bool:
+        return contact.is_new and not contact.first_name and self._input.platform != "telegram"
+
+    async def _send_first_step(
+        self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot
+    ) -> tuple[ContactSnapshot, bool]:
+        """The reply leaves from this workflow task, not after a child start.
+
+        When the flow opens with a message, it is sent here by a local
+        activity under the idempotency key the run's own first send uses
+        (``<run id>/<step id>/1``), so the run finds it sent and only records
+        it. One attempt: anything else (a closed window, a rate-limit wait, a
+        platform error) is left to the run, which sends durably with its
+        retries. The profile of a new contact is looked up first only when
+        the message uses the contact's fields, else after it.
+
+        Returns the contact for the run and whether the run must accept the
+        person's answer from its start (a wait_for_reply follows the message).
+        """
+        step, accepting = flowrt.leading_send(automation.definition.get("steps", []))
+        profile_pending = self._needs_profile(contact)
+        if step is not None:
+            if profile_pending and flowrt.uses_contact(step["text"]):
+                contact = await self._fetch_profile(contact, local=True)
+                profile_pending = False
+            try:
+                await workflow.execute_local_activity(
+                    "send_message",
+                    SendMessageInput(
+                        channel_id=self._input.channel_id,
+                        contact_id=contact.id,
+                        recipient_id=contact.external_id,
+                        idempotency_key=f"{run_id}/{step['id']}/1",
+                        text=flowrt.render(step["text"], contact, {}),
+                        quick_replies=flowrt.quick_replies(step),
+                        buttons=flowrt.buttons(step),
+                        run_id=run_id,
+                    ),
+                    result_type=SendMessageResult,
+                    start_to_close_timeout=SEND_TIMEOUT,
+                    retry_policy=SINGLE_ATTEMPT,
+                )
+            except ACTIVITY_FAILURES as err:
+                workflow.logger.info("first message left to the run: %s", root_type(err) or type(err).__name__)
+        if profile_pending:
+            contact = await self._fetch_profile(contact, local=True)
+        return contact, accepting
 
     async def _on_api_start(self, signal: StartAutomationSignal) -> None:
         if not self._remember(f"api:{signal.run_id}"):
@@ -298,11 +366,13 @@ class ConversationWorkflow:
             retry_policy=DB_RETRY,
         )
 
-    async def _fetch_profile(self, contact: ContactSnapshot) -> ContactSnapshot:
+    async def _fetch_profile(self, contact: ContactSnapshot, *, local: bool = False) -> ContactSnapshot:
         """Best effort: a profile the platform will not give is no reason to
-        delay or drop the reply (templates have fallbacks)."""
+        delay or drop the reply (templates have fallbacks). ``local``: inside
+        the current workflow task (no task round trip)."""
+        execute = workflow.execute_local_activity if local else workflow.execute_activity
         try:
-            fetched: ContactSnapshot | None = await workflow.execute_activity(
+            fetched: ContactSnapshot | None = await execute(
                 "fetch_profile",
                 ProfileInput(
                     channel_id=self._input.channel_id,
@@ -313,8 +383,8 @@ class ConversationWorkflow:
                 start_to_close_timeout=PROFILE_TIMEOUT,
                 retry_policy=PROFILE_RETRY,
             )
-        except ActivityError as err:
-            workflow.logger.info("profile lookup failed: %s", type(err.cause).__name__)
+        except ACTIVITY_FAILURES as err:
+            workflow.logger.info("profile lookup failed: %s", root_type(err) or type(err).__name__)
             return contact
         return fetched or contact
 
@@ -338,6 +408,7 @@ class ConversationWorkflow:
         trigger: InboundEvent | None,
         context: dict,
         id_reuse_policy: WorkflowIDReusePolicy = WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+        accepting_from_start: bool = False,
     ) -> None:
         # A new trigger supersedes a run that is not waiting for this person;
         # newer code cancels it only once the new run has really started (a
@@ -358,6 +429,7 @@ class ConversationWorkflow:
                     conversation_workflow_id=workflow.info().workflow_id,
                     trigger=trigger,
                     context=context,
+                    accepting_from_start=accepting_from_start,
                 ),
                 id=run_id,
                 id_reuse_policy=id_reuse_policy,
@@ -378,7 +450,9 @@ class ConversationWorkflow:
         handle.add_done_callback(_consume_result)
         if start_first:
             await self._supersede_active()
-        self._active = ActiveRun(workflow_id=run_id, automation_id=automation.id)
+        self._active = ActiveRun(
+            workflow_id=run_id, automation_id=automation.id, accepting_input=accepting_from_start
+        )
 
     async def _supersede_active(self) -> None:
         if self._active is None:

@@ -14,7 +14,13 @@ from temporalio.service import RPCError, RPCStatusCode
 from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from api.dispatch import conversation_start, signal_conversation
 from core.audit import audit
-from core.contracts import HumanMessageInput, HumanMessageResult, ResumeSignal
+from core.contracts import (
+    HumanMessageInput,
+    HumanMessageResult,
+    ResumeSignal,
+    StopRunsSignal,
+    conversation_workflow_id,
+)
 from core.db import Channel, Contact, Message, Run, utcnow
 
 router = APIRouter(prefix="/v1/contacts", tags=["contacts"])
@@ -153,18 +159,23 @@ async def update_contact(
     session.add(contact)
     session.commit()
     if contact.processing_restricted or contact.consent_withdrawn:
-        await stop_runs(temporal, session, contact.id)
+        await stop_runs(temporal, session, contact)
     return public(contact)
 
 
-async def stop_runs(temporal, session, contact_id: str) -> int:
-    """Cancel the contact's running runs (they record themselves as cancelled)."""
+async def stop_runs(temporal, session, contact: Contact) -> int:
+    """Cancel the contact's running runs (they record themselves as cancelled),
+    and tell the conversation, which cancels a run it is starting right now
+    (not recorded yet) once that start completes."""
     runs = session.exec(
-        select(Run).where(Run.contact_id == contact_id, col(Run.status).in_(["running", "waiting"]))
+        select(Run).where(Run.contact_id == contact.id, col(Run.status).in_(["running", "waiting"]))
     ).all()
-    for run in runs:
+    handles = [temporal.get_workflow_handle(run.id).cancel() for run in runs]
+    conversation = conversation_workflow_id(contact.workspace_id, contact.channel_id, contact.id)
+    handles.append(temporal.get_workflow_handle(conversation).signal("stop_runs", StopRunsSignal()))
+    for call in handles:
         try:
-            await temporal.get_workflow_handle(run.id).cancel()
+            await call
         except RPCError as err:
             if err.status != RPCStatusCode.NOT_FOUND:
                 raise

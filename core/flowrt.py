@@ -530,14 +530,17 @@ def buttons(step: dict) -> list[Button]:
     return out
 
 
-def leading_send(steps: list[dict]) -> tuple[dict | None, bool]:
-    """The flow's first step when it is a ``send_message`` (else None), and
+def leading_send(steps: list[dict]) -> tuple[dict | None, bool, bool]:
+    """The flow's first step when it is a ``send_message`` (else None);
     whether a ``wait_for_reply`` follows it (the run must accept the answer
-    from its first moment)."""
+    from its first moment); and whether it is the whole flow (nothing runs
+    after it)."""
     if not steps or steps[0].get("type") != "send_message" or not isinstance(steps[0].get("text"), str):
-        return None, False
+        return None, False, False
     nxt = resolve_target(steps, 0, steps[0].get("next"))
-    return steps[0], nxt is not None and steps[nxt].get("type") == "wait_for_reply"
+    if nxt is None:
+        return steps[0], False, True
+    return steps[0], steps[nxt].get("type") == "wait_for_reply", False
 
 
 def uses_contact(template: str) -> bool:

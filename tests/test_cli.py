@@ -45,7 +45,10 @@ runner = CliRunner()
 REPLY = "Prices start at 10 EUR."
 FLOW = {
     "trigger": {"type": "dm_keyword", "keywords": ["price"], "match": "contains"},
-    "steps": [{"id": "answer", "type": "send_message", "text": REPLY}],
+    # Two steps, so the run is an AutomationRun workflow (a one-message flow
+    # completes inside its conversation: see the inline test below).
+    "steps": [{"id": "answer", "type": "send_message", "text": REPLY},
+              {"id": "tag", "type": "add_tag", "tag": "asked-price"}],
 }
 
 
@@ -129,7 +132,7 @@ async def test_runs_show_prints_the_live_trail(stack, flow):
     shown = json.loads(result.stdout)
     assert shown["trail_source"] == "workflow"
     assert shown["status"] == "completed"
-    assert [(t["step_id"], t["status"]) for t in shown["trail"]] == [("answer", "done")]
+    assert [(t["step_id"], t["status"]) for t in shown["trail"]] == [("answer", "done"), ("tag", "done")]
 
 
 async def test_runs_show_falls_back_to_the_database_when_temporal_is_down(stack, flow):
@@ -164,6 +167,34 @@ async def test_runs_replay_ok_and_saved_history_replays_without_keys(stack, flow
     assert base64.b64encode(b"binary/encrypted").decode() in encrypted.read_text()
 
 
+async def test_a_one_message_run_is_shown_and_replayed_through_its_conversation(stack, tmp_path):
+    tenant = await create_tenant(stack, "Inline Co")
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["hours"]},
+                            [{"id": "hours", "type": "send_message", "text": "Open 9 to 5."}])
+    person = new_sender()
+    await send_dm(stack, account_id, person, "hours?")
+    await wait_for_messages(stack, person, 1)
+
+    async def recorded():
+        with Session(stack.deps.engine) as db:
+            return db.exec(select(Run).where(Run.workspace_id == tenant.workspace_id)).first()
+
+    run = await wait_for(recorded)
+    result = await invoke(stack, ["runs", "show", run.id, "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert (shown["status"], shown["trail_source"]) == ("completed", "database")
+    assert [(t["step_id"], t["status"]) for t in shown["trail"]] == [("hours", "done")]
+
+    out = tmp_path / "inline.json"
+    result = await invoke(stack, ["runs", "replay", run.id, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "inside its conversation" in result.output and "replay OK" in result.output
+    started = json.loads(out.read_text())["events"][0]["workflowExecutionStartedEventAttributes"]
+    assert started["workflowType"]["name"] == "ConversationWorkflow"
+
+
 async def test_unknown_run_is_a_clear_error(stack):
     for command in ("show", "replay"):
         result = await invoke(stack, ["runs", command, "ws_0000000000000000/run/nope"])
@@ -193,6 +224,13 @@ async def test_simulate_dm_delegates_to_the_sandbox_simulator(stack, flow):
     assert result.exit_code == 0, result.output
     assert "/webhooks/meta -> 200" in result.output
     assert "reply received after" in result.output and REPLY in result.output
+
+    async def settled():  # the run behind that reply is complete too (the export test counts runs)
+        with Session(stack.deps.engine) as db:
+            runs = db.exec(select(Run).where(Run.workspace_id == flow["tenant"].workspace_id)).all()
+        return len(runs) == 2 and all(r.status == "completed" for r in runs)
+
+    assert await wait_for(settled)
 
     result = await invoke(stack, ["simulate", "dm", "--text", "hi", "--wait", "0"], VECTORY_DEMO_ACCOUNT="")
     assert result.exit_code == 2, result.output  # simulate's "configuration error"

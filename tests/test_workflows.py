@@ -651,13 +651,33 @@ async def test_redelivered_event_starts_exactly_one_run(env):
         await conv.signal("inbound", event)
         await settled(conv, 3)
         run_id = run_workflow_id(ws, "auto_menu", CONTACT, "mid.dup")
-        result = await outcome(env.client.get_workflow_handle(run_id, result_type=RunResult))
-        await close_conversation(env.client, conv, "conversation_duplicates")
+        await close_conversation(env.client, conv)
 
-    assert result.status == "completed"
     assert mocks.texts == ["Here is the menu"]
-    assert mocks.started_runs() == [run_id]
+    assert [(r.run_id, r.status) for r in mocks.runs] == [(run_id, "completed")]
     assert len(mocks.inbound) == 1  # deduplicated in the workflow, before any database write
+
+
+async def test_a_one_message_flow_completes_inside_the_conversation(env):
+    """Keyword -> one reply: sent from the conversation's task and recorded
+    as a completed run with its trail; no run workflow is started."""
+    mocks = Mocks([automation("auto_menu", MENU_FLOW)])
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.one", "menu please"))
+        await settled(conv, 1)
+        await close_conversation(env.client, conv, "conversation_one_message_inline")
+        run_id = run_workflow_id(ws, "auto_menu", CONTACT, "mid.one")
+        with pytest.raises(RPCError):
+            await env.client.get_workflow_handle(run_id).describe()
+
+    assert mocks.texts == ["Here is the menu"]
+    assert [call.is_local for call in mocks.send_calls] == [True]
+    (record,) = mocks.runs
+    assert (record.run_id, record.status, record.automation_id) == (run_id, "completed", "auto_menu")
+    assert [(t.step_id, t.type, t.status, t.detail) for t in record.trail] == [
+        (MENU_FLOW["steps"][0]["id"], "send_message", "done", "Here is the menu"),
+    ]
 
 
 async def test_handoff_silences_automations_until_resumed(env):

@@ -389,6 +389,21 @@ def _write_text(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+def _inline_run_conversation(engine, run_id: str) -> str | None:
+    """The conversation workflow id of a recorded run without a workflow of
+    its own (a one-message flow), else None."""
+    from sqlmodel import Session
+
+    from core.contracts import conversation_workflow_id
+    from core.db import Run
+
+    with Session(engine) as db:
+        run = db.get(Run, run_id)
+    if run is None:
+        return None
+    return conversation_workflow_id(run.workspace_id, run.channel_id, run.contact_id)
+
+
 async def _replay(settings, engine, run_id: str, out: Path | None, keep_encrypted: bool) -> str | None:
     """Replays the run; returns the replay failure (None when it replayed)."""
     from temporalio.worker import Replayer
@@ -400,9 +415,14 @@ async def _replay(settings, engine, run_id: str, out: Path | None, keep_encrypte
     try:
         history = await client.get_workflow_handle(run_id).fetch_history()
     except Exception as exc:
-        if _is_not_found(exc):
+        if not _is_not_found(exc):
+            raise
+        conversation = _inline_run_conversation(engine, run_id)
+        if conversation is None:
             _fail(f"run not found: {run_id!r} has no workflow in Temporal (namespace {settings.temporal_namespace!r})")
-        raise
+        # A one-message flow completes inside its conversation workflow.
+        typer.echo(f"the run completed inside its conversation: replaying {conversation}")
+        history = await client.get_workflow_handle(conversation).fetch_history()
     if out is not None:
         saved = history if keep_encrypted else await decoded_history(history, client.data_converter.payload_codec)
         await asyncio.to_thread(_write_text, out, saved.to_json())

@@ -5,6 +5,14 @@ contact's events are processed in arrival order. For each inbound event:
 dedupe (bounded set carried across continue-as-new, plus the unique message
 row in the database), record it, then either hand it to the run that is
 waiting for input or match triggers and start an ``AutomationRun`` child.
+
+The reply does not wait for the child: when the matched flow opens with a
+message, this workflow sends it from the same workflow task (a local
+activity under the run's own idempotency key, so the run finds it sent) and
+then starts the child for the rest. A flow that is only that message is
+complete after the send: its run is recorded here and no child starts
+(``GET /v1/runs/{id}`` has its trail; the send is a marker in this
+workflow's history).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         ProfileInput,
         RecordInboundInput,
         RecordInboundResult,
+        RecordRunInput,
         ReplySignal,
         ResumeSignal,
         RunInput,
@@ -43,6 +52,7 @@ with workflow.unsafe.imports_passed_through():
         SendMessageResult,
         StartAutomationSignal,
         StopRunsSignal,
+        TrailEntry,
         UpdateContactInput,
     )
     from workflows.common import (
@@ -275,7 +285,9 @@ class ConversationWorkflow:
         accepting = False
         if event.kind != "comment" and workflow.patched("send-first-step"):
             run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, event.event_id)
-            contact, accepting = await self._send_first_step(run_id, automation, contact)
+            contact, accepting, whole_flow_sent = await self._send_first_step(run_id, automation, contact)
+            if whole_flow_sent:
+                return
             reuse = WorkflowIDReusePolicy.ALLOW_DUPLICATE
         else:
             if self._needs_profile(contact):
@@ -299,7 +311,7 @@ class ConversationWorkflow:
 
     async def _send_first_step(
         self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot
-    ) -> tuple[ContactSnapshot, bool]:
+    ) -> tuple[ContactSnapshot, bool, bool]:
         """The reply leaves from this workflow task, not after a child start.
 
         When the flow opens with a message, it is sent here by a local
@@ -310,11 +322,16 @@ class ConversationWorkflow:
         retries. The profile of a new contact is looked up first only when
         the message uses the contact's fields, else after it.
 
-        Returns the contact for the run and whether the run must accept the
-        person's answer from its start (a wait_for_reply follows the message).
+        A flow that is this one message ends with it: no run workflow starts;
+        the run is recorded here (``_record_inline_run``).
+
+        Returns the contact for the run, whether the run must accept the
+        person's answer from its start (a wait_for_reply follows the message)
+        and whether the whole flow was sent (nothing left to start).
         """
-        step, accepting = flowrt.leading_send(automation.definition.get("steps", []))
+        step, accepting, whole_flow = flowrt.leading_send(automation.definition.get("steps", []))
         profile_pending = self._needs_profile(contact)
+        sent = False
         if step is not None:
             if profile_pending and flowrt.uses_contact(step["text"]):
                 contact = await self._fetch_profile(contact, local=True)
@@ -336,11 +353,45 @@ class ConversationWorkflow:
                     start_to_close_timeout=SEND_TIMEOUT,
                     retry_policy=SINGLE_ATTEMPT,
                 )
+                sent = True
             except ACTIVITY_FAILURES as err:
                 workflow.logger.info("first message left to the run: %s", root_type(err) or type(err).__name__)
         if profile_pending:
             contact = await self._fetch_profile(contact, local=True)
-        return contact, accepting
+        if sent and whole_flow:
+            assert step is not None
+            await self._record_inline_run(run_id, automation, contact, step)
+            return contact, False, True
+        return contact, accepting, False
+
+    async def _record_inline_run(
+        self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot, step: dict
+    ) -> None:
+        """A one-message flow, sent: record its run (status and trail, as the
+        run workflow records them; ``GET /v1/runs/{id}`` reads it) and let it
+        supersede the previous run, as a started run would."""
+        await self._supersede_active()
+        text = flowrt.render(step["text"], contact, {})
+        await workflow.execute_local_activity(
+            "record_run",
+            RecordRunInput(
+                run_id=run_id,
+                workspace_id=self._input.workspace_id,
+                channel_id=self._input.channel_id,
+                contact_id=contact.id,
+                automation_id=automation.id,
+                version=automation.version,
+                status="completed",
+                trail=[
+                    TrailEntry(
+                        step_id=step["id"], type="send_message", status="done",
+                        at=workflow.now().isoformat(), detail=text[:200],
+                    )
+                ],
+            ),
+            start_to_close_timeout=DB_TIMEOUT,
+            retry_policy=DB_RETRY,
+        )
 
     async def _on_api_start(self, signal: StartAutomationSignal) -> None:
         if not self._remember(f"api:{signal.run_id}"):

@@ -57,6 +57,7 @@ from typing import Any
 import httpx
 import temporalio
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 
 from bench.floor import FLOOR_TASK_QUEUE, BenchFloor, FloorActivities, FloorInput
@@ -651,7 +652,12 @@ class Bench:
             for label, wf_id in (("conversation", conv_id), ("run", run_id)):
                 if not wf_id:
                     continue
-                history = await self.client.get_workflow_handle(wf_id).fetch_history()
+                try:
+                    history = await self.client.get_workflow_handle(wf_id).fetch_history()
+                except RPCError as err:
+                    if err.status != RPCStatusCode.NOT_FOUND:
+                        raise
+                    continue  # a one-message flow completes inside its conversation: no run workflow
                 counts[label] = defaultdict(int)
                 for event in history.events:
                     at = event.event_time.ToMicroseconds() / 1e6

@@ -8,8 +8,14 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 from temporalio import activity
 
-from core.contracts import BroadcastPage, BroadcastPageInput, BroadcastProgress, Recipient
-from core.db import Broadcast, Channel, Contact, utcnow
+from core.contracts import (
+    BroadcastPage,
+    BroadcastPageInput,
+    BroadcastProgress,
+    Recipient,
+    broadcast_workflow_id,
+)
+from core.db import Broadcast, Channel, Contact, count_sends, utcnow
 
 META_WINDOW = timedelta(hours=24)
 SCAN_BATCH = 500
@@ -89,7 +95,10 @@ class BroadcastActivities:
             if row is None:
                 return
             row.status = input.status
-            row.sent, row.failed, row.skipped = input.sent, input.failed, dict(input.skipped)
+            # A cancelled or failed page was not counted by the workflow: the
+            # recorded sends are the truth.
+            sent = max(input.sent, count_sends(db, broadcast_workflow_id(row.workspace_id, row.id)))
+            row.sent, row.failed, row.skipped = sent, input.failed, dict(input.skipped)
             if input.status in ("completed", "cancelled", "failed"):
                 row.finished_at = utcnow()
             db.add(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
@@ -13,7 +14,14 @@ from temporalio.exceptions import ApplicationError
 
 from activities.common import ChannelCredentials, load_credentials, to_application_error
 from core.audit import audit
-from core.contracts import AckCallbackInput, PublicReplyInput, SendMessageInput, SendMessageResult
+from core.contracts import (
+    AckCallbackInput,
+    BroadcastBatchInput,
+    BroadcastBatchResult,
+    PublicReplyInput,
+    SendMessageInput,
+    SendMessageResult,
+)
 from core.crypto import TokenVault
 from core.db import Contact, Message, SendRecord, utcnow
 from core.platforms import (
@@ -23,7 +31,7 @@ from core.platforms import (
     build_meta_message,
     build_telegram_message,
 )
-from core.ratelimit import Budget, RateLimiter, public_reply_budgets, send_budgets
+from core.ratelimit import SEND_JITTER_BUDGET, Budget, RateLimiter, public_reply_budgets, send_budgets
 from core.settings import Settings, get_settings
 
 STANDARD_WINDOW = timedelta(hours=24)
@@ -35,6 +43,11 @@ HUMAN_AGENT_WINDOW = timedelta(days=7)
 # ``RateLimited`` whose next_retry_delay is the wait, so Temporal holds the
 # send durably.
 RATE_WAIT_INLINE = 2.0
+# A booked cell is used only if the send leaves within this of its moment
+# (half of the paced buckets' jitter budget; the other half is for the HTTP
+# request to reach the platform); a sender that woke up later books again,
+# so late wake-ups cannot bunch sends into one second.
+RATE_LATE_TOLERANCE = SEND_JITTER_BUDGET / 2
 
 
 class MessagingActivities:
@@ -61,15 +74,27 @@ class MessagingActivities:
         for here (concurrent sends queue in booking order, one per slot);
         a longer wait raises a retryable ``RateLimited`` with the wait as
         next_retry_delay and books nothing."""
-        wait, key = await asyncio.to_thread(self.limiter.reserve, budgets, max_wait=RATE_WAIT_INLINE)
-        if key:
-            raise ApplicationError(
-                f"rate limit {key}: next slot in {wait:.1f}s",
-                type="RateLimited",
-                next_retry_delay=timedelta(seconds=wait),
-            )
-        if wait > 0:
+        deadline = time.monotonic() + RATE_WAIT_INLINE * 2
+        while True:
+            now = time.time()
+            wait, key = await asyncio.to_thread(self.limiter.reserve, budgets, now, max_wait=RATE_WAIT_INLINE)
+            if key:
+                raise ApplicationError(
+                    f"rate limit {key}: next slot in {wait:.1f}s",
+                    type="RateLimited",
+                    next_retry_delay=timedelta(seconds=wait),
+                )
+            if wait <= 0:
+                return
             await asyncio.sleep(wait)
+            if time.time() - (now + wait) <= RATE_LATE_TOLERANCE:
+                return
+            if time.monotonic() > deadline:  # the worker is too busy to keep a slot: Temporal retries
+                raise ApplicationError(
+                    "rate limit: woke up too late for the booked slots",
+                    type="RateLimited",
+                    next_retry_delay=timedelta(seconds=1),
+                )
 
     def _existing_send(self, key: str) -> str | None:
         with Session(self.engine) as db:
@@ -158,6 +183,59 @@ class MessagingActivities:
 
     @activity.defn(name="send_message")
     async def send_message(self, input: SendMessageInput) -> SendMessageResult:
+        """Send one message to a contact (``_send``)."""
+        return await self._send(input)
+
+    @activity.defn(name="send_broadcast_batch")
+    async def send_broadcast_batch(self, input: BroadcastBatchInput) -> BroadcastBatchResult:
+        """Send one broadcast page, one recipient after the other.
+
+        Each message goes through ``_send`` (idempotency record, window
+        check, rate budgets), so a retried batch never sends twice. One
+        sequential sender per page keeps a paced budget's slots in order
+        (no activity per recipient competing for them) and costs one
+        activity instead of hundreds. Progress is heartbeated after every
+        recipient; a retry resumes from it. A recipient outside the window
+        is skipped and one the platform refuses is counted failed; throttling
+        and rate-limit waits longer than the inline wait fail the attempt
+        with the wait as next_retry_delay (Temporal holds the batch durably),
+        and an unusable channel (token invalid, disconnected) stops the batch
+        with the reason in ``stopped``.
+        """
+        start, result = 0, BroadcastBatchResult()
+        details = activity.info().heartbeat_details
+        if details:
+            start = int(details[0])
+            result = BroadcastBatchResult(sent=int(details[1]), failed=int(details[2]), skipped=dict(details[3]))
+        for index in range(start, len(input.recipients)):
+            recipient = input.recipients[index]
+            try:
+                await self._send(
+                    SendMessageInput(
+                        channel_id=input.channel_id,
+                        contact_id=recipient.contact_id,
+                        recipient_id=recipient.external_id,
+                        idempotency_key=f"{input.key_prefix}/{recipient.contact_id}",
+                        text=input.text,
+                    )
+                )
+                # A send found already recorded beyond the heartbeated
+                # progress was made by the previous attempt: not counted yet.
+                result.sent += 1
+            except ApplicationError as err:
+                if err.type == "OutsideMessagingWindow":
+                    result.skipped["outside_window"] = result.skipped.get("outside_window", 0) + 1
+                elif err.type == "PlatformRejected":
+                    result.failed += 1
+                elif err.type in ("TokenInvalid", "ChannelUnavailable"):
+                    result.stopped = f"{err.type}: {err.message}"
+                    return result
+                else:
+                    raise
+            activity.heartbeat(index + 1, result.sent, result.failed, result.skipped)
+        return result
+
+    async def _send(self, input: SendMessageInput) -> SendMessageResult:
         """Send one message to a contact.
 
         Before calling the platform, the idempotency record is checked: an

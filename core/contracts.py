@@ -41,6 +41,11 @@ def contact_id_for(channel_id: str, platform_user_id: str) -> str:
     return f"ct_{digest[:20]}"
 
 
+def broadcast_workflow_id(workspace_id: str, broadcast_id: str) -> str:
+    """Also the prefix of its messages' idempotency keys."""
+    return f"{workspace_id}/broadcast/{broadcast_id}"
+
+
 def conversation_workflow_id(workspace_id: str, channel_id: str, contact_id: str) -> str:
     return f"{workspace_id}/conv/{channel_id}/{contact_id}"
 
@@ -489,6 +494,27 @@ class BroadcastPage:
     recipients: list[Recipient] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (restricted, outside_window, ...)
     next_after: str = ""  # "" when this was the last page
+
+
+@dataclass
+class BroadcastBatchInput:
+    """One page of a broadcast, sent in order by one activity. Each message's
+    idempotency key is ``<key_prefix>/<contact id>``."""
+
+    channel_id: str
+    text: str
+    key_prefix: str
+    recipients: list[Recipient] = field(default_factory=list)
+
+
+@dataclass
+class BroadcastBatchResult:
+    sent: int = 0
+    failed: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    # Why the channel cannot send any more (token invalid, disconnected): the
+    # batch stopped there and the broadcast fails.
+    stopped: str = ""
 
 
 @dataclass

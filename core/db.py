@@ -15,8 +15,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Engine, Text, UniqueConstraint, event
-from sqlmodel import Field, Session, SQLModel, create_engine
+from sqlalchemy import JSON, Column, Engine, Text, UniqueConstraint, event, func
+from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 
 def utcnow() -> datetime:
@@ -126,6 +126,15 @@ class SendRecord(SQLModel, table=True):
     channel_id: str = Field(index=True)
     platform_message_id: str
     created_at: datetime = Field(default_factory=utcnow)
+
+
+def count_sends(session: Session, key_prefix: str) -> int:
+    """Sends recorded under ``<key_prefix>/...`` (a broadcast's messages):
+    a range scan of the primary key ('0' is the character after '/')."""
+    key = SendRecord.idempotency_key
+    return session.exec(
+        select(func.count()).select_from(SendRecord).where(key >= f"{key_prefix}/", key < f"{key_prefix}0")
+    ).one()
 
 
 class Run(SQLModel, table=True):

@@ -116,3 +116,46 @@ async def test_large_broadcast_continues_as_new_and_sends_each_contact_once(stac
     assert any(w.status == WorkflowExecutionStatus.CONTINUED_AS_NEW for w in runs)
     for person in people[:20] + people[-20:]:
         assert len(await sandbox_messages(stack, person)) == 1
+
+
+async def test_a_retried_batch_resumes_from_its_heartbeat_and_counts_each_send_once(stack):
+    """The batch activity after a crash: it starts from the heartbeated
+    index; a message the lost attempt sent after its last heartbeat is found
+    recorded (not sent again) and counted once; a person the platform refuses
+    is counted failed and the batch goes on."""
+    from dataclasses import replace as dc_replace
+
+    from temporalio.testing import ActivityEnvironment
+
+    from core.contracts import BroadcastBatchInput, BroadcastBatchResult, Recipient
+    from workers.main import activities_for
+
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    people = add_contacts(stack, tenant, channel["id"], 5)
+    recipients = [Recipient(contact_id=contact_id_for(channel["id"], p), external_id=p) for p in people]
+    batch = next(a for a in activities_for(stack.settings, stack.deps, stack.client)
+                 if getattr(a, "__name__", "") == "send_broadcast_batch")
+    prefix = f"{tenant.workspace_id}/broadcast/bc_resume"
+    env = ActivityEnvironment()
+    # The lost attempt: heartbeated after 2 recipients, then sent the third.
+    first = await env.run(batch, BroadcastBatchInput(channel["id"], "hello", prefix, recipients[:3]))
+    assert first.sent == 3
+    # The platform refuses the next message (people[3]: the first sent after the resume).
+    await stack.sandbox.post("/_sandbox/faults", json={
+        "service": "instagram", "path_contains": f"/{account_id}/messages", "kind": "custom", "times": 1,
+        "status": 400, "body": {"error": {"message": "(#100) No matching user found", "type": "OAuthException",
+                                          "code": 100, "fbtrace_id": "AbCdEf"}},
+    })
+    try:
+        env.info = dc_replace(env.info, heartbeat_details=[2, 2, 0, {}])
+        beats: list = []
+        env.on_heartbeat = lambda *details: beats.append(details)
+        result: BroadcastBatchResult = await env.run(batch, BroadcastBatchInput(channel["id"], "hello", prefix, recipients))
+    finally:
+        await stack.sandbox.delete("/_sandbox/faults")
+    assert (result.sent, result.failed, result.stopped) == (4, 1, "")
+    assert beats[-1][:3] == (5, 4, 1)
+    for person in (people[0], people[1], people[2], people[4]):
+        assert [text_of(c) for c in await sandbox_messages(stack, person)] == ["hello"]  # once each
+    assert await sandbox_messages(stack, people[3]) == []

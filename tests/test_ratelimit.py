@@ -23,6 +23,7 @@ from temporalio.exceptions import ApplicationError
 
 from core.db import RateBucket, make_engine, migrate
 from core.ratelimit import (
+    SEND_JITTER_BUDGET,
     TELEGRAM_BOT_INTERVAL,
     RateLimiter,
     buckets_of,
@@ -151,8 +152,11 @@ def test_telegram_bot_pacing_keeps_every_second_at_30_or_fewer(limiter):
     k, t0 = key(), 4_000_000.0
     granted = [t0 + i / 1000 for i in range(1500)
                if limiter.acquire(k, interval=TELEGRAM_BOT_INTERVAL, now=t0 + i / 1000) == 0.0]
-    assert max_in_window(granted, 1.0) == 30
-    assert len(granted) >= 43  # and it does not throttle much below 30/s
+    assert 29 <= max_in_window(granted, 1.0) <= 30
+    assert len(granted) >= 42  # and it does not throttle much below 30/s
+    # Sends may leave up to SEND_JITTER_BUDGET after their cell: still never over 30.
+    late = [t + (SEND_JITTER_BUDGET if i % 7 == 0 else 0.0) for i, t in enumerate(granted)]
+    assert max_in_window(late, 1.0) <= 30
 
 
 def test_booking_serves_queued_callers_one_slot_each_in_order(limiter):
@@ -312,7 +316,7 @@ def test_two_processes_share_the_budget(db_url):
 def test_send_budgets_per_platform_and_kind():
     settings = Settings(automated_dm_per_hour=120)
     tg = send_budgets("telegram", "555", "42", private_reply=False, human=False, settings=settings)
-    assert tg == [("tg:chat:555:42", 1.0, 1), ("tg:bot:555", pytest.approx(1.01 / 30), 1)]
+    assert tg == [("tg:chat:555:42", 1.0, 1), ("tg:bot:555", pytest.approx(1.05 / 30), 1)]
     # Platform limits bind human-written Telegram messages too.
     assert send_budgets("telegram", "555", "42", private_reply=False, human=True, settings=settings) == tg
 

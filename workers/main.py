@@ -131,6 +131,7 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
         crm.record_run,
         profiles.fetch_profile,
         messaging.send_message,
+        messaging.send_broadcast_batch,
         messaging.acknowledge_callback,
         messaging.reply_to_comment,
         ai.generate_reply,

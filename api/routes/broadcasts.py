@@ -12,8 +12,8 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from core.audit import audit
-from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress
-from core.db import Broadcast, Channel, new_id
+from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress, broadcast_workflow_id
+from core.db import Broadcast, Channel, count_sends, new_id
 from workflows.common import search_attributes
 
 router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
@@ -68,7 +68,7 @@ def public(b: Broadcast, live: BroadcastProgress | None = None) -> BroadcastPubl
 
 
 def workflow_id(b: Broadcast) -> str:
-    return f"{b.workspace_id}/broadcast/{b.id}"
+    return broadcast_workflow_id(b.workspace_id, b.id)
 
 
 def get_owned(session, workspace_id: str, broadcast_id: str) -> Broadcast:
@@ -141,6 +141,9 @@ async def get_broadcast(
         )
     except Exception:  # worker busy or unreachable: the last recorded progress
         return public(b)
+    # The page being sent is counted by the workflow when it completes; the
+    # sends recorded so far are the live figure.
+    live.sent = max(live.sent, count_sends(session, workflow_id(b)))
     return public(b, live)
 
 

@@ -1,11 +1,15 @@
-"""Durable inbox: verified webhook events survive a Temporal outage.
+"""Durable inbox: verified webhook events survive a Temporal outage or overload.
 
-When Temporal cannot take an event, the webhook stores it (unique per
-channel and platform event id) and still answers 200, so the platform does
-not retry for 36 hours against an outage we can absorb. The relay drains the
-inbox with signal-with-start once Temporal answers again, oldest first, one
-contact's events in order. Relaying twice is harmless: conversations dedupe
-by event id.
+When Temporal cannot take an event (down, slow, or already holding the
+maximum of webhooks in flight), the webhook stores it (unique per channel
+and platform event id) and still answers 200 at once, so the platform does
+not retry for 36 hours against an outage we can absorb and the answer never
+waits for Temporal's backlog. The relay drains the inbox with
+signal-with-start as soon as it is woken (or every second), oldest first,
+one contact's events in order, several contacts at a time. While the inbox
+holds events, webhooks store theirs too (``app.state.inbox_backlog``), so a
+contact's later event never overtakes an earlier stored one. Relaying twice
+is harmless: conversations dedupe by event id.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ log = logging.getLogger("vectory.inbox")
 
 RELAY_INTERVAL_SECONDS = 1.0
 RELAY_BATCH = 500
+RELAY_CONTACTS_IN_PARALLEL = 16
 
 
 def store(engine: Engine, routed: list[tuple[Channel, InboundEvent]]) -> int:
@@ -58,20 +63,35 @@ def _event(data: dict) -> InboundEvent:
 
 async def relay_once(engine: Engine, client, task_queue: str) -> int:
     """Hand stored events to Temporal; returns how many were relayed.
-    Stops at the first failure (the rest wait for the next round)."""
+
+    Contacts in parallel (at most RELAY_CONTACTS_IN_PARALLEL), each
+    contact's events in order; a contact's rows are deleted once all of them
+    were signalled. A failure leaves that contact's rows for the next round
+    (re-signalled ones are deduplicated) and is raised after the others."""
     rows = await asyncio.to_thread(_load, engine)
     if not rows:
         return 0
     channels = await asyncio.to_thread(_channels, engine, {r.channel_id for r in rows})
-    relayed = 0
+    by_contact: dict[tuple[str, str], list[InboxEvent]] = {}
     for row in rows:
-        channel = channels.get(row.channel_id)
-        if channel is not None and channel.status == "active":
-            event = _event(row.event)
-            await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
-        await asyncio.to_thread(_delete, engine, row.id)
-        relayed += 1
-    return relayed
+        by_contact.setdefault((row.channel_id, row.contact_id), []).append(row)
+    limit = asyncio.Semaphore(RELAY_CONTACTS_IN_PARALLEL)
+
+    async def relay_contact(contact_rows: list[InboxEvent]) -> int:
+        async with limit:
+            for row in contact_rows:
+                channel = channels.get(row.channel_id)
+                if channel is not None and channel.status == "active":
+                    event = _event(row.event)
+                    await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
+            await asyncio.to_thread(_delete, engine, [r.id for r in contact_rows])
+            return len(contact_rows)
+
+    results = await asyncio.gather(*(relay_contact(r) for r in by_contact.values()), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return sum(results)  # type: ignore[arg-type]
 
 
 def _load(engine: Engine) -> list[InboxEvent]:
@@ -84,25 +104,55 @@ def _channels(engine: Engine, ids: set[str]) -> dict[str, Channel]:
         return {c.id: c for c in db.exec(select(Channel).where(col(Channel.id).in_(ids))).all()}
 
 
-def _delete(engine: Engine, row_id: int | None) -> None:
+def _delete(engine: Engine, row_ids: list[int | None]) -> None:
     with Session(engine) as db:
-        db.exec(delete(InboxEvent).where(InboxEvent.id == row_id))  # type: ignore[call-overload]
+        db.exec(delete(InboxEvent).where(col(InboxEvent.id).in_(row_ids)))  # type: ignore[call-overload]
         db.commit()
 
 
+class InboxState:
+    """The API process's view of its inbox (one event loop: no locks)."""
+
+    def __init__(self) -> None:
+        # True until the relay found the inbox empty (also at start: rows may
+        # be left from before a restart). Webhooks store while it is set.
+        self.backlog = True
+        self.storing = 0  # webhooks storing right now
+        self.stored = 0  # stores completed (the relay's "nothing new" check)
+        self.wakeup = asyncio.Event()
+        self.wakeup.set()  # the relay's first round runs at once
+
+    def stored_one(self) -> None:
+        self.backlog = True
+        self.stored += 1
+        self.wakeup.set()
+
+
 async def run_relay(app) -> None:
-    """Background task of the API: drain the inbox whenever Temporal answers."""
+    """Background task of the API: drain the inbox when woken by a webhook
+    that stored events, or every RELAY_INTERVAL_SECONDS."""
     engine = app.state.engine
+    inbox: InboxState = app.state.inbox
     while True:
-        await asyncio.sleep(RELAY_INTERVAL_SECONDS)
+        try:
+            await asyncio.wait_for(inbox.wakeup.wait(), RELAY_INTERVAL_SECONDS)
+        except TimeoutError:
+            pass
+        inbox.wakeup.clear()
         client = app.state.temporal
         if client is None or not getattr(app.state, "inbox_relay", True):
             continue
         try:
-            relayed = await relay_once(engine, client, app.state.settings.task_queue)
-            if relayed:
-                app.state.temporal_down_until = 0.0  # Temporal answers again: webhooks dispatch directly
-                log.info("relayed %d inbox events to Temporal", relayed)
+            while True:
+                seen = inbox.stored
+                relayed = await relay_once(engine, client, app.state.settings.task_queue)
+                if relayed:
+                    app.state.temporal_down_until = 0.0  # Temporal answers again
+                    log.info("relayed %d inbox events to Temporal", relayed)
+                    continue
+                if inbox.storing == 0 and inbox.stored == seen:
+                    inbox.backlog = False  # empty, and nothing stored meanwhile: webhooks dispatch directly
+                break
         except RPCError as err:
             log.warning("inbox relay waiting for Temporal: %s", err.status)
         except Exception:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from temporalio.client import Client
 
-from api.inbox import run_relay
+from api.inbox import InboxState, run_relay
 from api.routes import (
     automations,
     broadcasts,
@@ -80,6 +80,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.vault = TokenVault(settings.keyring())
     app.state.keys = KeyStore(app.state.engine, app.state.vault)
     app.state.temporal = temporal
+    app.state.inbox = InboxState()
+    app.state.dispatching = 0  # webhooks waiting on Temporal right now
     for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops, broadcasts):
         app.include_router(module.router)
 

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     codec_token: str = ""
     codec_cors_origins: str = "http://127.0.0.1:8233,http://localhost:8233"
     max_webhook_body_bytes: int = 4 * 1024 * 1024
+    # Webhooks waiting on Temporal at once; more (overload) are acknowledged
+    # from the durable inbox and relayed (api/inbox.py). 0: always the inbox.
+    webhook_max_inflight_dispatches: int = Field(32, ge=0)
     http_timeout_seconds: float = 15.0
     # Automated Instagram/Messenger DMs per connected account per hour (a
     # burst of this many, then evenly spaced; durable across workers, see
@@ -62,9 +65,11 @@ class Settings(BaseSettings):
     # Worker tuning (bench/README.md has what each bought). The workflow
     # sandbox: "passthrough" keeps its determinism checks but imports our
     # modules once instead of once per workflow instance; "strict" re-imports
-    # workflow modules per instance. The cache bounds worker memory with many
+    # workflow modules per instance; "off" runs workflows unsandboxed (no
+    # runtime determinism checks: the replay test is then the only guard;
+    # measured, not recommended). The cache bounds worker memory with many
     # waiting conversations (evicted ones replay from history when woken).
-    worker_sandbox: Literal["passthrough", "strict"] = "passthrough"
+    worker_sandbox: Literal["passthrough", "strict", "off"] = "passthrough"
     worker_max_cached_workflows: int = Field(1000, ge=0)
     worker_workflow_pollers: int = Field(5, ge=1)
     worker_activity_pollers: int = Field(5, ge=1)

@@ -22,6 +22,7 @@ from helpers import (
     create_tenant,
     new_sender,
     sandbox_messages,
+    send_dm,
     wait_for,
 )
 
@@ -109,3 +110,44 @@ async def test_events_posted_while_temporal_is_down_are_handled_once_it_is_back(
         await worker.shutdown()
         await worker_task
         await env.shutdown()
+
+
+async def test_overload_acks_from_the_inbox_and_keeps_each_contacts_order(stack):
+    """Beyond the webhooks allowed to wait on Temporal at once, events are
+    acknowledged from the inbox and relayed; while the inbox holds events, a
+    webhook that could dispatch directly stores its events too, so the
+    contact's later message is not handled before the earlier one."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    for word in ("alpha", "beta"):
+        await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": [word]},
+                                [{"id": "r", "type": "send_message", "text": f"re {word}"}])
+    state = stack.api_app.state
+    settings = state.settings
+    person = new_sender()
+    try:
+        state.inbox_relay = False  # hold the stored event in the inbox for the moment
+        state.settings = settings.model_copy(update={"webhook_max_inflight_dispatches": 0})  # overload
+        await send_dm(stack, account_id, person, "alpha")
+        assert state.inbox.backlog
+        state.settings = settings  # Temporal could take the next one directly...
+        await send_dm(stack, account_id, person, "beta")
+        with Session(stack.deps.engine) as db:
+            stored = db.exec(select(func.count()).select_from(InboxEvent).where(InboxEvent.channel_id == channel["id"])).one()
+        assert stored == 2  # ...but it waits behind the stored one
+        assert await sandbox_messages(stack, person) == []
+    finally:
+        state.settings = settings
+        state.inbox_relay = True
+        state.inbox.wakeup.set()
+
+    async def answered():
+        calls = await sandbox_messages(stack, person)
+        return len(calls) >= 2 and calls
+
+    calls = await wait_for(answered, timeout=30)
+    assert [c["json"]["message"]["text"] for c in calls] == ["re alpha", "re beta"]
+    async def drained():
+        return not state.inbox.backlog
+
+    assert await wait_for(drained, timeout=10)  # drained: webhooks dispatch directly again

@@ -28,7 +28,7 @@ from temporalio.client import (
     SchedulePolicy,
     ScheduleSpec,
 )
-from temporalio.worker import PollerBehaviorSimpleMaximum, Worker
+from temporalio.worker import PollerBehaviorSimpleMaximum, UnsandboxedWorkflowRunner, Worker, WorkflowRunner
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.ai import AiActivities
@@ -145,14 +145,19 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
     ]
 
 
-def workflow_runner(mode: str = "passthrough") -> SandboxedWorkflowRunner:
+def workflow_runner(mode: str = "passthrough") -> WorkflowRunner:
     """The workflow sandbox, shared by the worker, the replayer and the CLI.
 
-    Both modes keep the sandbox's determinism checks (a clock, random or I/O
-    call in workflow code fails the task). ``passthrough`` imports every
-    module once for all workflow instances; ``strict`` re-imports the
-    workflow modules for each new instance (isolates module-level state, at
-    about a quarter of the worker's CPU per automation run)."""
+    ``passthrough`` and ``strict`` keep the sandbox's determinism checks (a
+    clock, random or I/O call in workflow code fails the task).
+    ``passthrough`` imports every module once for all workflow instances;
+    ``strict`` re-imports the workflow modules for each new instance
+    (isolates module-level state, at about a quarter of the worker's CPU per
+    automation run). ``off`` runs workflows without the sandbox (no runtime
+    checks; the replay test is the only guard): a measured knob, not a
+    recommendation."""
+    if mode == "off":
+        return UnsandboxedWorkflowRunner()
     restrictions = SandboxRestrictions.default
     if mode == "strict":
         restrictions = restrictions.with_passthrough_modules("core", "workflows.common")

@@ -92,13 +92,27 @@ def meta_verify(
 
 
 async def _dispatch(request: Request, routed) -> None:
-    """Hand events to Temporal; if it cannot take them quickly, keep them in
-    the durable inbox (the relay delivers them later) and still answer 200.
-    After a failure, webhooks skip Temporal for a few seconds (circuit
-    breaker) so acknowledgements stay fast during an outage."""
+    """Hand events to Temporal directly when it keeps up; otherwise keep them
+    in the durable inbox (the relay delivers them, in order per contact) and
+    still answer 200 at once.
+
+    Direct dispatch is skipped while Temporal failed or timed out recently
+    (circuit breaker, BREAKER_SECONDS), while the inbox holds events not
+    relayed yet (a contact's later event must not overtake an earlier stored
+    one), and while ``webhook_max_inflight_dispatches`` webhooks already wait
+    on Temporal (overload: the answer must not wait for Temporal's backlog).
+    """
     state = request.app.state
     temporal = state.temporal
-    if temporal is not None and time.monotonic() >= getattr(state, "temporal_down_until", 0.0):
+    inbox = state.inbox
+    direct = (
+        temporal is not None
+        and time.monotonic() >= getattr(state, "temporal_down_until", 0.0)
+        and not inbox.backlog
+        and state.dispatching < state.settings.webhook_max_inflight_dispatches
+    )
+    if direct:
+        state.dispatching += 1
         try:
             await asyncio.wait_for(
                 dispatch_events(temporal, state.settings.task_queue, routed), DISPATCH_TIMEOUT_SECONDS
@@ -107,11 +121,17 @@ async def _dispatch(request: Request, routed) -> None:
         except (RPCError, TimeoutError) as err:
             state.temporal_down_until = time.monotonic() + BREAKER_SECONDS
             log.warning("temporal unavailable (%s): keeping %d events in the inbox", type(err).__name__, len(routed))
+        finally:
+            state.dispatching -= 1
+    inbox.storing += 1
     try:
         await asyncio.to_thread(store, state.engine, routed)
     except Exception:
         log.exception("inbox unavailable too: asking the platform to redeliver")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "temporarily unavailable; retry") from None
+    finally:
+        inbox.storing -= 1
+    inbox.stored_one()
 
 
 @router.post(

@@ -129,11 +129,12 @@ class SendRecord(SQLModel, table=True):
 
 
 def count_sends(session: Session, key_prefix: str) -> int:
-    """Sends recorded under ``<key_prefix>/...`` (a broadcast's messages):
-    a range scan of the primary key ('0' is the character after '/')."""
+    """Sends recorded under ``<key_prefix>/...`` (a broadcast's messages).
+    A LIKE prefix match: a range on the key would follow the database
+    collation, which need not order '/' before '0' on PostgreSQL."""
     key = SendRecord.idempotency_key
     return session.exec(
-        select(func.count()).select_from(SendRecord).where(key >= f"{key_prefix}/", key < f"{key_prefix}0")
+        select(func.count()).select_from(SendRecord).where(key.startswith(f"{key_prefix}/", autoescape=True))
     ).one()
 
 

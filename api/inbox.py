@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import asdict
 
 from sqlalchemy import Engine
@@ -32,6 +33,13 @@ log = logging.getLogger("vectory.inbox")
 RELAY_INTERVAL_SECONDS = 1.0
 RELAY_BATCH = 500
 RELAY_CONTACTS_IN_PARALLEL = 16
+# The relay shares the API's event loop with the webhooks it must not slow
+# down: before each signal it checks that the loop turns around within
+# LOOP_BUSY_SECONDS, else it steps back for RELAY_BACKOFF_SECONDS (at most
+# RELAY_MAX_DEFERRAL_SECONDS per signal, so it always progresses).
+LOOP_BUSY_SECONDS = 0.002
+RELAY_BACKOFF_SECONDS = 0.02
+RELAY_MAX_DEFERRAL_SECONDS = 1.0
 
 
 def store(engine: Engine, routed: list[tuple[Channel, InboundEvent]]) -> int:
@@ -82,6 +90,7 @@ async def relay_once(engine: Engine, client, task_queue: str) -> int:
             for row in contact_rows:
                 channel = channels.get(row.channel_id)
                 if channel is not None and channel.status == "active":
+                    await _after_webhooks()
                     event = _event(row.event)
                     await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
             await asyncio.to_thread(_delete, engine, [r.id for r in contact_rows])
@@ -92,6 +101,19 @@ async def relay_once(engine: Engine, client, task_queue: str) -> int:
         if isinstance(result, BaseException):
             raise result
     return sum(results)  # type: ignore[arg-type]
+
+
+async def _after_webhooks() -> None:
+    """Give way to webhooks: wait while the event loop is congested (acks
+    first, relaying when there is room), but never longer than
+    RELAY_MAX_DEFERRAL_SECONDS."""
+    deadline = time.monotonic() + RELAY_MAX_DEFERRAL_SECONDS
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        await asyncio.sleep(0)
+        if time.monotonic() - started < LOOP_BUSY_SECONDS:
+            return
+        await asyncio.sleep(RELAY_BACKOFF_SECONDS)
 
 
 def _load(engine: Engine) -> list[InboxEvent]:

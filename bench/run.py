@@ -123,14 +123,14 @@ class Sizes:
     wait_grace_s: float = 45.0
     wait_window: int = 300
     answers: int = 10
-    drain_s: float = 20.0
+    drain_s: float = 300.0  # wait for the backlog, so it does not slow the next phase
     burst_post_deadline_s: float = 45.0
 
 
 QUICK = Sizes(floor_warmup=10, floor_seq=50, floor_eager_off=30, floor_tp=100, seq_warmup=5, seq=50,
               returning=25, burst=100, ack_seconds=3.0, waiting=1000, wait_deadline_s=75.0, wait_grace_s=45.0,
               answers=5,
-              drain_s=15.0, burst_post_deadline_s=30.0)
+              drain_s=120.0, burst_post_deadline_s=30.0)
 
 
 # --------------------------------------------------------------------------- stats

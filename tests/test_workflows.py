@@ -39,7 +39,7 @@ from record_histories import maybe_save_history
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType, IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
@@ -155,6 +155,7 @@ class Mocks:
         self.send_error: Exception | None = None
         self.send_failures = 0  # fail this many calls, then succeed
         self.ai_error: Exception | None = None
+        self.ai_gate: asyncio.Event | None = None  # set: the model answers only once it is set
         self.verify_error: Exception | None = None
         self.revoke_error: Exception | None = None
 
@@ -229,6 +230,8 @@ class Mocks:
         @activity.defn(name="generate_reply")
         async def generate_reply(input: GenerateReplyInput) -> GenerateReplyResult:
             self.ai_calls.append(input)
+            if self.ai_gate is not None:
+                await self.ai_gate.wait()
             if self.ai_error is not None:
                 raise self.ai_error
             return GenerateReplyResult(text="Hello from the model")
@@ -495,6 +498,31 @@ async def test_ai_step_failing_sends_the_fallback_text(env):
     entry = result.trail[-1]
     assert (entry.step_id, entry.status) == ("ai", "done")
     assert "fallback" in entry.detail and "model overloaded" in entry.detail
+
+
+async def test_a_run_cancelled_while_the_model_thinks_is_cancelled_and_sends_nothing(env):
+    """Cancelling a run (restriction, a newer trigger) during its AI step
+    ends it as cancelled: no fallback text goes out, and the run records
+    itself as cancelled, not failed."""
+    flow = {"steps": [{"id": "ai", "type": "ai_reply", "instructions": "Answer politely.",
+                       "fallback_text": "Thanks! A teammate will answer soon."}]}
+    mocks = Mocks()
+    mocks.ai_gate = asyncio.Event()
+    async with running_worker(env.client, mocks) as tq:
+        input = run_input(new_workspace(), flow)
+        handle = await env.client.start_workflow(
+            AUTOMATION_RUN_WORKFLOW, input, id=input.run_id, task_queue=tq, result_type=RunResult
+        )
+        try:
+            await until(lambda: len(mocks.ai_calls) == 1)
+            await handle.cancel()
+            with pytest.raises(WorkflowFailureError):
+                await outcome(handle)
+        finally:
+            mocks.ai_gate.set()  # let the activity finish so the worker can stop
+
+    assert mocks.texts == []
+    assert [r.status for r in mocks.runs] == ["running", "cancelled"]
 
 
 async def test_sends_outside_the_messaging_window_are_skipped_with_a_reason(env):

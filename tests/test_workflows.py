@@ -84,6 +84,8 @@ from core.contracts import (
 from workers.main import WORKFLOWS, workflow_runner
 from workflows.conversation import run_workflow_id
 
+from conftest import TEST_SERVER
+
 RUNNER = workflow_runner()
 SEARCH_ATTRIBUTES = ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
 RESULT_TIMEOUT = 30  # seconds of real time
@@ -156,6 +158,7 @@ class Mocks:
         self.send_failures = 0  # fail this many calls, then succeed
         self.ai_error: Exception | None = None
         self.ai_gate: asyncio.Event | None = None  # set: the model answers only once it is set
+        self.ai_finished = 0
         self.verify_error: Exception | None = None
         self.revoke_error: Exception | None = None
 
@@ -232,6 +235,7 @@ class Mocks:
             self.ai_calls.append(input)
             if self.ai_gate is not None:
                 await self.ai_gate.wait()
+                self.ai_finished += 1
             if self.ai_error is not None:
                 raise self.ai_error
             return GenerateReplyResult(text="Hello from the model")
@@ -500,15 +504,18 @@ async def test_ai_step_failing_sends_the_fallback_text(env):
     assert "fallback" in entry.detail and "model overloaded" in entry.detail
 
 
-async def test_a_run_cancelled_while_the_model_thinks_is_cancelled_and_sends_nothing(env):
+async def test_a_run_cancelled_while_the_model_thinks_is_cancelled_and_sends_nothing():
     """Cancelling a run (restriction, a newer trigger) during its AI step
     ends it as cancelled: no fallback text goes out, and the run records
-    itself as cancelled, not failed."""
+    itself as cancelled, not failed. Its own time-skipping server: an
+    activity left running by a cancelled workflow upsets the shared one's
+    clock for later tests."""
     flow = {"steps": [{"id": "ai", "type": "ai_reply", "instructions": "Answer politely.",
                        "fallback_text": "Thanks! A teammate will answer soon."}]}
     mocks = Mocks()
     mocks.ai_gate = asyncio.Event()
-    async with running_worker(env.client, mocks) as tq:
+    env = await WorkflowEnvironment.start_time_skipping(test_server_existing_path=str(TEST_SERVER))
+    async with env, running_worker(env.client, mocks) as tq:
         input = run_input(new_workspace(), flow)
         handle = await env.client.start_workflow(
             AUTOMATION_RUN_WORKFLOW, input, id=input.run_id, task_queue=tq, result_type=RunResult
@@ -519,7 +526,8 @@ async def test_a_run_cancelled_while_the_model_thinks_is_cancelled_and_sends_not
             with pytest.raises(WorkflowFailureError):
                 await outcome(handle)
         finally:
-            mocks.ai_gate.set()  # let the activity finish so the worker can stop
+            mocks.ai_gate.set()  # let the activity finish before the worker stops
+            await until(lambda: mocks.ai_finished == 1)
 
     assert mocks.texts == []
     assert [r.status for r in mocks.runs] == ["running", "cancelled"]

@@ -336,6 +336,7 @@ class ConversationWorkflow:
             if profile_pending and flowrt.uses_contact(step["text"]):
                 contact = await self._fetch_profile(contact, local=True)
                 profile_pending = False
+            text = flowrt.render(step["text"], contact, {})
             try:
                 await workflow.execute_local_activity(
                     "send_message",
@@ -344,7 +345,7 @@ class ConversationWorkflow:
                         contact_id=contact.id,
                         recipient_id=contact.external_id,
                         idempotency_key=f"{run_id}/{step['id']}/1",
-                        text=flowrt.render(step["text"], contact, {}),
+                        text=text,
                         quick_replies=flowrt.quick_replies(step),
                         buttons=flowrt.buttons(step),
                         run_id=run_id,
@@ -360,18 +361,17 @@ class ConversationWorkflow:
             contact = await self._fetch_profile(contact, local=True)
         if sent and whole_flow:
             assert step is not None
-            await self._record_inline_run(run_id, automation, contact, step)
+            await self._record_inline_run(run_id, automation, contact, step, text)
             return contact, False, True
         return contact, accepting, False
 
     async def _record_inline_run(
-        self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot, step: dict
+        self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot, step: dict, text: str
     ) -> None:
         """A one-message flow, sent: record its run (status and trail, as the
         run workflow records them; ``GET /v1/runs/{id}`` reads it) and let it
         supersede the previous run, as a started run would."""
         await self._supersede_active()
-        text = flowrt.render(step["text"], contact, {})
         await workflow.execute_local_activity(
             "record_run",
             RecordRunInput(

@@ -63,11 +63,14 @@ class Settings(BaseSettings):
     # own budgets. 0 disables this budget (benchmarks).
     automated_dm_per_hour: int = Field(200, ge=0)
     # Worker tuning (bench/README.md has what each bought). The workflow
-    # sandbox: "passthrough" keeps its determinism checks but imports our
-    # modules once instead of once per workflow instance; "strict" re-imports
-    # workflow modules per instance; "off" runs workflows unsandboxed (no
-    # runtime determinism checks: the replay test is then the only guard;
-    # measured, not recommended). The cache bounds worker memory with many
+    # sandbox: "strict" re-imports the workflow modules per workflow instance
+    # so a clock, random or I/O call in workflow code fails the task (the test
+    # suite runs every workflow this way); "passthrough" imports every module
+    # once and shares it (~5 ms less per new workflow, but of the runtime
+    # checks only the restricted builtins such as open() remain: determinism
+    # is then guarded by tests/test_determinism.py, the strict test suite and
+    # the replay test); "off" runs workflows unsandboxed (measured, not
+    # recommended). The cache bounds worker memory with many
     # waiting conversations (evicted ones replay from history when woken).
     worker_sandbox: Literal["passthrough", "strict", "off"] = "passthrough"
     worker_max_cached_workflows: int = Field(1000, ge=0)

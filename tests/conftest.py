@@ -148,6 +148,8 @@ async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Pa
         # Budgets are tested on their own (test_ratelimit.py); off here so
         # bulk tests are not paced by the 200/hour default.
         automated_dm_per_hour=0,
+        # Every workflow in the suite runs under the full runtime checks.
+        worker_sandbox="strict",
     )
     # The worker and the API refuse an unmigrated database (engine_for).
     migrate(database_url)

@@ -156,7 +156,7 @@ async def test_runs_replay_ok_and_saved_history_replays_without_keys(stack, flow
     # Decrypted, like tests/histories: it replays without the data converter.
     assert base64.b64encode(b"binary/encrypted").decode() not in out.read_text()
     history = WorkflowHistory.from_json(out.stem, out.read_text())
-    result = await Replayer(workflows=WORKFLOWS, workflow_runner=workflow_runner()).replay_workflow(
+    result = await Replayer(workflows=WORKFLOWS, workflow_runner=workflow_runner("strict")).replay_workflow(
         history, raise_on_replay_failure=False
     )
     assert result.replay_failure is None, repr(result.replay_failure)

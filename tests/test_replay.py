@@ -32,7 +32,7 @@ REQUIRED = {
 }
 
 # Same sandbox configuration as workers/main.py.
-RUNNER = workflow_runner()
+RUNNER = workflow_runner("strict")
 
 SECRET_PATTERNS = [
     re.compile(r"access_token", re.IGNORECASE),

@@ -86,7 +86,7 @@ from workflows.conversation import run_workflow_id
 
 from conftest import TEST_SERVER
 
-RUNNER = workflow_runner()
+RUNNER = workflow_runner("strict")
 SEARCH_ATTRIBUTES = ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
 RESULT_TIMEOUT = 30  # seconds of real time
 

@@ -427,7 +427,7 @@ async def _replay(settings, engine, run_id: str, out: Path | None, keep_encrypte
         saved = history if keep_encrypted else await decoded_history(history, client.data_converter.payload_codec)
         await asyncio.to_thread(_write_text, out, saved.to_json())
         typer.echo(f"history saved to {out} ({len(history.events)} events{', encrypted' if keep_encrypted else ''})")
-    replayer = Replayer(workflows=WORKFLOWS, workflow_runner=workflow_runner(), data_converter=client.data_converter)
+    replayer = Replayer(workflows=WORKFLOWS, workflow_runner=workflow_runner("strict"), data_converter=client.data_converter)
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     if result.replay_failure is None:
         return None

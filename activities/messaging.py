@@ -96,6 +96,18 @@ class MessagingActivities:
                     next_retry_delay=timedelta(seconds=1),
                 )
 
+    def _prepare_send(self, input: SendMessageInput) -> SendMessageResult | ChannelCredentials:
+        """The checks before a send, in one trip to the database thread: the
+        recorded result when this idempotency key was sent already, else the
+        channel's credentials once the messaging window allows the send."""
+        existing = self._existing_send(input.idempotency_key)
+        if existing is not None:
+            return SendMessageResult(platform_message_id=existing, deduplicated=True)
+        creds = load_credentials(self.engine, self.vault, input.channel_id, allow_statuses={"active"})
+        if creds.platform != "telegram" and not input.comment_id:
+            self._check_window(input)
+        return creds
+
     def _existing_send(self, key: str) -> str | None:
         with Session(self.engine) as db:
             record = db.get(SendRecord, key)
@@ -246,14 +258,10 @@ class MessagingActivities:
         budget is delayed (slept, or retried by Temporal after the wait),
         never dropped.
         """
-        existing = await asyncio.to_thread(self._existing_send, input.idempotency_key)
-        if existing is not None:
-            return SendMessageResult(platform_message_id=existing, deduplicated=True)
-        creds = await asyncio.to_thread(
-            load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
-        )
-        if creds.platform != "telegram" and not input.comment_id:
-            await asyncio.to_thread(self._check_window, input)
+        prepared = await asyncio.to_thread(self._prepare_send, input)
+        if isinstance(prepared, SendMessageResult):
+            return prepared
+        creds = prepared
         await self._take_rate_budget(
             send_budgets(
                 creds.platform,

@@ -1,4 +1,7 @@
-"""FastAPI dependencies: settings, database session, Temporal client, auth."""
+"""FastAPI dependencies: settings, database session, Temporal client, auth.
+
+Dependencies that never block are ``async def``: FastAPI runs a plain
+``def`` dependency on its thread pool, a thread hop per request."""
 
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ from core.settings import Settings
 bearer = HTTPBearer(auto_error=False, description="Workspace API key (or the admin token for /v1/workspaces)")
 
 
-def get_settings_dep(request: Request) -> Settings:
+async def get_settings_dep(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -26,14 +29,14 @@ def get_session(request: Request) -> Iterator[Session]:
         yield session
 
 
-def get_temporal(request: Request) -> Client:
+async def get_temporal(request: Request) -> Client:
     client = request.app.state.temporal
     if client is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "Temporal is not reachable; try again shortly")
     return client
 
 
-def get_vault(request: Request) -> TokenVault:
+async def get_vault(request: Request) -> TokenVault:
     return request.app.state.vault
 
 
@@ -59,7 +62,7 @@ def current_workspace(credentials: Credentials, session: SessionDep) -> Workspac
     return workspace
 
 
-def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
+async def require_admin(credentials: Credentials, settings: SettingsDep) -> None:
     if credentials is None or not constant_time_equals(credentials.credentials, settings.admin_token):
         raise _unauthorized("this endpoint needs the admin token (VECTORY_ADMIN_TOKEN)")
 

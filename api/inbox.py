@@ -1,8 +1,8 @@
 """Durable inbox: verified webhook events survive a Temporal outage or overload.
 
-When Temporal cannot take an event (down, slow, or already holding the
-maximum of webhooks in flight), the webhook stores it (unique per channel
-and platform event id) and still answers 200 at once, so the platform does
+When Temporal cannot take an event (down, or already holding the maximum of
+webhooks in flight), the webhook stores it (unique per channel and platform
+event id) and still answers 200 at once, so the platform does
 not retry for 36 hours against an outage we can absorb and the answer never
 waits for Temporal's backlog. The relay drains the inbox with
 signal-with-start as soon as it is woken (or every second), oldest first,
@@ -10,6 +10,11 @@ one contact's events in order, several contacts at a time. While the inbox
 holds events, webhooks store theirs too (``app.state.inbox_backlog``), so a
 contact's later event never overtakes an earlier stored one. Relaying twice
 is harmless: conversations dedupe by event id.
+
+When Temporal is only slow (it has not taken the events within
+``webhook_ack_wait_ms``), the webhook stores them and answers too, but its
+signal goes on: the rows are held (``InboxState.hold``), deleted when the
+signal lands and handed to the relay only if it fails.
 """
 
 from __future__ import annotations
@@ -42,22 +47,23 @@ RELAY_BACKOFF_SECONDS = 0.02
 RELAY_MAX_DEFERRAL_SECONDS = 1.0
 
 
-def store(engine: Engine, routed: list[tuple[Channel, InboundEvent]]) -> int:
-    """Store events; a redelivery already in the inbox is not stored twice."""
-    stored = 0
-    with Session(engine) as db:
+def store(engine: Engine, routed: list[tuple[Channel, InboundEvent]]) -> list[int]:
+    """Store events; a redelivery already in the inbox is not stored twice.
+    Returns the ids of the rows stored."""
+    stored: list[int] = []
+    with Session(engine, expire_on_commit=False) as db:
         for channel, event in routed:
-            db.add(
-                InboxEvent(
-                    channel_id=channel.id,
-                    contact_id=contact_id_for(channel.id, event.sender_id),
-                    event_id=event.event_id,
-                    event=asdict(event),
-                )
+            row = InboxEvent(
+                channel_id=channel.id,
+                contact_id=contact_id_for(channel.id, event.sender_id),
+                event_id=event.event_id,
+                event=asdict(event),
             )
+            db.add(row)
             try:
                 db.commit()
-                stored += 1
+                assert row.id is not None
+                stored.append(row.id)
             except IntegrityError:
                 db.rollback()
     return stored
@@ -69,14 +75,16 @@ def _event(data: dict) -> InboundEvent:
     return InboundEvent(**fields)
 
 
-async def relay_once(engine: Engine, client, task_queue: str) -> int:
+async def relay_once(engine: Engine, client, task_queue: str, in_flight: set[int] | frozenset = frozenset()) -> int:
     """Hand stored events to Temporal; returns how many were relayed.
 
     Contacts in parallel (at most RELAY_CONTACTS_IN_PARALLEL), each
     contact's events in order; a contact's rows are deleted once all of them
     were signalled. A failure leaves that contact's rows for the next round
-    (re-signalled ones are deduplicated) and is raised after the others."""
-    rows = await asyncio.to_thread(_load, engine)
+    (re-signalled ones are deduplicated) and is raised after the others.
+    Rows whose webhook's own signal is still on its way (``in_flight``) are
+    left to it."""
+    rows = [r for r in await asyncio.to_thread(_load, engine) if r.id not in in_flight]
     if not rows:
         return 0
     channels = await asyncio.to_thread(_channels, engine, {r.channel_id for r in rows})
@@ -141,6 +149,11 @@ class InboxState:
         self.backlog = True
         self.storing = 0  # webhooks storing right now
         self.stored = 0  # stores completed (the relay's "nothing new" check)
+        # Rows kept while their webhook's signal was slow to land: that signal
+        # delivers them (and deletes them); the relay leaves them alone.
+        self.in_flight: set[int] = set()
+        self.delivered: list[int] = []  # held rows whose signal landed: to delete
+        self.cleaner: asyncio.Task | None = None
         self.wakeup = asyncio.Event()
         self.wakeup.set()  # the relay's first round runs at once
 
@@ -148,6 +161,32 @@ class InboxState:
         self.backlog = True
         self.stored += 1
         self.wakeup.set()
+
+    def hold(self, engine: Engine, row_ids: list[int], signal: asyncio.Future) -> None:
+        """Rows stored for events whose signal is still on its way: deleted
+        once it lands (several webhooks' rows in one statement), handed to
+        the relay if it fails."""
+        self.in_flight.update(row_ids)
+
+        def landed(done: asyncio.Future) -> None:
+            self.in_flight.difference_update(row_ids)
+            if done.cancelled() or done.exception() is not None:
+                self.stored_one()  # the relay delivers them, in order behind them
+                return
+            self.delivered.extend(row_ids)
+            if self.cleaner is None or self.cleaner.done():
+                self.cleaner = asyncio.ensure_future(self._delete_delivered(engine))
+
+        signal.add_done_callback(landed)
+
+    async def _delete_delivered(self, engine: Engine) -> None:
+        while self.delivered:
+            batch, self.delivered = self.delivered, []
+            try:
+                await asyncio.to_thread(_delete, engine, batch)
+            except Exception as err:
+                # Left in the inbox: the relay signals them again (deduplicated).
+                log.warning("inbox rows of delivered webhooks not deleted: %s", err)
 
 
 async def run_relay(app) -> None:
@@ -167,7 +206,7 @@ async def run_relay(app) -> None:
         try:
             while True:
                 seen = inbox.stored
-                relayed = await relay_once(engine, client, app.state.settings.task_queue)
+                relayed = await relay_once(engine, client, app.state.settings.task_queue, inbox.in_flight)
                 if relayed:
                     app.state.temporal_down_until = 0.0  # Temporal answers again
                     log.info("relayed %d inbox events to Temporal", relayed)

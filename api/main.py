@@ -25,10 +25,11 @@ from api.routes import (
     webhooks,
     workspaces,
 )
+from api.routes.webhooks import ChannelCache
 from core.codec import KeyStore, data_converter
 from core.crypto import TokenVault
 from core.db import DatabaseNotMigrated, engine_for
-from core.observability import configure_logging
+from core.observability import configure_logging, freeze_startup_heap
 from core.settings import Settings, get_settings
 from core.temporal import connect
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             # Start even when Temporal is down: webhooks then fill the inbox.
             tasks.append(asyncio.create_task(_connect(app)))
         tasks.append(asyncio.create_task(run_relay(app)))
+        freeze_startup_heap()
         yield
         for task in tasks:
             task.cancel()
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.keys = KeyStore(app.state.engine, app.state.vault)
     app.state.temporal = temporal
     app.state.inbox = InboxState()
+    app.state.channels = ChannelCache()
     app.state.dispatching = 0  # webhooks waiting on Temporal right now
     for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops, broadcasts):
         app.include_router(module.router)

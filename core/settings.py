@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     # Webhooks waiting on Temporal at once; more (overload) are acknowledged
     # from the durable inbox and relayed (api/inbox.py). 0: always the inbox.
     webhook_max_inflight_dispatches: int = Field(32, ge=0)
+    # How long a webhook waits for Temporal to take its events before it
+    # keeps them in the inbox and answers 200 anyway (the signal goes on; its
+    # inbox rows are deleted once it lands). Keeps the answer prompt while
+    # Temporal is busy.
+    webhook_ack_wait_ms: int = Field(10, ge=0)
     http_timeout_seconds: float = 15.0
     # Automated Instagram/Messenger DMs per connected account per hour (a
     # burst of this many, then evenly spaced; durable across workers, see

@@ -32,10 +32,10 @@ async def create_tenant(stack: Stack, name: str = "Acme") -> Tenant:
     return Tenant(body["id"], body["api_key"])
 
 
-async def connect_instagram(stack: Stack, tenant: Tenant) -> tuple[dict, str, str]:
+async def connect_instagram(stack: Stack, tenant: Tenant, account_id: str | None = None) -> tuple[dict, str, str]:
     """Register an IG account in the sandbox and connect it. Returns
     (channel json, account id, token)."""
-    account_id = str(17841400000000000 + secrets.randbelow(10**9))
+    account_id = account_id or str(17841400000000000 + secrets.randbelow(10**9))
     token = f"IGAA{secrets.token_hex(24)}"
     r = await stack.sandbox.post(
         "/_sandbox/accounts",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 
+from api.routes.webhooks import WebhookAck
 from core.crypto import meta_signature
 from sandbox import payloads
 
@@ -108,3 +110,30 @@ async def test_openapi_has_stable_operation_ids(stack):
     for expected in ("create_workspace", "connect_channel", "disconnect_channel", "create_automation",
                      "start_run", "get_run", "signal_run", "list_contacts", "meta_webhook_receive"):
         assert expected in ids
+
+
+async def test_webhook_answers_match_their_documented_body(stack):
+    spec = (await stack.api.get("/openapi.json")).json()
+    for path in ("/webhooks/meta", "/webhooks/telegram/{channel_id}"):
+        answer = spec["paths"][path]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert answer == {"$ref": "#/components/schemas/WebhookAck"}
+    payload = payloads.instagram_webhook({"999999": [payloads.instagram_dm("999999", new_sender(), "price")]})
+    r = await post_meta(stack, payload)
+    assert r.headers["content-type"] == "application/json"
+    assert WebhookAck.model_validate_json(r.content) == WebhookAck(received=1, dispatched=0, ignored=1)
+
+
+async def test_webhooks_follow_connect_and_disconnect_at_once(stack):
+    """The API caches connected channels for its webhooks: an account is
+    routed the moment it is connected, and not after this API disconnected it."""
+    tenant = await create_tenant(stack)
+    account_id = str(17841400000000000 + secrets.randbelow(10**9))
+    dm = payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, new_sender(), "hi")]})
+    assert (await post_meta(stack, dm)).json()["dispatched"] == 0
+    channel, _, _ = await connect_instagram(stack, tenant, account_id)
+    dm = payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, new_sender(), "hi")]})
+    assert (await post_meta(stack, dm)).json()["dispatched"] == 1
+    r = await stack.api.delete(f"/v1/channels/{channel['id']}", headers=tenant.headers)
+    assert r.status_code == 200 and r.json()["status"] == "disconnected"
+    dm = payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, new_sender(), "hi")]})
+    assert (await post_meta(stack, dm)).json() == {"received": 1, "dispatched": 0, "ignored": 1}

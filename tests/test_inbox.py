@@ -21,6 +21,7 @@ from helpers import (
     create_automation,
     create_tenant,
     new_sender,
+    post_meta,
     sandbox_messages,
     send_dm,
     wait_for,
@@ -151,3 +152,92 @@ async def test_overload_acks_from_the_inbox_and_keeps_each_contacts_order(stack)
         return not state.inbox.backlog
 
     assert await wait_for(drained, timeout=10)  # drained: webhooks dispatch directly again
+
+
+class SlowTemporal:
+    """The API's Temporal client, taking ``delay`` seconds to accept each
+    signal-with-start (the first ``failures`` of them then fail)."""
+
+    def __init__(self, client: Client, delay: float, failures: int = 0) -> None:
+        self._client, self.delay, self.failures = client, delay, failures
+        self.calls: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    async def start_workflow(self, *args, **kwargs):
+        self.calls.append(kwargs["id"])
+        await asyncio.sleep(self.delay)
+        if self.failures:
+            self.failures -= 1
+            from temporalio.service import RPCError, RPCStatusCode
+
+            raise RPCError("unavailable", RPCStatusCode.UNAVAILABLE, b"")
+        return await self._client.start_workflow(*args, **kwargs)
+
+
+async def _inbox_rows(stack, channel_id: str) -> int:
+    with Session(stack.deps.engine) as db:
+        return db.exec(select(func.count()).select_from(InboxEvent).where(InboxEvent.channel_id == channel_id)).one()
+
+
+async def test_a_slow_temporal_does_not_delay_the_answer_and_nothing_is_signalled_twice(stack):
+    """Temporal slower than webhook_ack_wait_ms: the webhook keeps the event
+    in the inbox and answers; its signal lands later, delivers the event and
+    deletes the row; the relay (which runs meanwhile) does not signal it again."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["slow"]},
+                            [{"id": "r", "type": "send_message", "text": "answered"}])
+    state = stack.api_app.state
+    client = state.temporal
+    slow = SlowTemporal(client, delay=1.5)
+    person = new_sender()
+    state.temporal = slow
+    try:
+        started = asyncio.get_running_loop().time()
+        r = await post_meta(stack, payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, person, "slow please")]}))
+        answered_in = asyncio.get_running_loop().time() - started
+        assert r.status_code == 200 and r.json()["dispatched"] == 1
+        assert answered_in < 1.0  # did not wait for the 1.5 s signal
+        assert await _inbox_rows(stack, channel["id"]) == 1  # kept while the signal is on its way
+
+        async def delivered():
+            return len(await sandbox_messages(stack, person)) == 1
+
+        assert await wait_for(delivered, timeout=20)
+        assert await wait_for(lambda: _zero(_inbox_rows(stack, channel["id"])), timeout=10)
+        await asyncio.sleep(1.2)  # a relay round
+        assert len(slow.calls) == 1  # the relay left the held row to its signal
+        assert not state.inbox.backlog
+    finally:
+        state.temporal = client
+    assert [c["json"]["message"]["text"] for c in await sandbox_messages(stack, person)] == ["answered"]
+
+
+async def test_a_held_event_whose_signal_fails_is_relayed(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["flaky"]},
+                            [{"id": "r", "type": "send_message", "text": "relayed"}])
+    state = stack.api_app.state
+    client = state.temporal
+    state.temporal = SlowTemporal(client, delay=0.3, failures=1)
+    person = new_sender()
+    try:
+        r = await post_meta(stack, payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, person, "flaky")]}))
+        assert r.status_code == 200
+
+        async def delivered():
+            return len(await sandbox_messages(stack, person)) == 1
+
+        assert await wait_for(delivered, timeout=30)
+        assert await wait_for(lambda: _zero(_inbox_rows(stack, channel["id"])), timeout=10)
+    finally:
+        state.temporal = client
+        state.temporal_down_until = 0.0
+    assert [c["json"]["message"]["text"] for c in await sandbox_messages(stack, person)] == ["relayed"]
+
+
+async def _zero(count) -> bool:
+    return await count == 0

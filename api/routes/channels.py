@@ -6,7 +6,7 @@ import asyncio
 from datetime import datetime, timedelta
 from typing import Literal
 
-from fastapi import APIRouter, HTTPException, Response, status
+from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field, SecretStr
 from sqlmodel import select
 from temporalio.common import WorkflowIDReusePolicy
@@ -181,6 +181,7 @@ async def disconnect_channel(
     session: SessionDep,
     temporal: TemporalDep,
     settings: SettingsDep,
+    request: Request,
     response: Response,
 ) -> DisconnectPublic:
     channel = get_owned(session, workspace.id, channel_id)
@@ -196,6 +197,10 @@ async def disconnect_channel(
     except TimeoutError:
         response.status_code = status.HTTP_202_ACCEPTED
         return DisconnectPublic(id=channel.id, status="disconnecting")
+    finally:
+        # This process routes no more webhooks to it (others within seconds,
+        # api/routes/webhooks.py ChannelCache).
+        request.app.state.channels.clear()
     return DisconnectPublic(
         id=channel.id,
         status="disconnected",

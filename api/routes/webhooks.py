@@ -1,5 +1,12 @@
 """Platform webhooks: verify, parse, dedupe (in the conversation), hand to
-Temporal, answer 200. Nothing here waits for an automation to run."""
+Temporal, answer 200. Nothing here waits for an automation to run.
+
+These routes are the API's hot path (hundreds per second under a burst), so
+they take no FastAPI dependencies (each costs dependency resolution per
+request) and answer with prepared JSON bytes instead of a validated
+response model (``WebhookAck`` still documents the body in OpenAPI). The
+connected channels they route to are cached for ``CHANNEL_CACHE_SECONDS``
+(``ChannelCache``)."""
 
 from __future__ import annotations
 
@@ -9,13 +16,13 @@ import logging
 import time
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 from sqlmodel import Session, select
 from temporalio.service import RPCError
 
 from activities.common import webhook_secret_context
-from api.deps import SettingsDep, VaultDep
+from api.deps import SettingsDep
 from api.dispatch import dispatch_events
 from api.inbox import store
 from core.crypto import VaultError, constant_time_equals, meta_signature
@@ -31,10 +38,68 @@ DISPATCH_TIMEOUT_SECONDS = 2.0
 BREAKER_SECONDS = 5.0
 
 
+CHANNEL_CACHE_SECONDS = 2.0
+
+
 class WebhookAck(BaseModel):
     received: int
     dispatched: int
     ignored: int
+
+
+class AckResponse(Response):
+    """The 200 answer (a ``WebhookAck`` body), carrying its counts for the
+    webhook metrics."""
+
+    media_type = "application/json"
+
+    def __init__(self, received: int, dispatched: int, ignored: int) -> None:
+        self.received, self.dispatched, self.ignored = received, dispatched, ignored
+        super().__init__(
+            f'{{"received":{received},"dispatched":{dispatched},"ignored":{ignored}}}'.encode()
+        )
+
+
+class ChannelCache:
+    """Connected channels by id and by (platform, account id), each kept
+    CHANNEL_CACHE_SECONDS after it was read from the database.
+
+    Only found channels are kept (an account connected a moment ago is never
+    turned away). A channel disconnected or paused within those seconds may
+    still be routed to: its conversation reads the channel again before it
+    records or runs anything (``record_inbound``) and handles nothing."""
+
+    def __init__(self, ttl: float = CHANNEL_CACHE_SECONDS) -> None:
+        self.ttl = ttl
+        self._by_account: dict[tuple[str, str], tuple[float, Channel]] = {}
+        self._by_id: dict[str, tuple[float, Channel]] = {}
+
+    def accounts(self, platform: str, account_ids: set[str]) -> tuple[dict[str, Channel], set[str]]:
+        now = time.monotonic()
+        found, missing = {}, set()
+        for account_id in account_ids:
+            entry = self._by_account.get((platform, account_id))
+            if entry is not None and entry[0] > now:
+                found[account_id] = entry[1]
+            else:
+                missing.add(account_id)
+        return found, missing
+
+    def by_id(self, channel_id: str) -> Channel | None:
+        entry = self._by_id.get(channel_id)
+        return entry[1] if entry is not None and entry[0] > time.monotonic() else None
+
+    def put(self, channels: list[Channel]) -> None:
+        expires = time.monotonic() + self.ttl
+        if len(self._by_id) > 10_000:  # bounded: expired entries go first
+            self.clear()
+        for channel in channels:
+            self._by_id[channel.id] = (expires, channel)
+            self._by_account[(channel.platform, channel.external_id)] = (expires, channel)
+
+    def clear(self) -> None:
+        self._by_account.clear()
+        self._by_id.clear()
 
 
 async def read_limited_body(request: Request, limit: int) -> bytes:
@@ -94,7 +159,10 @@ def meta_verify(
 async def _dispatch(request: Request, routed) -> None:
     """Hand events to Temporal directly when it keeps up; otherwise keep them
     in the durable inbox (the relay delivers them, in order per contact) and
-    still answer 200 at once.
+    still answer 200 at once. When Temporal has not taken them within
+    ``webhook_ack_wait_ms``, they are stored and answered too while the
+    signal goes on (``InboxState.hold``: it delivers them, or the relay does
+    if it fails).
 
     Direct dispatch is skipped while Temporal failed or timed out recently
     (circuit breaker, BREAKER_SECONDS), while the inbox holds events not
@@ -111,27 +179,48 @@ async def _dispatch(request: Request, routed) -> None:
         and not inbox.backlog
         and state.dispatching < state.settings.webhook_max_inflight_dispatches
     )
+    signal = None
     if direct:
         state.dispatching += 1
-        try:
-            await asyncio.wait_for(
-                dispatch_events(temporal, state.settings.task_queue, routed), DISPATCH_TIMEOUT_SECONDS
-            )
-            return
-        except (RPCError, TimeoutError) as err:
-            state.temporal_down_until = time.monotonic() + BREAKER_SECONDS
-            log.warning("temporal unavailable (%s): keeping %d events in the inbox", type(err).__name__, len(routed))
-        finally:
-            state.dispatching -= 1
+        signal = asyncio.ensure_future(
+            asyncio.wait_for(dispatch_events(temporal, state.settings.task_queue, routed), DISPATCH_TIMEOUT_SECONDS)
+        )
+        signal.add_done_callback(lambda done: _signal_done(state, done, len(routed)))
+        await asyncio.wait([signal], timeout=state.settings.webhook_ack_wait_ms / 1000)
+        if signal.done():
+            if signal.exception() is None:
+                return
+            if not isinstance(signal.exception(), (RPCError, TimeoutError)):
+                raise signal.exception()
+            signal = None  # failed: stored below for the relay
     inbox.storing += 1
     try:
-        await asyncio.to_thread(store, state.engine, routed)
+        stored = await asyncio.to_thread(store, state.engine, routed)
     except Exception:
         log.exception("inbox unavailable too: asking the platform to redeliver")
+        if signal is not None:
+            try:  # the signal is all there is: the answer waits for it
+                await signal
+                return
+            except (RPCError, TimeoutError):
+                pass
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "temporarily unavailable; retry") from None
     finally:
         inbox.storing -= 1
-    inbox.stored_one()
+    if signal is not None:
+        inbox.hold(state.engine, stored, signal)  # delivered by its signal, or by the relay if that fails
+    else:
+        inbox.stored_one()
+
+
+def _signal_done(state, signal: asyncio.Future, events: int) -> None:
+    state.dispatching -= 1
+    if signal.cancelled():
+        return
+    err = signal.exception()
+    if isinstance(err, (RPCError, TimeoutError)):
+        state.temporal_down_until = time.monotonic() + BREAKER_SECONDS
+        log.warning("temporal unavailable (%s): keeping %d events in the inbox", type(err).__name__, events)
 
 
 @router.post(
@@ -146,7 +235,9 @@ async def _dispatch(request: Request, routed) -> None:
     ),
 )
 @observe_webhook("meta")
-async def meta_receive(request: Request, settings: SettingsDep) -> WebhookAck:
+async def meta_receive(request: Request) -> Response:
+    state = request.app.state
+    settings = state.settings
     body = await read_limited_body(request, settings.max_webhook_body_bytes)
     signature = request.headers.get("x-hub-signature-256", "")
     if not signature or not constant_time_equals(signature, meta_signature(settings.meta_app_secret, body)):
@@ -158,13 +249,14 @@ async def meta_receive(request: Request, settings: SettingsDep) -> WebhookAck:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed webhook: {exc}") from None
     platform = "instagram" if parsed.object == "instagram" else "messenger"
     account_ids = {e.account_id for e in parsed.events}
-    channels = {}
-    if account_ids:
+    channels, missing = state.channels.accounts(platform, account_ids)
+    if missing:
         # A short session in a thread, closed before dispatch: holding a pooled
         # connection across the Temporal call exhausted the pool under load
         # and blocked the event loop.
-        rows = await asyncio.to_thread(_active_channels, request.app.state.engine, platform, account_ids)
-        channels = {c.external_id: c for c in rows}
+        rows = await asyncio.to_thread(_active_channels, state.engine, platform, missing)
+        state.channels.put(rows)
+        channels.update({c.external_id: c for c in rows})
     routed = []
     ignored = len(parsed.ignored)
     for event in parsed.events:
@@ -178,7 +270,7 @@ async def meta_receive(request: Request, settings: SettingsDep) -> WebhookAck:
         log.info("ignored event %s: %s", event_id, reason)
     if routed:
         await _dispatch(request, routed)
-    return WebhookAck(received=len(parsed.events) + len(parsed.ignored), dispatched=len(routed), ignored=ignored)
+    return AckResponse(received=len(parsed.events) + len(parsed.ignored), dispatched=len(routed), ignored=ignored)
 
 
 @router.post(
@@ -189,14 +281,15 @@ async def meta_receive(request: Request, settings: SettingsDep) -> WebhookAck:
     description="Checks `X-Telegram-Bot-Api-Secret-Token` (403 when wrong) and signals the contact's conversation.",
 )
 @observe_webhook("telegram")
-async def telegram_receive(
-    channel_id: str,
-    request: Request,
-    settings: SettingsDep,
-    vault: VaultDep,
-) -> WebhookAck:
+async def telegram_receive(channel_id: str, request: Request) -> Response:
+    state = request.app.state
+    settings, vault = state.settings, state.vault
     body = await read_limited_body(request, settings.max_webhook_body_bytes)
-    channel = await asyncio.to_thread(_channel, request.app.state.engine, channel_id)
+    channel = state.channels.by_id(channel_id)
+    if channel is None:
+        channel = await asyncio.to_thread(_channel, state.engine, channel_id)
+        if channel is not None:
+            state.channels.put([channel])
     if channel is None or channel.platform != "telegram" or not channel.webhook_secret_ciphertext:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown channel")
     try:
@@ -217,7 +310,7 @@ async def telegram_receive(
     routed = [(channel, e) for e in parsed.events] if channel.status == "active" else []
     if routed:
         await _dispatch(request, routed)
-    return WebhookAck(
+    return AckResponse(
         received=len(parsed.events) + len(parsed.ignored),
         dispatched=len(routed),
         ignored=len(parsed.ignored) + len(parsed.events) - len(routed),

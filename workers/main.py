@@ -46,7 +46,7 @@ from core.contracts import (
 )
 from core.crypto import TokenVault
 from core.db import DatabaseNotMigrated, engine_for
-from core.observability import configure_logging, serve_metrics, start_worker_metrics
+from core.observability import configure_logging, freeze_startup_heap, serve_metrics, start_worker_metrics
 from core.platforms import GraphClient, TelegramClient
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -237,6 +237,7 @@ async def amain() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     log.info("worker polling task queue %r at %s", settings.task_queue, settings.temporal_address)
+    freeze_startup_heap()
     async with worker:
         await stop.wait()
         log.info("shutting down: finishing in-flight tasks")

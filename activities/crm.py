@@ -181,39 +181,44 @@ class CrmActivities:
 
     @activity.defn(name="record_run")
     def record_run(self, input: RecordRunInput) -> None:
-        """Create or update the run's row (status and step trail). A terminal
-        status is never overwritten by a late non-terminal one."""
-        with Session(self.engine) as db:
-            run = db.get(Run, input.run_id)
-            created = run is None
-            if run is None:
-                run = Run(
-                    id=input.run_id,
-                    workspace_id=input.workspace_id,
-                    channel_id=input.channel_id,
-                    contact_id=input.contact_id,
-                    automation_id=input.automation_id,
-                    version=input.version,
-                )
-            elif run.status in TERMINAL_RUN_STATES and input.status not in TERMINAL_RUN_STATES:
-                return
-            run.status = input.status
-            run.trail = [
-                {"step_id": t.step_id, "type": t.type, "status": t.status, "at": t.at, "detail": t.detail}
-                for t in input.trail
-            ]
-            if input.status in TERMINAL_RUN_STATES:
-                run.ended_at = utcnow()
-            db.add(run)
-            try:
-                db.commit()
-            except IntegrityError:
-                # A concurrent first write of the same run won; apply ours on top.
-                db.rollback()
-                self.record_run(input)
-                return
-            if created:
-                RUNS_STARTED.labels(trigger="any").inc()
+        """Create or update the run's row (status and step trail)."""
+        write_run(self.engine, input)
+
+
+def write_run(engine: Engine, input: RecordRunInput) -> None:
+    """Create or update a run's row (status and step trail). A terminal
+    status is never overwritten by a late non-terminal one."""
+    with Session(engine) as db:
+        run = db.get(Run, input.run_id)
+        created = run is None
+        if run is None:
+            run = Run(
+                id=input.run_id,
+                workspace_id=input.workspace_id,
+                channel_id=input.channel_id,
+                contact_id=input.contact_id,
+                automation_id=input.automation_id,
+                version=input.version,
+            )
+        elif run.status in TERMINAL_RUN_STATES and input.status not in TERMINAL_RUN_STATES:
+            return
+        run.status = input.status
+        run.trail = [
+            {"step_id": t.step_id, "type": t.type, "status": t.status, "at": t.at, "detail": t.detail}
+            for t in input.trail
+        ]
+        if input.status in TERMINAL_RUN_STATES:
+            run.ended_at = utcnow()
+        db.add(run)
+        try:
+            db.commit()
+        except IntegrityError:
+            # A concurrent first write of the same run won; apply ours on top.
+            db.rollback()
+            write_run(engine, input)
+            return
+        if created:
+            RUNS_STARTED.labels(trigger="any").inc()
 
 
 class ProfileActivities:

@@ -13,6 +13,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.common import ChannelCredentials, load_credentials, to_application_error
+from activities.crm import write_run
 from core.audit import audit
 from core.contracts import (
     AckCallbackInput,
@@ -195,8 +196,12 @@ class MessagingActivities:
 
     @activity.defn(name="send_message")
     async def send_message(self, input: SendMessageInput) -> SendMessageResult:
-        """Send one message to a contact (``_send``)."""
-        return await self._send(input)
+        """Send one message to a contact (``_send``); then record the run it
+        completes, if any (also when it was found sent already)."""
+        result = await self._send(input)
+        if input.completes_run is not None:
+            await asyncio.to_thread(write_run, self.engine, input.completes_run)
+        return result
 
     @activity.defn(name="send_broadcast_batch")
     async def send_broadcast_batch(self, input: BroadcastBatchInput) -> BroadcastBatchResult:

@@ -277,6 +277,9 @@ class SendMessageInput:
     comment_id: str = ""
     # A human-written reply (API): Meta's HUMAN_AGENT tag, 7-day window.
     human_agent: bool = False
+    # The run this message completes (a one-message flow sent from its
+    # conversation): recorded as soon as the message is sent or found sent.
+    completes_run: RecordRunInput | None = None
 
 
 @dataclass

@@ -29,9 +29,11 @@ REQUIRED = {
     "run_wait_for_reply_timed_out",  # wait_for_reply timeout branch
     "connect_token_invalid",
     "disconnect_revoke_failed",
+    "conversation_one_message_inline",  # one-message flow, run recorded by record_run (before send-completes-run)
+    "conversation_one_message_send_completes_run",  # the same, run recorded with the send
 }
 
-# Same sandbox configuration as workers/main.py.
+# The sandbox with its full runtime checks (workers/main.py workflow_runner).
 RUNNER = workflow_runner("strict")
 
 SECRET_PATTERNS = [

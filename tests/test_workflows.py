@@ -213,8 +213,11 @@ class Mocks:
 
         @activity.defn(name="send_message")
         async def send_message(input: SendMessageInput) -> SendMessageResult:
-            # Like the real activity: one send per idempotency key.
+            # Like the real activity: one send per idempotency key, and the
+            # run it completes recorded once it is sent or found sent.
             if input.idempotency_key in self.sent_keys:
+                if input.completes_run is not None:
+                    self.runs.append(input.completes_run)
                 return SendMessageResult(platform_message_id=self.sent_keys[input.idempotency_key], deduplicated=True)
             self.sent.append((activity.info().current_attempt_scheduled_time, input))
             self.send_calls.append(activity.info())
@@ -224,6 +227,8 @@ class Mocks:
                 self.send_failures -= 1
                 raise ApplicationError("platform unavailable", type="PlatformUnavailable")
             self.sent_keys[input.idempotency_key] = f"mid.{len(self.sent)}"
+            if input.completes_run is not None:
+                self.runs.append(input.completes_run)
             return SendMessageResult(platform_message_id=self.sent_keys[input.idempotency_key])
 
         @activity.defn(name="acknowledge_callback")
@@ -702,7 +707,7 @@ async def test_a_one_message_flow_completes_inside_the_conversation(env):
     async with running_worker(env.client, mocks) as tq:
         conv = await start_conversation(env.client, tq, ws, dm("mid.one", "menu please"))
         await settled(conv, 1)
-        await close_conversation(env.client, conv, "conversation_one_message_inline")
+        await close_conversation(env.client, conv, "conversation_one_message_send_completes_run")
         run_id = run_workflow_id(ws, "auto_menu", CONTACT, "mid.one")
         with pytest.raises(RPCError):
             await env.client.get_workflow_handle(run_id).describe()

@@ -323,7 +323,8 @@ class ConversationWorkflow:
         the message uses the contact's fields, else after it.
 
         A flow that is this one message ends with it: no run workflow starts;
-        the run is recorded here (``_record_inline_run``).
+        the run is recorded with the send (``completes_run``; older histories
+        record it with a ``record_run`` local activity after it).
 
         Returns the contact for the run, whether the run must accept the
         person's answer from its start (a wait_for_reply follows the message)
@@ -332,6 +333,9 @@ class ConversationWorkflow:
         step, accepting, whole_flow = flowrt.leading_send(automation.definition.get("steps", []))
         profile_pending = self._needs_profile(contact)
         sent = False
+        # Newer code records a one-message flow's run with the send itself
+        # (one local activity instead of two).
+        completes_run = step is not None and whole_flow and workflow.patched("send-completes-run")
         if step is not None:
             if profile_pending and flowrt.uses_contact(step["text"]):
                 contact = await self._fetch_profile(contact, local=True)
@@ -349,6 +353,9 @@ class ConversationWorkflow:
                         quick_replies=flowrt.quick_replies(step),
                         buttons=flowrt.buttons(step),
                         run_id=run_id,
+                        completes_run=(
+                            self._inline_run_record(run_id, automation, contact, step, text) if completes_run else None
+                        ),
                     ),
                     result_type=SendMessageResult,
                     start_to_close_timeout=SEND_TIMEOUT,
@@ -361,36 +368,37 @@ class ConversationWorkflow:
             contact = await self._fetch_profile(contact, local=True)
         if sent and whole_flow:
             assert step is not None
-            await self._record_inline_run(run_id, automation, contact, step, text)
+            # The run supersedes the previous one, as a started run would.
+            await self._supersede_active()
+            if not completes_run:
+                await workflow.execute_local_activity(
+                    "record_run",
+                    self._inline_run_record(run_id, automation, contact, step, text),
+                    start_to_close_timeout=DB_TIMEOUT,
+                    retry_policy=DB_RETRY,
+                )
             return contact, False, True
         return contact, accepting, False
 
-    async def _record_inline_run(
+    def _inline_run_record(
         self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot, step: dict, text: str
-    ) -> None:
-        """A one-message flow, sent: record its run (status and trail, as the
-        run workflow records them; ``GET /v1/runs/{id}`` reads it) and let it
-        supersede the previous run, as a started run would."""
-        await self._supersede_active()
-        await workflow.execute_local_activity(
-            "record_run",
-            RecordRunInput(
-                run_id=run_id,
-                workspace_id=self._input.workspace_id,
-                channel_id=self._input.channel_id,
-                contact_id=contact.id,
-                automation_id=automation.id,
-                version=automation.version,
-                status="completed",
-                trail=[
-                    TrailEntry(
-                        step_id=step["id"], type="send_message", status="done",
-                        at=workflow.now().isoformat(), detail=text[:200],
-                    )
-                ],
-            ),
-            start_to_close_timeout=DB_TIMEOUT,
-            retry_policy=DB_RETRY,
+    ) -> RecordRunInput:
+        """A one-message flow, sent: its run as the run workflow records it
+        (status and trail; ``GET /v1/runs/{id}`` reads it)."""
+        return RecordRunInput(
+            run_id=run_id,
+            workspace_id=self._input.workspace_id,
+            channel_id=self._input.channel_id,
+            contact_id=contact.id,
+            automation_id=automation.id,
+            version=automation.version,
+            status="completed",
+            trail=[
+                TrailEntry(
+                    step_id=step["id"], type="send_message", status="done",
+                    at=workflow.now().isoformat(), detail=text[:200],
+                )
+            ],
         )
 
     async def _on_api_start(self, signal: StartAutomationSignal) -> None:

@@ -269,7 +269,8 @@ class Bench:
             conn.close()
 
     def cpu(self) -> dict[str, float]:
-        out = {name: cpu_seconds(self.stack.pid(name)) for name in ("worker", "temporal", "api", "sandbox")}
+        out = {name: cpu_seconds(self.stack.pid(name)) for name in ("temporal", "api", "sandbox")}
+        out["worker"] = sum(cpu_seconds(pid) for pid in self.stack.worker_pids())  # all worker processes
         out["bench"] = time.process_time()
         out["machine"] = machine_busy_seconds()
         return out
@@ -485,6 +486,7 @@ class Bench:
         intended: list[float] = []
         lag: list[float] = []
         accepted: list[str] = []
+        by_second: dict[int, list[float]] = {}
         errors = 0
 
         async def one(i: int, target: float) -> None:
@@ -499,6 +501,7 @@ class Bench:
             service.append(p1 - p0)
             intended.append(p1 - target)
             lag.append(p0 - target)
+            by_second.setdefault(int(target - start), []).append(p1 - p0)
 
         interval = 1 / rate
         start = time.perf_counter() + 0.05
@@ -529,6 +532,11 @@ class Bench:
             "ack_ms": summary_ms(service),
             "ack_from_intended_start_ms": summary_ms(intended),
             "client_schedule_lag_ms": summary_ms(lag),
+            # Where in the phase the slow answers were (second of the intended send time).
+            "ack_ms_by_second": {
+                str(sec): {k: v for k, v in summary_ms(vals).items() if k in ("median", "p99", "max")}
+                for sec, vals in sorted(by_second.items())
+            },
             "inbox_fallback_warnings": inbox_fallbacks,
             "recorded_by_worker": recorded,
             "drain_seconds": round(time.monotonic() - t_drain, 1),
@@ -930,6 +938,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-knob", action="append", default=[], metavar="KEY=VALUE",
                         help="worker setting VECTORY_WORKER_<KEY>=VALUE (sandbox=passthrough|strict, "
                              "max_cached_workflows=N, workflow_pollers=N, activity_pollers=N)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes on the task queue (default 1; the RSS figure is the first one's)")
     parser.add_argument("--waiting", type=int, help="override the number of waiting conversations")
     parser.add_argument("--wait-deadline", type=float,
                         help="seconds to keep posting 'wait' DMs (default 150, quick 75); 10,000 takes ~30 min here")
@@ -959,13 +969,14 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--worker-knob wants KEY=VALUE, not {item!r}")
         knobs[f"VECTORY_WORKER_{key.upper()}"] = value
     stack = Stack(data, persistence=args.persistence, eager=not args.no_eager, dynamic_config=dynamic,
-                  worker_knobs=knobs)
+                  worker_knobs=knobs, workers=args.workers)
     results: dict[str, Any] = {
         "mode": ("quick" if args.quick else "full") + (f" (only {args.only})" if only else ""),
         "sizes": asdict(sizes),
         "machine": machine_info(),
         "config": {"persistence": args.persistence, "eager": not args.no_eager, "dynamic_config": dynamic,
-                   "worker": " ".join(f"{k}={v}" for k, v in knobs.items()) or "defaults"},
+                   "worker": " ".join(f"{k}={v}" for k, v in knobs.items()) or "defaults",
+                   "worker_processes": args.workers},
     }
     started = time.monotonic()
     code = 0
@@ -999,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Vectory bench ({results['mode']}), {m['date']}, {m['nproc']} x {m['cpu_model']}, {m['ram_gib']} GiB, "
           f"Python {m['python']}, {m['temporal_cli']}, persistence {args.persistence}, "
           f"eager {'on' if not args.no_eager else 'off'}, dynamic config {dynamic or 'default'}, "
-          f"worker {results['config']['worker']}")
+          f"worker {results['config']['worker']}, {args.workers} worker process(es)")
     print()
     print(floor_table(results))
     print()

@@ -114,6 +114,9 @@ class Stack:
     dynamic_config: list[str] = field(default_factory=list)  # extra KEY=VALUE for the dev server
     # Worker settings (VECTORY_WORKER_*, core/settings.py) for this run.
     worker_knobs: dict[str, str] = field(default_factory=dict)
+    # Worker processes on the one task queue (the design allows any number:
+    # idempotency records and rate budgets are in the database).
+    workers: int = 1
 
     def __post_init__(self) -> None:
         self.src = ROOT
@@ -167,10 +170,11 @@ class Stack:
             **self.worker_knobs,
         }
 
-    def _start(self, name: str, cmd: list[str]) -> None:
+    def _start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.data / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
         try:
-            proc = subprocess.Popen(cmd, cwd=self.src, env=self.env(), stdin=subprocess.DEVNULL, stdout=log,
+            proc = subprocess.Popen(cmd, cwd=self.src, env={**self.env(), **(env or {})}, stdin=subprocess.DEVNULL,
+                                    stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             log.close()
@@ -179,6 +183,9 @@ class Stack:
 
     def pid(self, name: str) -> int:
         return self.procs[name].pid
+
+    def worker_pids(self) -> list[int]:
+        return [proc.pid for name, proc in self.procs.items() if name.startswith("worker")]
 
     def check(self) -> None:
         for name, proc in self.procs.items():
@@ -229,6 +236,9 @@ class Stack:
         self._start("sandbox", [py, "-m", "sandbox.app", "--host", HOST, "--port", str(self.sandbox_port),
                                 "--log-level", "warning"])
         self._start("worker", [py, "-m", "workers.main"])
+        for n in range(2, self.workers + 1):  # metrics endpoints on the first one only
+            self._start(f"worker{n}", [py, "-m", "workers.main"],
+                        env={"VECTORY_WORKER_METRICS_PORT": "0", "VECTORY_SDK_METRICS_PORT": "0"})
         self._start("api", self.api_cmd())
         self.wait_until("the sandbox", lambda: httpx.get(f"{self.sandbox_url}/_sandbox/health", timeout=2)
                         .status_code == 200)

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
+import functools
 import os
 import threading
+import typing
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
@@ -30,11 +33,16 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import (
+    CompositePayloadConverter,
     DataConverter,
     DefaultFailureConverterWithEncodedAttributes,
+    DefaultPayloadConverter,
+    JSONPlainPayloadConverter,
+    JSONTypeConverter,
     PayloadCodec,
     SerializationContext,
     WithSerializationContext,
+    value_to_type,
 )
 
 from core.crypto import TokenVault
@@ -180,10 +188,58 @@ class EncryptionCodec(PayloadCodec, WithSerializationContext):
         return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _dataclass_fields(cls: type) -> tuple[tuple[str, typing.Any, bool], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, hints[f.name], f.init) for f in dataclasses.fields(cls))
+
+
+class DataclassConverter(JSONTypeConverter):
+    """JSON to dataclass as the SDK converts it (fields missing from the JSON
+    take their defaults, unknown ones are ignored, ``init=False`` fields are
+    restored after construction), with each class's field types resolved
+    once. The SDK resolves them per value (``typing.get_type_hints`` on
+    string annotations: ~7 % of the worker's CPU in a burst, py-spy)."""
+
+    def __init__(self) -> None:
+        self._chain = [self]
+
+    def to_typed_value(self, hint: type, value: typing.Any) -> typing.Any:
+        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict)):
+            return JSONTypeConverter.Unhandled
+        init_values, late_values = {}, {}
+        for name, field_type, init in _dataclass_fields(hint):
+            if name in value:
+                try:
+                    converted = value_to_type(field_type, value[name], self._chain)
+                except Exception as err:
+                    raise TypeError(f"Failed converting field {name} on dataclass {hint}") from err
+                (init_values if init else late_values)[name] = converted
+        obj = hint(**init_values)
+        for name, converted in late_values.items():
+            object.__setattr__(obj, name, converted)
+        return obj
+
+
+class PayloadConverter(CompositePayloadConverter):
+    """The SDK's default payload converters, JSON with ``DataclassConverter``."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            *(
+                JSONPlainPayloadConverter(custom_type_converters=[DataclassConverter()])
+                if isinstance(c, JSONPlainPayloadConverter)
+                else c
+                for c in DefaultPayloadConverter.default_encoding_payload_converters
+            )
+        )
+
+
 def data_converter(keys: KeyStore) -> DataConverter:
     """The data converter every client and worker uses: encrypted payloads,
     and failure messages/stack traces moved into the encrypted attributes."""
     return DataConverter(
+        payload_converter_class=PayloadConverter,
         payload_codec=EncryptionCodec(keys),
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )

@@ -92,3 +92,53 @@ async def test_codec_server_decodes_with_its_token_only(stack):
                  "Access-Control-Request-Headers": "authorization,content-type,x-namespace"},
     )
     assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://127.0.0.1:8233"
+
+
+def test_payload_converter_reads_contracts_exactly_as_the_sdk_does():
+    """core.codec.PayloadConverter (dataclass field types resolved once per
+    class) gives the same values as the SDK's default converter, for nested,
+    optional, list and defaulted fields, and refuses what the SDK refuses."""
+    from temporalio.converter import DefaultPayloadConverter
+
+    from core.codec import PayloadConverter
+    from core.contracts import (
+        Attachment,
+        AutomationSnapshot,
+        ContactSnapshot,
+        InboundEvent,
+        RecordInboundResult,
+        RecordRunInput,
+        RunInput,
+        SendMessageInput,
+        TrailEntry,
+    )
+
+    ours, sdk = PayloadConverter(), DefaultPayloadConverter()
+    event = InboundEvent("mid.1", "instagram", "1784", "99", "message", text="hi",
+                         attachments=[Attachment("image", "https://cdn/x.jpg")])
+    contact = ContactSnapshot("c1", "99", first_name="Ann", fields={"email": "a@b.co"}, tags=["vip"])
+    automation = AutomationSnapshot("a1", 3, "menu", {"steps": [{"id": "s", "type": "send_message", "text": "x"}]})
+    values = [
+        RecordInboundResult(duplicate=False, contact=contact, automations=[automation]),
+        RecordInboundResult(duplicate=True),
+        RunInput("r1", "w1", "ch1", "instagram", contact, automation, trigger=event, context={"k": [1, 2]}),
+        RunInput("r2", "w1", "ch1", "telegram", contact, automation),
+        SendMessageInput("ch1", "c1", "99", "key", "text", completes_run=RecordRunInput(
+            "r1", "w1", "ch1", "c1", "a1", 3, "completed", [TrailEntry("s", "send_message", "done", "t", "x")])),
+        None,
+    ]
+    for value in values:
+        payload = ours.to_payloads([value])
+        assert payload == sdk.to_payloads([value])
+        hint = type(value)
+        assert ours.from_payloads(payload, [hint]) == sdk.from_payloads(payload, [hint]) == [value]
+    # Missing fields take their defaults, unknown ones are ignored.
+    sparse = sdk.to_payloads([{"duplicate": False, "contact": {"id": "c1", "external_id": "9"}, "extra": 1}])
+    assert ours.from_payloads(sparse, [RecordInboundResult]) == [RecordInboundResult(False, ContactSnapshot("c1", "9"))]
+    # A required field missing, or a dataclass given a non-object, fails as with the SDK.
+    for bad in ({"contact": {"id": "c1"}, "duplicate": False}, {"duplicate": False, "contact": "nope"}):
+        payload = sdk.to_payloads([bad])
+        with pytest.raises(Exception):  # noqa: B017 - the SDK's own error types
+            sdk.from_payloads(payload, [RecordInboundResult])
+        with pytest.raises(Exception):  # noqa: B017
+            ours.from_payloads(payload, [RecordInboundResult])

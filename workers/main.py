@@ -97,7 +97,13 @@ def build_deps(settings: Settings) -> WorkerDeps:
         engine=engine,
         vault=vault,
         keys=KeyStore(engine, vault),
-        http=httpx.AsyncClient(timeout=settings.http_timeout_seconds),
+        # Keep-alive for as many connections as sends can be in flight: with
+        # httpx's default of 20, a burst beyond 20 concurrent calls opened
+        # and closed a TCP (TLS in production) connection per request.
+        http=httpx.AsyncClient(
+            timeout=settings.http_timeout_seconds,
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
+        ),
         # base_url / api_key come from OPENAI_BASE_URL / OPENAI_API_KEY.
         ai=openai.AsyncOpenAI(max_retries=0, timeout=settings.http_timeout_seconds * 3),
     )

@@ -181,7 +181,7 @@ class InboxState:
 
     async def _delete_delivered(self, engine: Engine) -> None:
         while self.delivered:
-            batch, self.delivered = self.delivered, []
+            batch, self.delivered = self.delivered[:RELAY_BATCH], self.delivered[RELAY_BATCH:]
             try:
                 await asyncio.to_thread(_delete, engine, batch)
             except Exception as err:

@@ -132,10 +132,15 @@ def comment_burst(stack: Stack, m: int, log) -> dict:
             assert api.post("/webhooks/meta", content=raw, headers=headers).status_code == 200
         posted = time.monotonic() - started
         log(f"posted {m} comments in {posted:.1f} s; waiting for private replies to settle")
-        last, stable_since = -1, time.monotonic()
-        while time.monotonic() - stable_since < 10 and time.monotonic() - started < 300:
+        # Until the replies stop growing for 10 s, counted from the first one:
+        # the burst is accepted within seconds and every commenter's
+        # conversation runs before the first run workflow's reply (300 s at most).
+        last, stable_since, first_reply_s = 0, time.monotonic(), None
+        while (first_reply_s is None or time.monotonic() - stable_since < 10) and time.monotonic() - started < 300:
             replies = [c for c in calls(sandbox, path_contains="/messages") if c["status"] < 400
                        and "comment_id" in ((c.get("json") or {}).get("recipient") or {})]
+            if replies and first_reply_s is None:
+                first_reply_s = round(time.monotonic() - started, 1)
             if len(replies) != last:
                 last, stable_since = len(replies), time.monotonic()
             time.sleep(1)
@@ -147,6 +152,7 @@ def comment_burst(stack: Stack, m: int, log) -> dict:
         "comments": m,
         "posted_in_s": round(posted, 1),
         "private_replies": len(replies),
+        "first_reply_after_s": first_reply_s,
         "hourly_cap": PRIVATE_REPLY_CAP,
         "max_replies_per_comment": max(per_comment.values(), default=0),
         "within_cap": len(replies) <= PRIVATE_REPLY_CAP,
@@ -156,6 +162,7 @@ def comment_burst(stack: Stack, m: int, log) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.platform")
     parser.add_argument("--quick", action="store_true", help="1,000 recipients and 300 comments")
+    parser.add_argument("--only", choices=["broadcast", "comments"], help="run one of the two")
     args = parser.parse_args(argv)
     n, m = (1000, 300) if args.quick else (10_000, 2000)
     log = lambda line: print(f"[bench] {line}", flush=True)  # noqa: E731
@@ -164,23 +171,32 @@ def main(argv: list[str] | None = None) -> int:
         try:
             stack.start(log=log)
             stack.seed_data(log=log)
-            pacing = broadcast_pacing(stack, n, log)
-            burst = comment_burst(stack, m, log)
+            pacing = broadcast_pacing(stack, n, log) if args.only != "comments" else None
+            burst = comment_burst(stack, m, log) if args.only != "broadcast" else None
         finally:
             stack.stop(log=log)
     result = {"date": datetime.now(UTC).isoformat(), "quick": args.quick, "broadcast": pacing, "comments": burst}
     RESULTS.write_text(json.dumps(result, indent=2))
-    ok_pacing = pacing["ratio_to_ideal"] <= 1.1 and pacing["max_sends_in_any_1s"] <= BOT_LIMIT
-    ok_burst = burst["within_cap"] and burst["max_replies_per_comment"] <= 1
-    print(f"\nbroadcast: {pacing['sent']}/{n} sent in {pacing['elapsed_s']} s = {pacing['ratio_to_ideal']}x the "
-          f"ideal {pacing['ideal_s']} s (target <= 1.1x: {'PASS' if pacing['ratio_to_ideal'] <= 1.1 else 'MISS'}); "
-          f"max {pacing['max_sends_in_any_1s']} sends in any 1 s (limit {BOT_LIMIT}: "
-          f"{'PASS' if pacing['max_sends_in_any_1s'] <= BOT_LIMIT else 'MISS'}); duplicates {pacing['duplicates']}")
-    print(f"comments: {m} posted in {burst['posted_in_s']} s; {burst['private_replies']} private replies "
-          f"(cap {PRIVATE_REPLY_CAP}/h: {'PASS' if burst['within_cap'] else 'MISS'}); at most "
-          f"{burst['max_replies_per_comment']} per comment ({'PASS' if burst['max_replies_per_comment'] <= 1 else 'MISS'})")
+    ok = True
+    print()
+    if pacing is not None:
+        ok_pacing = pacing["ratio_to_ideal"] <= 1.1 and pacing["max_sends_in_any_1s"] <= BOT_LIMIT
+        ok = ok and ok_pacing
+        print(f"broadcast: {pacing['sent']}/{n} sent in {pacing['elapsed_s']} s = {pacing['ratio_to_ideal']}x the "
+              f"ideal {pacing['ideal_s']} s (target <= 1.1x: {'PASS' if pacing['ratio_to_ideal'] <= 1.1 else 'MISS'}); "
+              f"max {pacing['max_sends_in_any_1s']} sends in any 1 s (limit {BOT_LIMIT}: "
+              f"{'PASS' if pacing['max_sends_in_any_1s'] <= BOT_LIMIT else 'MISS'}); duplicates {pacing['duplicates']}")
+    if burst is not None:
+        # Nothing answered proves nothing: the burst passes only with replies, each commenter at most once.
+        answered = burst["private_replies"] > 0
+        ok_burst = answered and burst["within_cap"] and burst["max_replies_per_comment"] <= 1
+        ok = ok and ok_burst
+        print(f"comments: {m} posted in {burst['posted_in_s']} s; {burst['private_replies']} private replies, "
+              f"the first after {burst['first_reply_after_s']} s ({'' if answered else 'MISS: none; '}"
+              f"cap {PRIVATE_REPLY_CAP}/h: {'PASS' if burst['within_cap'] else 'MISS'}); at most "
+              f"{burst['max_replies_per_comment']} per comment ({'PASS' if burst['max_replies_per_comment'] <= 1 else 'MISS'})")
     print(f"results written to {RESULTS}")
-    return 0 if ok_pacing and ok_burst else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

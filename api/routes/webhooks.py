@@ -91,7 +91,7 @@ class ChannelCache:
 
     def put(self, channels: list[Channel]) -> None:
         expires = time.monotonic() + self.ttl
-        if len(self._by_id) > 10_000:  # bounded: expired entries go first
+        if len(self._by_id) > 10_000:  # bounded: past 10,000 channels it starts over
             self.clear()
         for channel in channels:
             self._by_id[channel.id] = (expires, channel)

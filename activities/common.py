@@ -41,25 +41,30 @@ def load_credentials(engine: Engine, vault: TokenVault, channel_id: str, *, allo
     has no token, or is in a status the caller does not allow.
     """
     with Session(engine) as db:
-        channel = db.get(Channel, channel_id)
-        if channel is None:
-            raise ApplicationError(f"channel {channel_id} does not exist", type="ChannelUnavailable", non_retryable=True)
-        if channel.status not in allow_statuses:
-            raise ApplicationError(
-                f"channel {channel_id} is {channel.status}", type="ChannelUnavailable", non_retryable=True
-            )
-        if not channel.token_ciphertext:
-            raise ApplicationError(f"channel {channel_id} has no token", type="ChannelUnavailable", non_retryable=True)
-        token = vault.decrypt(channel.token_ciphertext, token_context(channel_id))
-        return ChannelCredentials(
-            channel_id=channel.id,
-            workspace_id=channel.workspace_id,
-            platform=channel.platform,
-            external_id=channel.external_id,
-            platform_user_id=channel.platform_user_id,
-            status=channel.status,
-            token=token,
+        return credentials_in(db, vault, channel_id, allow_statuses=allow_statuses)
+
+
+def credentials_in(db: Session, vault: TokenVault, channel_id: str, *, allow_statuses: set[str]) -> ChannelCredentials:
+    """``load_credentials`` within the caller's session."""
+    channel = db.get(Channel, channel_id)
+    if channel is None:
+        raise ApplicationError(f"channel {channel_id} does not exist", type="ChannelUnavailable", non_retryable=True)
+    if channel.status not in allow_statuses:
+        raise ApplicationError(
+            f"channel {channel_id} is {channel.status}", type="ChannelUnavailable", non_retryable=True
         )
+    if not channel.token_ciphertext:
+        raise ApplicationError(f"channel {channel_id} has no token", type="ChannelUnavailable", non_retryable=True)
+    token = vault.decrypt(channel.token_ciphertext, token_context(channel_id))
+    return ChannelCredentials(
+        channel_id=channel.id,
+        workspace_id=channel.workspace_id,
+        platform=channel.platform,
+        external_id=channel.external_id,
+        platform_user_id=channel.platform_user_id,
+        status=channel.status,
+        token=token,
+    )
 
 
 def set_channel_status(engine: Engine, channel_id: str, status: str, detail: str = "") -> None:

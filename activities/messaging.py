@@ -12,7 +12,7 @@ from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.common import ChannelCredentials, load_credentials, to_application_error
+from activities.common import ChannelCredentials, credentials_in, load_credentials, to_application_error
 from activities.crm import write_run
 from core.audit import audit
 from core.contracts import (
@@ -98,15 +98,18 @@ class MessagingActivities:
                 )
 
     def _prepare_send(self, input: SendMessageInput) -> SendMessageResult | ChannelCredentials:
-        """The checks before a send, in one trip to the database thread: the
-        recorded result when this idempotency key was sent already, else the
-        channel's credentials once the messaging window allows the send."""
-        existing = self._existing_send(input.idempotency_key)
-        if existing is not None:
-            return SendMessageResult(platform_message_id=existing, deduplicated=True)
-        creds = load_credentials(self.engine, self.vault, input.channel_id, allow_statuses={"active"})
-        if creds.platform != "telegram" and not input.comment_id:
-            self._check_window(input)
+        """The checks before a send, in one trip to the database thread and
+        one session: the recorded result when this idempotency key was sent
+        already, else the channel's credentials once the messaging window
+        allows the send."""
+        with Session(self.engine) as db:
+            record = db.get(SendRecord, input.idempotency_key)
+            if record is not None:
+                return SendMessageResult(platform_message_id=record.platform_message_id, deduplicated=True)
+            creds = credentials_in(db, self.vault, input.channel_id, allow_statuses={"active"})
+            if creds.platform != "telegram" and not input.comment_id:
+                contact = db.get(Contact, input.contact_id)
+                self._check_window(input, contact.last_inbound_at if contact else None)
         return creds
 
     def _existing_send(self, key: str) -> str | None:
@@ -143,12 +146,9 @@ class MessagingActivities:
             except IntegrityError:
                 db.rollback()  # a concurrent attempt recorded the same send
 
-    def _check_window(self, input: SendMessageInput) -> None:
+    def _check_window(self, input: SendMessageInput, last: datetime | None) -> None:
         """Meta only delivers within 24 h of the person's last message (7 days
         for human-agent replies). A send outside is not attempted blindly."""
-        with Session(self.engine) as db:
-            contact = db.get(Contact, input.contact_id)
-            last = contact.last_inbound_at if contact else None
         window = HUMAN_AGENT_WINDOW if input.human_agent else STANDARD_WINDOW
         if last is None:
             raise ApplicationError(

@@ -76,10 +76,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def free_ports(count: int) -> list[int]:
+def free_ports(count: int, exclude: set[int] | None = None) -> list[int]:
     ports: set[int] = set()
     while len(ports) < count:
-        ports.add(free_port())
+        port = free_port()
+        if port not in (exclude or set()):
+            ports.add(port)
     return list(ports)
 
 
@@ -120,15 +122,22 @@ class Stack:
 
     def __post_init__(self) -> None:
         self.src = ROOT
-        (self.temporal_port, self.api_port, self.sandbox_port,
-         self.worker_metrics_port, self.sdk_metrics_port) = free_ports(5)
-        self.api_url = f"http://{HOST}:{self.api_port}"
-        self.sandbox_url = f"http://{HOST}:{self.sandbox_port}"
+        self.temporal_port = free_port()
         self.temporal_address = f"{HOST}:{self.temporal_port}"
+        self.pick_service_ports()
         self.database_url = f"sqlite:///{self.data / 'vectory.db'}"
         self.admin_token = secrets.token_urlsafe(16)
         master = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
         self.master_key = f"bench1:{master}"
+
+    def pick_service_ports(self) -> None:
+        """Ports for the sandbox, the API and the worker's metrics. Picked
+        again once the dev server runs: it binds ephemeral ports of its own
+        (internal services), which once took the API's port."""
+        (self.api_port, self.sandbox_port, self.worker_metrics_port,
+         self.sdk_metrics_port) = free_ports(4, exclude={self.temporal_port})
+        self.api_url = f"http://{HOST}:{self.api_port}"
+        self.sandbox_url = f"http://{HOST}:{self.sandbox_port}"
 
     # -- processes -----------------------------------------------------------
 
@@ -233,6 +242,7 @@ class Stack:
         self.wait_until("the Temporal default namespace", lambda: subprocess.run(
             [temporal, "operator", "namespace", "describe", "default", "--address", self.temporal_address],
             capture_output=True, timeout=10).returncode == 0)
+        self.pick_service_ports()
         self._start("sandbox", [py, "-m", "sandbox.app", "--host", HOST, "--port", str(self.sandbox_port),
                                 "--log-level", "warning"])
         self._start("worker", [py, "-m", "workers.main"])

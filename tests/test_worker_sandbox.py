@@ -16,10 +16,11 @@ from temporalio.worker.workflow_sandbox import (
     SandboxRestrictions,
 )
 
-from tests.conftest import TEST_SERVER
 from tests.sandbox_workflows import ClockWorkflow, Shout, ShoutWorkflow, shout
 from workers.main import workflow_runner
 from workers.sandbox import LeanSandboxedWorkflowRunner
+
+from conftest import TEST_SERVER
 
 
 @dataclass

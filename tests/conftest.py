@@ -45,7 +45,13 @@ def free_port() -> int:
 
 
 async def serve(app, port: int) -> tuple[uvicorn.Server, asyncio.Task]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    # Idle keep-alive connections stay open for the whole session: with
+    # uvicorn's default of 5 s, a test that paused longer (a worker restart)
+    # could reuse a connection the server was closing at that moment
+    # (httpx.ReadError on the next request).
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_keep_alive=3600)
+    )
     task = asyncio.create_task(server.serve())
     for _ in range(200):
         if server.started:

@@ -181,14 +181,32 @@ async def _inbox_rows(stack, channel_id: str) -> int:
         return db.exec(select(func.count()).select_from(InboxEvent).where(InboxEvent.channel_id == channel_id)).one()
 
 
+async def _keyword_reply(stack, keyword: str, reply: str) -> tuple[str, str]:
+    """A connected account whose keyword is answered with one message:
+    (channel id, account id)."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": [keyword]},
+                            [{"id": "r", "type": "send_message", "text": reply}])
+    return channel["id"], account_id
+
+
+async def _post_dm(stack, account_id: str, person: str, text: str):
+    return await post_meta(stack, payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, person, text)]}))
+
+
+async def _answered_once(stack, person: str) -> bool:
+    async def delivered():
+        return len(await sandbox_messages(stack, person)) == 1
+
+    return await wait_for(delivered, timeout=30)
+
+
 async def test_a_slow_temporal_does_not_delay_the_answer_and_nothing_is_signalled_twice(stack):
     """Temporal slower than webhook_ack_wait_ms: the webhook keeps the event
     in the inbox and answers; its signal lands later, delivers the event and
     deletes the row; the relay (which runs meanwhile) does not signal it again."""
-    tenant = await create_tenant(stack)
-    channel, account_id, _ = await connect_instagram(stack, tenant)
-    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["slow"]},
-                            [{"id": "r", "type": "send_message", "text": "answered"}])
+    channel_id, account_id = await _keyword_reply(stack, "slow", "answered")
     state = stack.api_app.state
     client = state.temporal
     slow = SlowTemporal(client, delay=1.5)
@@ -196,17 +214,13 @@ async def test_a_slow_temporal_does_not_delay_the_answer_and_nothing_is_signalle
     state.temporal = slow
     try:
         started = asyncio.get_running_loop().time()
-        r = await post_meta(stack, payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, person, "slow please")]}))
+        r = await _post_dm(stack, account_id, person, "slow please")
         answered_in = asyncio.get_running_loop().time() - started
         assert r.status_code == 200 and r.json()["dispatched"] == 1
         assert answered_in < 1.0  # did not wait for the 1.5 s signal
-        assert await _inbox_rows(stack, channel["id"]) == 1  # kept while the signal is on its way
-
-        async def delivered():
-            return len(await sandbox_messages(stack, person)) == 1
-
-        assert await wait_for(delivered, timeout=20)
-        assert await wait_for(lambda: _zero(_inbox_rows(stack, channel["id"])), timeout=10)
+        assert await _inbox_rows(stack, channel_id) == 1  # kept while the signal is on its way
+        assert await _answered_once(stack, person)
+        assert await wait_for(lambda: _zero(_inbox_rows(stack, channel_id)), timeout=10)
         await asyncio.sleep(1.2)  # a relay round
         assert len(slow.calls) == 1  # the relay left the held row to its signal
         assert not state.inbox.backlog
@@ -216,23 +230,16 @@ async def test_a_slow_temporal_does_not_delay_the_answer_and_nothing_is_signalle
 
 
 async def test_a_held_event_whose_signal_fails_is_relayed(stack):
-    tenant = await create_tenant(stack)
-    channel, account_id, _ = await connect_instagram(stack, tenant)
-    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["flaky"]},
-                            [{"id": "r", "type": "send_message", "text": "relayed"}])
+    channel_id, account_id = await _keyword_reply(stack, "flaky", "relayed")
     state = stack.api_app.state
     client = state.temporal
     state.temporal = SlowTemporal(client, delay=0.3, failures=1)
     person = new_sender()
     try:
-        r = await post_meta(stack, payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, person, "flaky")]}))
+        r = await _post_dm(stack, account_id, person, "flaky")
         assert r.status_code == 200
-
-        async def delivered():
-            return len(await sandbox_messages(stack, person)) == 1
-
-        assert await wait_for(delivered, timeout=30)
-        assert await wait_for(lambda: _zero(_inbox_rows(stack, channel["id"])), timeout=10)
+        assert await _answered_once(stack, person)
+        assert await wait_for(lambda: _zero(_inbox_rows(stack, channel_id)), timeout=10)
     finally:
         state.temporal = client
         state.temporal_down_until = 0.0

@@ -105,6 +105,8 @@ class MessagingActivities:
         with Session(self.engine) as db:
             record = db.get(SendRecord, input.idempotency_key)
             if record is not None:
+                if input.completes_run is not None:
+                    write_run(self.engine, input.completes_run)
                 return SendMessageResult(platform_message_id=record.platform_message_id, deduplicated=True)
             creds = credentials_in(db, self.vault, input.channel_id, allow_statuses={"active"})
             if creds.platform != "telegram" and not input.comment_id:
@@ -145,6 +147,8 @@ class MessagingActivities:
                 db.commit()
             except IntegrityError:
                 db.rollback()  # a concurrent attempt recorded the same send
+        if input.completes_run is not None:
+            write_run(self.engine, input.completes_run)
 
     def _check_window(self, input: SendMessageInput, last: datetime | None) -> None:
         """Meta only delivers within 24 h of the person's last message (7 days
@@ -196,12 +200,9 @@ class MessagingActivities:
 
     @activity.defn(name="send_message")
     async def send_message(self, input: SendMessageInput) -> SendMessageResult:
-        """Send one message to a contact (``_send``); then record the run it
-        completes, if any (also when it was found sent already)."""
-        result = await self._send(input)
-        if input.completes_run is not None:
-            await asyncio.to_thread(write_run, self.engine, input.completes_run)
-        return result
+        """Send one message to a contact (``_send``), and record the run it
+        completes, if any, with it (also when it was found sent already)."""
+        return await self._send(input)
 
     @activity.defn(name="send_broadcast_batch")
     async def send_broadcast_batch(self, input: BroadcastBatchInput) -> BroadcastBatchResult:

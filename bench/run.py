@@ -74,7 +74,9 @@ from bench.stack import (
     machine_busy_seconds,
     rss_kib,
 )
+from core import aio
 from core.contracts import contact_id_for, conversation_workflow_id
+from core.http import AiohttpClient
 from core.settings import DEV_APP_SECRET
 from sandbox import payloads
 
@@ -283,7 +285,7 @@ class Bench:
     async def floor(self) -> None:
         s = self.sizes
         assert self.client is not None
-        http = httpx.AsyncClient(timeout=30)
+        http = AiohttpClient(30)
         acts = FloorActivities(http, self.stack.sandbox_url, self.seed.account_id, self.seed.token)
         tag = uuid.uuid4().hex[:6]
         eager_starts = 0
@@ -984,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.start(log=say)
         results["config"]["dev_server_flags"] = stack.dev_server_flags
         stack.seed_data(log=say)
-        asyncio.run(amain(stack, sizes, results, only))
+        aio.run(amain(stack, sizes, results, only))
     except KeyboardInterrupt:
         say("interrupted: stopping the stack")
         code = 130

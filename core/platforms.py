@@ -10,20 +10,21 @@ Used by Temporal activities. Every failure becomes a ``PlatformError`` with a
 - ``rejected``: any other clean refusal; do not retry.
 
 Access tokens never appear in errors or logs. Graph tokens travel in the
-``Authorization`` header. Telegram tokens are part of the URL path, so httpx
-exceptions (whose text may hold the URL) are replaced by a ``PlatformError``
-raised outside the ``except`` block: no ``__cause__`` and no ``__context__``.
+``Authorization`` header. Telegram tokens are part of the URL path; the HTTP
+client (``core/http.py``) never puts the URL in its ``HttpFailure``, and that
+is replaced by a ``PlatformError`` raised outside the ``except`` block: no
+``__cause__`` and no ``__context__``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
 from core.contracts import Button, QuickReply
+from core.http import HttpClient, HttpFailure, HttpResponse
 
 __all__ = [
     "GraphClient",
@@ -34,10 +35,6 @@ __all__ = [
     "classify_meta_error",
     "classify_telegram_error",
 ]
-
-# httpx logs every request URL at INFO; Telegram URLs contain the bot token.
-logging.getLogger("httpx").setLevel(logging.WARNING)
-logging.getLogger("httpcore").setLevel(logging.WARNING)
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +145,7 @@ def _as_seconds(value: Any) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-def _json(response: httpx.Response) -> Any:
+def _json(response: HttpResponse) -> Any:
     try:
         return response.json()
     except ValueError:
@@ -156,8 +153,8 @@ def _json(response: httpx.Response) -> Any:
 
 
 def _check_token(token: str, platform: str) -> None:
-    # Non-ASCII or whitespace in a token would make httpx raise while building
-    # the request, with the token in the exception's args.
+    # Non-ASCII or whitespace in a token would make the HTTP client raise
+    # while building the request, with the token in the exception's args.
     if (
         not isinstance(token, str)
         or not token
@@ -175,24 +172,26 @@ def _check_segment(value: str, what: str, platform: str) -> str:
     return value
 
 
-def _network_error(platform: str, action: str, exc: Exception) -> PlatformError:
-    # Only the exception *type* is kept: its text may contain the URL.
-    if isinstance(exc, httpx.TimeoutException):
-        what = "timed out"
-    else:
-        what = f"network error ({type(exc).__name__})"
-    return PlatformError("unavailable", f"{action} {what}", platform=platform)
+def _network_error(platform: str, action: str, exc: HttpFailure) -> PlatformError:
+    return PlatformError("unavailable", f"{action} {exc}", platform=platform)
+
+
+def _header(headers: Mapping[str, str] | None, name: str) -> str | None:
+    """Case-insensitive lookup in any mapping (aiohttp's headers are already)."""
+    if not headers:
+        return None
+    value = headers.get(name)
+    if value is None:
+        value = next((v for k, v in headers.items() if k.lower() == name), None)
+    return value
 
 
 # ------------------------------------------------------------ classification
 
 
-def classify_meta_error(
-    status: int, body: Any, headers: httpx.Headers | dict[str, str] | None = None
-) -> PlatformError:
+def classify_meta_error(status: int, body: Any, headers: Mapping[str, str] | None = None) -> PlatformError:
     """Turn a failed Graph API response into a ``PlatformError``."""
-    headers = httpx.Headers(headers or {})
-    retry_after = _as_seconds(headers.get("retry-after"))
+    retry_after = _as_seconds(_header(headers, "retry-after"))
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
         if status == 429:
@@ -225,11 +224,8 @@ def classify_meta_error(
     )
 
 
-def classify_telegram_error(
-    status: int, body: Any, headers: httpx.Headers | dict[str, str] | None = None
-) -> PlatformError:
+def classify_telegram_error(status: int, body: Any, headers: Mapping[str, str] | None = None) -> PlatformError:
     """Turn a failed Bot API response into a ``PlatformError``."""
-    headers = httpx.Headers(headers or {})
     body = body if isinstance(body, dict) else {}
     code = _as_int(body.get("error_code"))
     effective = code if code is not None and code >= 400 else status
@@ -240,7 +236,7 @@ def classify_telegram_error(
         kind = "throttled"
         retry_after = _as_seconds(params.get("retry_after"))
         if retry_after is None:
-            retry_after = _as_seconds(headers.get("retry-after"))
+            retry_after = _as_seconds(_header(headers, "retry-after"))
     elif effective in (401, 404):
         kind = "token_invalid"
     elif effective >= 500:
@@ -263,7 +259,7 @@ def classify_telegram_error(
 class GraphClient:
     """Graph API client for graph.facebook.com or graph.instagram.com."""
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str, version: str) -> None:
+    def __init__(self, http: HttpClient, base_url: str, version: str) -> None:
         self._http = http
         self._base = base_url.rstrip("/")
         self._version = version.strip("/")
@@ -290,19 +286,19 @@ class GraphClient:
                 json=json,
                 headers={"Authorization": f"Bearer {token}"},
             )
-        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+        except HttpFailure as exc:
             failure = _network_error("meta", action, exc)
         if failure is not None:
             raise failure  # outside the except block: no exception context
         body = _json(response)
-        if response.status_code >= 400 or (isinstance(body, dict) and "error" in body):
-            error = classify_meta_error(response.status_code, body, response.headers)
+        if response.status >= 400 or (isinstance(body, dict) and "error" in body):
+            error = classify_meta_error(response.status, body, response.headers)
             error.message = _scrub(error.message, token)
             error.args = (error.message,)
             log.warning("%s failed: %s", action, error)
             raise error
         if body is None:
-            raise PlatformError("rejected", f"{action}: response is not JSON", status=response.status_code)
+            raise PlatformError("rejected", f"{action}: response is not JSON", status=response.status)
         return body
 
     async def get_me(self, token: str) -> dict[str, Any]:
@@ -375,7 +371,7 @@ def _expect_dict(body: Any, what: str, platform: str) -> dict[str, Any]:
 class TelegramClient:
     """Telegram Bot API client. The token is in the URL path: see module doc."""
 
-    def __init__(self, http: httpx.AsyncClient, base_url: str = "https://api.telegram.org") -> None:
+    def __init__(self, http: HttpClient, base_url: str = "https://api.telegram.org") -> None:
         self._http = http
         self._base = base_url.rstrip("/")
 
@@ -385,21 +381,21 @@ class TelegramClient:
             raise PlatformError("rejected", "invalid Bot API method", platform="telegram")
         failure: PlatformError | None = None
         try:
-            response = await self._http.post(f"{self._base}/bot{token}/{method}", json=payload)
-        except (httpx.HTTPError, httpx.InvalidURL, httpx.StreamError) as exc:
+            response = await self._http.request("POST", f"{self._base}/bot{token}/{method}", json=payload)
+        except HttpFailure as exc:
             failure = _network_error("telegram", f"telegram {method}", exc)
         if failure is not None:
             raise failure  # outside the except block: no exception context
         body = _json(response)
-        if response.status_code >= 400 or not (isinstance(body, dict) and body.get("ok") is True):
-            if response.status_code < 400 and not isinstance(body, dict):
+        if response.status >= 400 or not (isinstance(body, dict) and body.get("ok") is True):
+            if response.status < 400 and not isinstance(body, dict):
                 raise PlatformError(
                     "rejected",
                     f"telegram {method}: response is not JSON",
-                    status=response.status_code,
+                    status=response.status,
                     platform="telegram",
                 )
-            error = classify_telegram_error(response.status_code, body, response.headers)
+            error = classify_telegram_error(response.status, body, response.headers)
             error.message = _scrub(error.message, token)
             error.args = (error.message,)
             log.warning("telegram call failed: %s: %s", method, error)

@@ -8,9 +8,9 @@ import secrets
 import pytest
 from sqlmodel import SQLModel
 from temporalio.api.common.v1 import Payload
-from temporalio.converter import WorkflowSerializationContext
+from temporalio.converter import ActivitySerializationContext, WorkflowSerializationContext
 
-from core.codec import ENCODING, EncryptionCodec, KeyDestroyedError, KeyStore, scope_of
+from core.codec import ENCODING, EncryptionCodec, KeyDestroyedError, KeyStore, data_converter, scope_of
 from core.crypto import TokenVault
 from core.db import make_engine
 
@@ -48,6 +48,34 @@ async def test_payloads_are_encrypted_per_workspace_and_round_trip(keys):
     # Unencrypted payloads (histories from before encryption) pass through.
     assert (await fresh.decode([plain("old")]))[0].data == b'"old"'
     assert scope_of("ConnectSomething") == "system"
+
+
+def activity_ctx(workflow_id: str, activity_id: str) -> ActivitySerializationContext:
+    return ActivitySerializationContext(
+        namespace="default", workflow_id=workflow_id, workflow_type="Conversation",
+        activity_type="send_message", activity_task_queue="q", is_local=True, activity_id=activity_id,
+    )
+
+
+async def test_data_converter_with_context_is_built_once_per_workspace(keys):
+    """Every command's context gives the converter of its workspace, built once
+    (the SDK asks per command), and encrypting under that workspace's key."""
+    base = data_converter(keys)
+    a1 = base.with_context(ctx("ws_a/conv/ch_1/ct_1"))
+    a2 = base.with_context(activity_ctx("ws_a/conv/ch_1/ct_1", "3"))
+    a3 = base.with_context(activity_ctx("ws_a/run/au_1/ct_9/x", "7"))
+    b = a1.with_context(ctx("ws_b/conv/ch_2/ct_2"))
+    assert a1 is a2 is a3 and a1 is not base and b is not a1
+    assert b is base.with_context(activity_ctx("ws_b/run/x/y/z", "1"))
+    assert base.with_context(ctx("ConnectChannel/ch_1")) is base  # system scope
+    assert a1.with_context(ctx("ConnectChannel/ch_1")) is base
+    [ea] = await a3.encode(["ana@example.com"])
+    [eb] = await b.encode(["bo@example.com"])
+    [es] = await base.encode(["system"])
+    assert ea.metadata["encryption-key-id"].decode().startswith("ws_a:")
+    assert eb.metadata["encryption-key-id"].decode().startswith("ws_b:")
+    assert es.metadata["encryption-key-id"].decode().startswith("system:")
+    assert await base.decode([ea, eb, es]) == ["ana@example.com", "bo@example.com", "system"]
 
 
 async def test_destroyed_workspace_key_makes_old_payloads_undecodable(keys):

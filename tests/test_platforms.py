@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from core.contracts import Button, QuickReply
+from core.http import HttpFailure, HttpResponse
 from core.platforms import (
     GraphClient,
     PlatformError,
@@ -44,14 +45,34 @@ class Recorder:
         return self.requests[-1]
 
 
+class MockHttp:
+    """The worker's ``HttpClient`` interface over a recorder: requests are
+    built as httpx builds them (URL, query, JSON body), so tests read them
+    as ``httpx.Request``. The real client, on a socket: tests/test_http.py."""
+
+    def __init__(self, recorder: Recorder) -> None:
+        self.recorder = recorder
+
+    async def request(self, method, url, *, params=None, json=None, headers=None) -> HttpResponse:
+        request = httpx.Request(method, url, params=params, json=json, headers=headers)
+        try:
+            response = self.recorder(request)
+        except httpx.TimeoutException:
+            raise HttpFailure(True, "TimeoutError") from None
+        except httpx.HTTPError as exc:
+            raise HttpFailure(False, type(exc).__name__) from None
+        return HttpResponse(response.status_code, response.headers, response.content)
+
+    async def aclose(self) -> None:
+        pass
+
+
 def graph(recorder: Recorder, base: str = "https://graph.instagram.com") -> GraphClient:
-    return GraphClient(httpx.AsyncClient(transport=httpx.MockTransport(recorder)), base, "v21.0")
+    return GraphClient(MockHttp(recorder), base, "v21.0")
 
 
 def telegram(recorder: Recorder) -> TelegramClient:
-    return TelegramClient(
-        httpx.AsyncClient(transport=httpx.MockTransport(recorder)), "https://api.telegram.org"
-    )
+    return TelegramClient(MockHttp(recorder), "https://api.telegram.org")
 
 
 def meta_error(
@@ -265,7 +286,7 @@ async def test_meta_error_message_never_echoes_the_token() -> None:
     assert GRAPH_TOKEN not in str(err) and GRAPH_TOKEN not in repr(err) and GRAPH_TOKEN not in str(err.args)
 
 
-async def test_malformed_token_never_reaches_httpx() -> None:
+async def test_malformed_token_never_reaches_the_http_client() -> None:
     rec = Recorder(httpx.Response(200, json={}))
     with pytest.raises(PlatformError) as info:
         await graph(rec).get_me("tok\u00e9n secret")

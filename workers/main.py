@@ -15,7 +15,6 @@ import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
-import httpx
 import openai
 from sqlalchemy import Engine
 from temporalio.client import (
@@ -37,6 +36,7 @@ from activities.channels import ChannelActivities
 from activities.crm import CrmActivities, ProfileActivities
 from activities.messaging import MessagingActivities
 from activities.privacy import PrivacyActivities
+from core import aio
 from core.codec import KeyStore, data_converter
 from core.contracts import (
     REFRESH_TOKENS_WORKFLOW,
@@ -46,6 +46,7 @@ from core.contracts import (
 )
 from core.crypto import TokenVault
 from core.db import DatabaseNotMigrated, engine_for
+from core.http import AiohttpClient
 from core.observability import configure_logging, freeze_startup_heap, serve_metrics, start_worker_metrics
 from core.platforms import GraphClient, TelegramClient
 from core.settings import Settings, get_settings
@@ -86,7 +87,7 @@ class WorkerDeps:
     engine: Engine
     vault: TokenVault
     keys: KeyStore
-    http: httpx.AsyncClient
+    http: AiohttpClient
     ai: openai.AsyncOpenAI
 
 
@@ -97,13 +98,10 @@ def build_deps(settings: Settings) -> WorkerDeps:
         engine=engine,
         vault=vault,
         keys=KeyStore(engine, vault),
-        # Keep-alive for as many connections as sends can be in flight: with
-        # httpx's default of 20, a burst beyond 20 concurrent calls opened
-        # and closed a TCP (TLS in production) connection per request.
-        http=httpx.AsyncClient(
-            timeout=settings.http_timeout_seconds,
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=100),
-        ),
+        # Keep-alive for as many connections as sends can be in flight (a
+        # pool of 20 opened and closed a TCP, in production TLS, connection
+        # per request beyond 20 concurrent calls).
+        http=AiohttpClient(settings.http_timeout_seconds, max_connections=100),
         # base_url / api_key come from OPENAI_BASE_URL / OPENAI_API_KEY.
         ai=openai.AsyncOpenAI(max_retries=0, timeout=settings.http_timeout_seconds * 3),
     )
@@ -252,7 +250,7 @@ async def amain() -> None:
 
 def main() -> None:
     try:
-        asyncio.run(amain())
+        aio.run(amain())
     except DatabaseNotMigrated as exc:
         log.error("refusing to start: %s", exc)
         raise SystemExit(1) from None

@@ -15,7 +15,7 @@ from sqlmodel import Session, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.common import load_credentials, to_application_error
+from activities.common import ChannelCredentials, load_credentials, to_application_error
 from core.contracts import (
     AutomationSnapshot,
     ContactRef,
@@ -239,27 +239,36 @@ class ProfileActivities:
         if creds.platform == "telegram":
             return None
         client = self.instagram if creds.platform == "instagram" else self.graph
-        # Instagram profiles have name and username only; Pages expose first/last names.
-        fields = "name,username" if creds.platform == "instagram" else "first_name,last_name,name"
         try:
-            profile = await client.get_profile(input.external_id, creds.token, fields=fields)
+            return await look_up_profile(self.engine, client, creds, input.contact_id, input.external_id)
         except PlatformError as err:
             raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None
-        return await asyncio.to_thread(self._apply, input.contact_id, profile)
 
-    def _apply(self, contact_id: str, profile: dict) -> ContactSnapshot | None:
-        name = str(profile.get("name") or "").strip()
-        first = str(profile.get("first_name") or (name.split()[0] if name else "")).strip()
-        last = str(profile.get("last_name") or "").strip()
-        username = str(profile.get("username") or "").strip()
-        with Session(self.engine, expire_on_commit=False) as db:
-            contact = db.get(Contact, contact_id)
-            if contact is None:
-                return None
-            contact.first_name = contact.first_name or first[:200]
-            contact.last_name = contact.last_name or last[:200]
-            contact.username = contact.username or username[:200]
-            contact.updated_at = utcnow()
-            db.add(contact)
-            db.commit()
-            return snapshot(contact)
+
+async def look_up_profile(
+    engine: Engine, client: GraphClient, creds: ChannelCredentials, contact_id: str, external_id: str
+) -> ContactSnapshot | None:
+    """Fill in a Meta contact's empty name fields from the platform profile
+    (``PlatformError`` when the platform refuses)."""
+    # Instagram profiles have name and username only; Pages expose first/last names.
+    fields = "name,username" if creds.platform == "instagram" else "first_name,last_name,name"
+    profile = await client.get_profile(external_id, creds.token, fields=fields)
+    return await asyncio.to_thread(_apply_profile, engine, contact_id, profile)
+
+
+def _apply_profile(engine: Engine, contact_id: str, profile: dict) -> ContactSnapshot | None:
+    name = str(profile.get("name") or "").strip()
+    first = str(profile.get("first_name") or (name.split()[0] if name else "")).strip()
+    last = str(profile.get("last_name") or "").strip()
+    username = str(profile.get("username") or "").strip()
+    with Session(engine, expire_on_commit=False) as db:
+        contact = db.get(Contact, contact_id)
+        if contact is None:
+            return None
+        contact.first_name = contact.first_name or first[:200]
+        contact.last_name = contact.last_name or last[:200]
+        contact.username = contact.username or username[:200]
+        contact.updated_at = utcnow()
+        db.add(contact)
+        db.commit()
+        return snapshot(contact)

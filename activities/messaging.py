@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -13,12 +14,13 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.common import ChannelCredentials, credentials_in, load_credentials, to_application_error
-from activities.crm import write_run
+from activities.crm import look_up_profile, write_run
 from core.audit import audit
 from core.contracts import (
     AckCallbackInput,
     BroadcastBatchInput,
     BroadcastBatchResult,
+    ContactSnapshot,
     PublicReplyInput,
     SendMessageInput,
     SendMessageResult,
@@ -35,6 +37,8 @@ from core.platforms import (
 from core.ratelimit import SEND_JITTER_BUDGET, Budget, RateLimiter, public_reply_budgets, send_budgets
 from core.settings import Settings, get_settings
 
+log = logging.getLogger(__name__)
+
 STANDARD_WINDOW = timedelta(hours=24)
 HUMAN_AGENT_WINDOW = timedelta(days=7)
 
@@ -49,6 +53,11 @@ RATE_WAIT_INLINE = 2.0
 # request to reach the platform); a sender that woke up later books again,
 # so late wake-ups cannot bunch sends into one second.
 RATE_LATE_TOLERANCE = SEND_JITTER_BUDGET / 2
+# Seconds a profile lookup after a send may take (``then_fetch_profile``):
+# with the send's HTTP timeout and inline rate wait, well inside SEND_TIMEOUT.
+PROFILE_AFTER_SEND = 5.0
+PROFILE_ATTEMPTS = 2
+PROFILE_RETRY_SECONDS = 0.3
 
 
 class MessagingActivities:
@@ -201,8 +210,36 @@ class MessagingActivities:
     @activity.defn(name="send_message")
     async def send_message(self, input: SendMessageInput) -> SendMessageResult:
         """Send one message to a contact (``_send``), and record the run it
-        completes, if any, with it (also when it was found sent already)."""
-        return await self._send(input)
+        completes, if any, with it (also when it was found sent already).
+        With ``then_fetch_profile``, the new contact's profile is looked up
+        once the message is out (one activity instead of two)."""
+        result, creds = await self._send_with_credentials(input)
+        if input.then_fetch_profile:
+            result.contact = await self._profile_after_send(input, creds)
+            result.profile_looked_up = True
+        return result
+
+    async def _profile_after_send(
+        self, input: SendMessageInput, creds: ChannelCredentials | None
+    ) -> ContactSnapshot | None:
+        """Best effort: a failure is logged (an invalid token still marks the
+        channel), never raised, and the lookup gets at most PROFILE_AFTER_SEND
+        seconds so the send's own timeout is never at stake."""
+        try:
+            if creds is None:  # the send was found recorded already
+                creds = await asyncio.to_thread(
+                    load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
+                )
+            if creds.platform == "telegram":
+                return None
+            client = self.instagram if creds.platform == "instagram" else self.graph
+            return await asyncio.wait_for(self._look_up_with_retry(client, creds, input), PROFILE_AFTER_SEND)
+        except PlatformError as err:
+            failure = to_application_error(err, engine=self.engine, channel_id=input.channel_id)
+            log.info("profile lookup after the send failed: %s", failure.type)
+        except (TimeoutError, ApplicationError) as err:
+            log.info("profile lookup after the send failed: %s", getattr(err, "type", None) or type(err).__name__)
+        return None
 
     @activity.defn(name="send_broadcast_batch")
     async def send_broadcast_batch(self, input: BroadcastBatchInput) -> BroadcastBatchResult:
@@ -253,8 +290,27 @@ class MessagingActivities:
             activity.heartbeat(index + 1, result.sent, result.failed, result.skipped)
         return result
 
+    async def _look_up_with_retry(
+        self, client: GraphClient, creds: ChannelCredentials, input: SendMessageInput
+    ) -> ContactSnapshot | None:
+        """Two attempts, as the ``fetch_profile`` activity's retry policy gives."""
+        for attempt in range(PROFILE_ATTEMPTS):
+            try:
+                return await look_up_profile(self.engine, client, creds, input.contact_id, input.recipient_id)
+            except PlatformError as err:
+                if not err.retryable or attempt + 1 == PROFILE_ATTEMPTS:
+                    raise
+            await asyncio.sleep(PROFILE_RETRY_SECONDS)
+        return None
+
     async def _send(self, input: SendMessageInput) -> SendMessageResult:
-        """Send one message to a contact.
+        return (await self._send_with_credentials(input))[0]
+
+    async def _send_with_credentials(
+        self, input: SendMessageInput
+    ) -> tuple[SendMessageResult, ChannelCredentials | None]:
+        """Send one message to a contact; also returns the channel's
+        credentials (None when the send was found recorded already).
 
         Before calling the platform, the idempotency record is checked: an
         attempt that finds a recorded platform message id returns it without
@@ -266,7 +322,7 @@ class MessagingActivities:
         """
         prepared = await asyncio.to_thread(self._prepare_send, input)
         if isinstance(prepared, SendMessageResult):
-            return prepared
+            return prepared, None
         creds = prepared
         await self._take_rate_budget(
             send_budgets(
@@ -296,7 +352,7 @@ class MessagingActivities:
         except PlatformError as err:
             raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None
         await asyncio.to_thread(self._record_send, input, creds, message_id, sent_at)
-        return SendMessageResult(platform_message_id=message_id)
+        return SendMessageResult(platform_message_id=message_id), creds
 
     @activity.defn(name="acknowledge_callback")
     async def acknowledge_callback(self, input: AckCallbackInput) -> None:

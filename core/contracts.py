@@ -280,6 +280,10 @@ class SendMessageInput:
     # The run this message completes (a one-message flow sent from its
     # conversation): recorded as soon as the message is sent or found sent.
     completes_run: RecordRunInput | None = None
+    # A new Meta contact: once the message is sent (or found sent), look up
+    # their profile and fill in their name (best effort, never fails the
+    # send; the result's ``contact``).
+    then_fetch_profile: bool = False
 
 
 @dataclass
@@ -310,6 +314,10 @@ class HumanMessageResult:
 class SendMessageResult:
     platform_message_id: str
     deduplicated: bool = False
+    # ``then_fetch_profile``: the lookup was made (``contact`` is None when
+    # the platform gave no profile).
+    profile_looked_up: bool = False
+    contact: ContactSnapshot | None = None
 
 
 @dataclass

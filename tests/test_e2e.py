@@ -80,6 +80,74 @@ async def test_keyword_dm_gets_reply_then_wait_for_reply_validates(stack):
     assert [m["direction"] for m in reversed(messages["data"])] == ["in", "out", "in", "out", "in", "out"]
 
 
+async def test_a_new_contact_gets_the_reply_first_and_their_name_right_after(stack):
+    """The reply does not use the name, so it does not wait for the profile:
+    the profile is looked up right after it (by the same activity) and the
+    contact's name is in the CRM."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["menu"]},
+        [{"id": "menu", "type": "send_message", "text": "Here is the menu"}],
+    )
+    person = new_sender()
+    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Bruno Costa", "username": "bruno.c"})
+
+    await send_dm(stack, account_id, person, "menu please")
+    [reply] = await wait_for_messages(stack, person, 1)
+    assert text_of(reply) == "Here is the menu"
+
+    async def named_contact():
+        r = await stack.api.get("/v1/contacts", params={"channel_id": channel["id"]}, headers=tenant.headers)
+        found = [c for c in r.json()["data"] if c["external_id"] == person and c["first_name"]]
+        return found[0] if found else None
+
+    contact = await wait_for(named_contact)
+    assert contact is not None, "the profile never reached the contact"
+    assert (contact["first_name"], contact["username"]) == ("Bruno", "bruno.c")
+    calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": person})).json()["calls"]
+    lookups = [c for c in calls if c["method"] == "GET"]
+    assert len(lookups) == 1 and lookups[0]["seq"] > reply["seq"]
+
+
+async def test_a_profile_lookup_failing_after_the_reply_is_retried_once_and_never_resends(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["menu"]},
+        [{"id": "menu", "type": "send_message", "text": "Here is the menu"}],
+    )
+    person, other = new_sender(), new_sender()
+    for who, name in ((person, "Carla Dias"), (other, "Davi Reis")):
+        await stack.sandbox.post("/_sandbox/profiles", json={"user_id": who, "name": name})
+    # person: the first lookup fails (then succeeds); other: every lookup fails.
+    await stack.sandbox.post("/_sandbox/faults", json={
+        "service": "instagram", "method": "GET", "path_contains": person, "kind": "server_error", "times": 1,
+    })
+    await stack.sandbox.post("/_sandbox/faults", json={
+        "service": "instagram", "method": "GET", "path_contains": other, "kind": "server_error", "times": -1,
+    })
+    try:
+        await send_dm(stack, account_id, person, "menu")
+        await send_dm(stack, account_id, other, "menu")
+
+        async def looked_up(who: str, count: int):
+            calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": who})).json()["calls"]
+            return len([c for c in calls if c["method"] == "GET"]) >= count
+
+        assert await wait_for(lambda: looked_up(person, 2)) and await wait_for(lambda: looked_up(other, 2))
+        await asyncio.sleep(0.5)  # nothing else follows
+        r = await stack.api.get("/v1/contacts", params={"channel_id": channel["id"]}, headers=tenant.headers)
+        names = {c["external_id"]: c["first_name"] for c in r.json()["data"]}
+        assert names[person] == "Carla" and names[other] == ""
+        for who in (person, other):
+            assert [text_of(c) for c in await sandbox_messages(stack, who)] == ["Here is the menu"]
+            calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": who})).json()["calls"]
+            assert len([c for c in calls if c["method"] == "GET"]) == 2
+    finally:
+        await stack.sandbox.delete("/_sandbox/faults")
+
+
 async def test_batch_of_50_events_in_one_post_all_run(stack):
     tenant = await create_tenant(stack)
     channel, account_id, _ = await connect_instagram(stack, tenant)

@@ -64,6 +64,7 @@ from core.contracts import (
     GenerateReplyInput,
     GenerateReplyResult,
     InboundEvent,
+    ProfileInput,
     PurgeDataInput,
     RecordInboundInput,
     RecordInboundResult,
@@ -146,6 +147,8 @@ class Mocks:
         self.sent_keys: dict[str, str] = {}
         self.send_calls: list[activity.Info] = []
         self.acks: list[AckCallbackInput] = []
+        self.profile_lookups: list[str] = []  # "send" (by the send) or "activity" (fetch_profile)
+        self.profile_first_name = "Ana"
         self.ai_calls: list[GenerateReplyInput] = []
         self.verified: list[ConnectChannelInput] = []
         self.subscribed: list[ConnectChannelInput] = []
@@ -161,6 +164,11 @@ class Mocks:
         self.ai_finished = 0
         self.verify_error: Exception | None = None
         self.revoke_error: Exception | None = None
+
+    def look_up_profile(self, by: str) -> ContactSnapshot:
+        self.profile_lookups.append(by)
+        self.contact = replace(self.contact, first_name=self.profile_first_name, is_new=False)
+        return replace(self.contact)
 
     @property
     def texts(self) -> list[str]:
@@ -229,7 +237,14 @@ class Mocks:
             self.sent_keys[input.idempotency_key] = f"mid.{len(self.sent)}"
             if input.completes_run is not None:
                 self.runs.append(input.completes_run)
-            return SendMessageResult(platform_message_id=self.sent_keys[input.idempotency_key])
+            result = SendMessageResult(platform_message_id=self.sent_keys[input.idempotency_key])
+            if input.then_fetch_profile:
+                result.profile_looked_up, result.contact = True, self.look_up_profile("send")
+            return result
+
+        @activity.defn(name="fetch_profile")
+        async def fetch_profile(input: ProfileInput) -> ContactSnapshot | None:
+            return self.look_up_profile("activity")
 
         @activity.defn(name="acknowledge_callback")
         async def acknowledge_callback(input: AckCallbackInput) -> None:
@@ -277,7 +292,8 @@ class Mocks:
             return StopWorkflowsResult(stopped=2)
 
         return [
-            record_inbound, load_contact, load_match_context, update_contact, record_run, send_message, acknowledge_callback,
+            record_inbound, load_contact, load_match_context, update_contact, record_run, send_message, fetch_profile,
+            acknowledge_callback,
             generate_reply, verify_channel, subscribe_webhooks, set_channel_status, revoke_token, purge_data,
             stop_channel_workflows,
         ]
@@ -719,6 +735,34 @@ async def test_a_one_message_flow_completes_inside_the_conversation(env):
     assert [(t.step_id, t.type, t.status, t.detail) for t in record.trail] == [
         (MENU_FLOW["steps"][0]["id"], "send_message", "done", "Here is the menu"),
     ]
+
+
+async def test_a_new_contacts_profile_is_looked_up_by_the_first_send(env):
+    """A new Instagram contact, a first message that does not use their
+    name: it leaves at once, the same local activity then looks up their
+    profile (no activity of its own), and the run's next message has the name."""
+    flow = {
+        "trigger": {"type": "dm_keyword", "keywords": ["hello"]},
+        "steps": [
+            {"id": "hi", "type": "send_message", "text": "Welcome!"},
+            {"id": "name", "type": "send_message", "text": "Nice to meet you, {{contact.first_name | friend}}."},
+        ],
+    }
+    mocks = Mocks([automation("auto_hello", flow)])
+    mocks.contact = ContactSnapshot(id=CONTACT, external_id=SENDER, is_new=True)
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.p1", "hello"))
+        run_id = run_workflow_id(ws, "auto_hello", CONTACT, "mid.p1")
+        await until(lambda: len(mocks.started_runs()) >= 1)
+        result = await outcome(env.client.get_workflow_handle(run_id, result_type=RunResult))
+        await close_conversation(env.client, conv, "conversation_send_fetches_profile")
+
+    assert result.status == "completed"
+    assert mocks.texts == ["Welcome!", "Nice to meet you, Ana."]
+    assert [call.is_local for call in mocks.send_calls] == [True, False]
+    assert [s.then_fetch_profile for _, s in mocks.sent] == [True, False]
+    assert mocks.profile_lookups == ["send"]
 
 
 async def test_handoff_silences_automations_until_resumed(env):

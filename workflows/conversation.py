@@ -320,7 +320,9 @@ class ConversationWorkflow:
         it. One attempt: anything else (a closed window, a rate-limit wait, a
         platform error) is left to the run, which sends durably with its
         retries. The profile of a new contact is looked up first only when
-        the message uses the contact's fields, else after it.
+        the message uses the contact's fields, else after it: by the send
+        activity itself (``then_fetch_profile``; older histories have a
+        ``fetch_profile`` local activity after the send).
 
         A flow that is this one message ends with it: no run workflow starts;
         the run is recorded with the send (``completes_run``; older histories
@@ -341,8 +343,11 @@ class ConversationWorkflow:
                 contact = await self._fetch_profile(contact, local=True)
                 profile_pending = False
             text = flowrt.render(step["text"], contact, {})
+            # Newer code has the send look the profile up once the message
+            # is out (one local activity instead of two).
+            profile_by_send = profile_pending and workflow.patched("send-fetches-profile")
             try:
-                await workflow.execute_local_activity(
+                result: SendMessageResult = await workflow.execute_local_activity(
                     "send_message",
                     SendMessageInput(
                         channel_id=self._input.channel_id,
@@ -356,12 +361,16 @@ class ConversationWorkflow:
                         completes_run=(
                             self._inline_run_record(run_id, automation, contact, step, text) if completes_run else None
                         ),
+                        then_fetch_profile=profile_by_send,
                     ),
                     result_type=SendMessageResult,
                     start_to_close_timeout=SEND_TIMEOUT,
                     retry_policy=SINGLE_ATTEMPT,
                 )
                 sent = True
+                if result.profile_looked_up:
+                    profile_pending = False
+                    contact = result.contact or contact
             except ACTIVITY_FAILURES as err:
                 workflow.logger.info("first message left to the run: %s", root_type(err) or type(err).__name__)
         if profile_pending:

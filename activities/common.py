@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session
@@ -46,7 +47,12 @@ def load_credentials(engine: Engine, vault: TokenVault, channel_id: str, *, allo
 
 def credentials_in(db: Session, vault: TokenVault, channel_id: str, *, allow_statuses: set[str]) -> ChannelCredentials:
     """``load_credentials`` within the caller's session."""
-    channel = db.get(Channel, channel_id)
+    return credentials_of(db.get(Channel, channel_id), vault, channel_id, allow_statuses=allow_statuses)
+
+
+def credentials_of(channel: Any, vault: TokenVault, channel_id: str, *, allow_statuses: set[str]) -> ChannelCredentials:
+    """The credentials of a channel row (an ORM object or a Core row; None:
+    the channel does not exist)."""
     if channel is None:
         raise ApplicationError(f"channel {channel_id} does not exist", type="ChannelUnavailable", non_retryable=True)
     if channel.status not in allow_statuses:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio import activity
@@ -32,6 +33,8 @@ from core.observability import EVENTS_DEDUPLICATED, RUNS_STARTED
 from core.platforms import GraphClient, PlatformError
 
 TERMINAL_RUN_STATES = {"completed", "failed", "cancelled", "terminated"}
+# Tables for the Core statements of the hot path (one event, one send).
+CHANNELS, CONTACTS, MESSAGES, RUNS = Channel.__table__, Contact.__table__, Message.__table__, Run.__table__
 
 
 def snapshot(contact: Contact, *, is_new: bool = False) -> ContactSnapshot:
@@ -70,62 +73,64 @@ class CrmActivities:
 
         The message row is unique per (channel, platform event id): a
         redelivered event comes back ``duplicate=True`` and nothing runs.
+        One transaction of Core statements (this runs for every event; the
+        ORM's unit of work cost about twice as much CPU).
         """
         ev = input.event
-        with Session(self.engine, expire_on_commit=False) as db:
-            channel = db.get(Channel, input.channel_id)
-            if channel is None or channel.status != "active":
-                return RecordInboundResult(duplicate=False, channel_active=False)
-            contact = db.get(Contact, input.contact_id)
-            is_new = contact is None
-            has_previous = bool(contact and contact.last_inbound_at)
-            now = utcnow()
-            if contact is None:
-                contact = Contact(
-                    id=input.contact_id,
-                    workspace_id=input.workspace_id,
-                    channel_id=input.channel_id,
-                    external_id=ev.sender_id,
+        now = utcnow()
+        try:
+            with self.engine.begin() as conn:
+                status = conn.execute(select(CHANNELS.c.status).where(CHANNELS.c.id == input.channel_id)).scalar()
+                if status != "active":
+                    return RecordInboundResult(duplicate=False, channel_active=False)
+                row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
+                is_new = row is None
+                has_previous = bool(row and row["last_inbound_at"])
+                contact = dict(row) if row is not None else {
+                    "id": input.contact_id, "workspace_id": input.workspace_id, "channel_id": input.channel_id,
+                    "external_id": ev.sender_id, "first_name": "", "last_name": "", "username": "", "tags": [],
+                    "fields": {}, "human_takeover": False, "processing_restricted": False,
+                    "consent_withdrawn": False, "last_inbound_at": None, "created_at": now,
+                }
+                changes: dict = {"updated_at": now}
+                for attr in ("first_name", "last_name", "username"):
+                    value = getattr(ev, attr)
+                    if value:
+                        changes[attr] = value
+                # Events that open Meta's messaging window (a comment does not).
+                if ev.kind in ("message", "postback", "referral", "story_mention"):
+                    changes["last_inbound_at"] = now
+                contact.update(changes)
+                if is_new:
+                    conn.execute(CONTACTS.insert(), contact)
+                else:
+                    conn.execute(CONTACTS.update().where(CONTACTS.c.id == input.contact_id).values(changes))
+                conn.execute(
+                    MESSAGES.insert(),
+                    {
+                        "workspace_id": input.workspace_id,
+                        "channel_id": input.channel_id,
+                        "contact_id": input.contact_id,
+                        "direction": "in",
+                        "kind": ev.kind,
+                        "text": ev.text,
+                        "payload": ev.payload or ev.ref,
+                        "platform_event_id": ev.event_id,
+                        "run_id": "",
+                        "created_at": datetime.fromtimestamp(ev.timestamp_ms / 1000, UTC) if ev.timestamp_ms else now,
+                    },
                 )
-            for attr in ("first_name", "last_name", "username"):
-                value = getattr(ev, attr)
-                if value:
-                    setattr(contact, attr, value)
-            # Events that open Meta's messaging window (a comment does not).
-            if ev.kind in ("message", "postback", "referral", "story_mention"):
-                contact.last_inbound_at = now
-            contact.updated_at = now
-            db.add(contact)
-            db.add(
-                Message(
-                    workspace_id=input.workspace_id,
-                    channel_id=input.channel_id,
-                    contact_id=input.contact_id,
-                    direction="in",
-                    kind=ev.kind,
-                    text=ev.text,
-                    payload=ev.payload or ev.ref,
-                    platform_event_id=ev.event_id,
-                    created_at=(
-                        datetime.fromtimestamp(ev.timestamp_ms / 1000, UTC)
-                        if ev.timestamp_ms
-                        else now
-                    ),
-                )
-            )
-            try:
-                db.commit()
-            except IntegrityError:
-                db.rollback()
-                EVENTS_DEDUPLICATED.inc()
-                return RecordInboundResult(duplicate=True)
+        except IntegrityError:
+            EVENTS_DEDUPLICATED.inc()
+            return RecordInboundResult(duplicate=True)
+        with Session(self.engine) as db:
             automations = _active_automations(db, input.channel_id)
-            return RecordInboundResult(
-                duplicate=False,
-                contact=snapshot(contact, is_new=is_new),
-                automations=automations,
-                has_previous_inbound=has_previous,
-            )
+        return RecordInboundResult(
+            duplicate=False,
+            contact=snapshot(SimpleNamespace(**contact), is_new=is_new),
+            automations=automations,
+            has_previous_inbound=has_previous,
+        )
 
     @activity.defn(name="load_match_context")
     def load_match_context(self, input: RecordInboundInput) -> RecordInboundResult:
@@ -188,37 +193,50 @@ class CrmActivities:
 def write_run(engine: Engine, input: RecordRunInput) -> None:
     """Create or update a run's row (status and step trail). A terminal
     status is never overwritten by a late non-terminal one."""
-    with Session(engine) as db:
-        run = db.get(Run, input.run_id)
-        created = run is None
-        if run is None:
-            run = Run(
-                id=input.run_id,
-                workspace_id=input.workspace_id,
-                channel_id=input.channel_id,
-                contact_id=input.contact_id,
-                automation_id=input.automation_id,
-                version=input.version,
-            )
-        elif run.status in TERMINAL_RUN_STATES and input.status not in TERMINAL_RUN_STATES:
-            return
-        run.status = input.status
-        run.trail = [
+    try:
+        with engine.begin() as conn:
+            created = write_run_in(conn, input)
+    except IntegrityError:
+        # A concurrent first write of the same run won; apply ours on top.
+        with engine.begin() as conn:
+            created = write_run_in(conn, input)
+    if created:
+        RUNS_STARTED.labels(trigger="any").inc()
+
+
+def write_run_in(conn: Connection, input: RecordRunInput) -> bool:
+    """``write_run`` inside the caller's transaction (Core statements);
+    True when it created the row."""
+    status = conn.execute(select(RUNS.c.status).where(RUNS.c.id == input.run_id)).scalar()
+    if status in TERMINAL_RUN_STATES and input.status not in TERMINAL_RUN_STATES:
+        return False
+    values = {
+        "status": input.status,
+        "trail": [
             {"step_id": t.step_id, "type": t.type, "status": t.status, "at": t.at, "detail": t.detail}
             for t in input.trail
-        ]
-        if input.status in TERMINAL_RUN_STATES:
-            run.ended_at = utcnow()
-        db.add(run)
-        try:
-            db.commit()
-        except IntegrityError:
-            # A concurrent first write of the same run won; apply ours on top.
-            db.rollback()
-            write_run(engine, input)
-            return
-        if created:
-            RUNS_STARTED.labels(trigger="any").inc()
+        ],
+    }
+    if input.status in TERMINAL_RUN_STATES:
+        values["ended_at"] = utcnow()
+    if status is None:
+        conn.execute(
+            RUNS.insert(),
+            {
+                "id": input.run_id,
+                "workspace_id": input.workspace_id,
+                "channel_id": input.channel_id,
+                "contact_id": input.contact_id,
+                "automation_id": input.automation_id,
+                "version": input.version,
+                "started_at": utcnow(),
+                "ended_at": None,
+                **values,
+            },
+        )
+        return True
+    conn.execute(RUNS.update().where(RUNS.c.id == input.run_id).values(values))
+    return False
 
 
 class ProfileActivities:

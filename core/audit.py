@@ -6,15 +6,22 @@ platform user id, a name or a text.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Insert
 from sqlmodel import Session
 
-from core.db import AuditEntry
+from core.db import AuditEntry, utcnow
 
 
 def audit(session: Session, workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> None:
     """Add an entry to the caller's transaction (the caller commits)."""
     session.add(AuditEntry(workspace_id=workspace_id, actor=actor, action=action, target=target, detail=detail[:300]))
+
+
+def audit_insert(workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> Insert:
+    """The same entry as a Core statement, for a caller on a ``Connection``."""
+    return AuditEntry.__table__.insert().values(
+        workspace_id=workspace_id, actor=actor, action=action, target=target, detail=detail[:300], created_at=utcnow()
+    )
 
 
 def audit_now(engine: Engine, workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, select
@@ -15,6 +16,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.common import ChannelCredentials, credentials_of, load_credentials, to_application_error
 from activities.crm import CHANNELS, CONTACTS, MESSAGES, look_up_profile, write_run, write_run_in
+from core import flowrt
 from core.audit import audit_insert
 from core.contracts import (
     AckCallbackInput,
@@ -55,9 +57,10 @@ RATE_WAIT_INLINE = 2.0
 # request to reach the platform); a sender that woke up later books again,
 # so late wake-ups cannot bunch sends into one second.
 RATE_LATE_TOLERANCE = SEND_JITTER_BUDGET / 2
-# Seconds a profile lookup after a send may take (``then_fetch_profile``):
-# with the send's HTTP timeout and inline rate wait, well inside SEND_TIMEOUT.
-PROFILE_AFTER_SEND = 5.0
+# Seconds a profile lookup by the send activity may take (before or after
+# the message): with the send's HTTP timeout and inline rate wait, well
+# inside SEND_TIMEOUT.
+PROFILE_LOOKUP = 5.0
 PROFILE_ATTEMPTS = 2
 PROFILE_RETRY_SECONDS = 0.3
 
@@ -247,18 +250,36 @@ class MessagingActivities:
         completes, if any, with it (also when it was found sent already).
         With ``then_fetch_profile``, the new contact's profile is looked up
         once the message is out (one activity instead of two)."""
+        contact = None
+        if input.profile_first_template:
+            contact = await self._look_up_profile(input, None)
+            if contact is not None:
+                input = self._rendered_for(input, contact)
         result, creds = await self._send_with_credentials(input)
-        if input.then_fetch_profile:
-            result.contact = await self._profile_after_send(input, creds)
+        if input.profile_first_template:
+            result.profile_looked_up, result.contact, result.text = True, contact, input.text
+        elif input.then_fetch_profile:
+            result.contact = await self._look_up_profile(input, creds)
             result.profile_looked_up = True
         return result
 
-    async def _profile_after_send(
+    @staticmethod
+    def _rendered_for(input: SendMessageInput, contact: ContactSnapshot) -> SendMessageInput:
+        """The input with its template rendered for the looked-up contact
+        (and the completed run's trail showing that text)."""
+        text = flowrt.render(input.profile_first_template, contact, {})
+        run = input.completes_run
+        if run is not None and run.trail:
+            run = replace(run, trail=[*run.trail[:-1], replace(run.trail[-1], detail=text[:200])])
+        return replace(input, text=text, completes_run=run)
+
+    async def _look_up_profile(
         self, input: SendMessageInput, creds: ChannelCredentials | None
     ) -> ContactSnapshot | None:
-        """Best effort: a failure is logged (an invalid token still marks the
-        channel), never raised, and the lookup gets at most PROFILE_AFTER_SEND
-        seconds so the send's own timeout is never at stake."""
+        """The contact's profile, before or after the send. Best effort: a
+        failure is logged (an invalid token still marks the channel), never
+        raised, and the lookup gets at most PROFILE_LOOKUP seconds so the
+        send's own timeout is never at stake."""
         try:
             if creds is None:  # the send was found recorded already
                 creds = await asyncio.to_thread(
@@ -267,12 +288,12 @@ class MessagingActivities:
             if creds.platform == "telegram":
                 return None
             client = self.instagram if creds.platform == "instagram" else self.graph
-            return await asyncio.wait_for(self._look_up_with_retry(client, creds, input), PROFILE_AFTER_SEND)
+            return await asyncio.wait_for(self._look_up_with_retry(client, creds, input), PROFILE_LOOKUP)
         except PlatformError as err:
             failure = to_application_error(err, engine=self.engine, channel_id=input.channel_id)
-            log.info("profile lookup after the send failed: %s", failure.type)
+            log.info("profile lookup failed: %s", failure.type)
         except (TimeoutError, ApplicationError) as err:
-            log.info("profile lookup after the send failed: %s", getattr(err, "type", None) or type(err).__name__)
+            log.info("profile lookup failed: %s", getattr(err, "type", None) or type(err).__name__)
         return None
 
     @activity.defn(name="send_broadcast_batch")

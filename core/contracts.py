@@ -284,6 +284,10 @@ class SendMessageInput:
     # their profile and fill in their name (best effort, never fails the
     # send; the result's ``contact``).
     then_fetch_profile: bool = False
+    # A new Meta contact and a message that uses their name: look the
+    # profile up first, then send this template rendered for them (``text``,
+    # rendered without the profile, is sent when the lookup gives nothing).
+    profile_first_template: str = ""
 
 
 @dataclass
@@ -314,10 +318,12 @@ class HumanMessageResult:
 class SendMessageResult:
     platform_message_id: str
     deduplicated: bool = False
-    # ``then_fetch_profile``: the lookup was made (``contact`` is None when
-    # the platform gave no profile).
+    # ``then_fetch_profile`` / ``profile_first_template``: the lookup was
+    # made (``contact`` is None when the platform gave no profile).
     profile_looked_up: bool = False
     contact: ContactSnapshot | None = None
+    # The text sent, when the activity rendered it (``profile_first_template``).
+    text: str = ""
 
 
 @dataclass

@@ -32,6 +32,7 @@ REQUIRED = {
     "conversation_one_message_inline",  # one-message flow, run recorded by record_run (before send-completes-run)
     "conversation_one_message_send_completes_run",  # the same, run recorded with the send
     "conversation_send_fetches_profile",  # a new contact's profile looked up by the first send
+    "conversation_send_looks_up_profile_first",  # ... before it, the reply rendered with the name
 }
 
 # The sandbox with its full runtime checks (workers/main.py workflow_runner).

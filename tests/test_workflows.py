@@ -45,6 +45,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from core import flowrt
 from core.contracts import (
     AUTOMATION_RUN_WORKFLOW,
     CONNECT_CHANNEL_WORKFLOW,
@@ -227,6 +228,14 @@ class Mocks:
                 if input.completes_run is not None:
                     self.runs.append(input.completes_run)
                 return SendMessageResult(platform_message_id=self.sent_keys[input.idempotency_key], deduplicated=True)
+            looked_up = None
+            if input.profile_first_template:  # like the real activity: look up, then render
+                looked_up = self.look_up_profile("send")
+                text = flowrt.render(input.profile_first_template, looked_up, {})
+                run = input.completes_run
+                if run is not None:
+                    run = replace(run, trail=[*run.trail[:-1], replace(run.trail[-1], detail=text)])
+                input = replace(input, text=text, completes_run=run)
             self.sent.append((activity.info().current_attempt_scheduled_time, input))
             self.send_calls.append(activity.info())
             if self.send_error is not None:
@@ -238,7 +247,9 @@ class Mocks:
             if input.completes_run is not None:
                 self.runs.append(input.completes_run)
             result = SendMessageResult(platform_message_id=self.sent_keys[input.idempotency_key])
-            if input.then_fetch_profile:
+            if input.profile_first_template:
+                result.profile_looked_up, result.contact, result.text = True, looked_up, input.text
+            elif input.then_fetch_profile:
                 result.profile_looked_up, result.contact = True, self.look_up_profile("send")
             return result
 
@@ -763,6 +774,29 @@ async def test_a_new_contacts_profile_is_looked_up_by_the_first_send(env):
     assert [call.is_local for call in mocks.send_calls] == [True, False]
     assert [s.then_fetch_profile for _, s in mocks.sent] == [True, False]
     assert mocks.profile_lookups == ["send"]
+
+
+async def test_a_new_contact_is_greeted_by_name_from_one_local_activity(env):
+    """A new Instagram contact and a reply that uses their name: the send
+    activity looks the profile up, renders the reply for it and sends it
+    (no activity of its own); the one-message run's trail shows that text."""
+    flow = {
+        "trigger": {"type": "dm_keyword", "keywords": ["menu"]},
+        "steps": [{"id": "menu", "type": "send_message", "text": "Hi {{contact.first_name | there}}! Here is the menu"}],
+    }
+    mocks = Mocks([automation("auto_menu", flow)])
+    mocks.contact = ContactSnapshot(id=CONTACT, external_id=SENDER, is_new=True)
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.g1", "menu please"))
+        await settled(conv, 1)
+        await close_conversation(env.client, conv, "conversation_send_looks_up_profile_first")
+
+    assert mocks.texts == ["Hi Ana! Here is the menu"]
+    assert [call.is_local for call in mocks.send_calls] == [True]
+    assert mocks.profile_lookups == ["send"]
+    (record,) = mocks.runs
+    assert (record.status, [t.detail for t in record.trail]) == ("completed", ["Hi Ana! Here is the menu"])
 
 
 async def test_handoff_silences_automations_until_resumed(env):

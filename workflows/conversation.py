@@ -319,10 +319,11 @@ class ConversationWorkflow:
         (``<run id>/<step id>/1``), so the run finds it sent and only records
         it. One attempt: anything else (a closed window, a rate-limit wait, a
         platform error) is left to the run, which sends durably with its
-        retries. The profile of a new contact is looked up first only when
-        the message uses the contact's fields, else after it: by the send
-        activity itself (``then_fetch_profile``; older histories have a
-        ``fetch_profile`` local activity after the send).
+        retries. The profile of a new contact is looked up by the send
+        activity itself: first, with the message rendered for it, when the
+        message uses the contact's fields (``profile_first_template``), else
+        once the message is out (``then_fetch_profile``). Older histories
+        have a ``fetch_profile`` local activity before or after the send.
 
         A flow that is this one message ends with it: no run workflow starts;
         the run is recorded with the send (``completes_run``; older histories
@@ -339,13 +340,18 @@ class ConversationWorkflow:
         # (one local activity instead of two).
         completes_run = step is not None and whole_flow and workflow.patched("send-completes-run")
         if step is not None:
+            # Newer code has the send activity look the profile up (one local
+            # activity instead of two): first, and render the message with
+            # it, when the message uses the contact; else once it is out.
+            profile_template = ""
             if profile_pending and flowrt.uses_contact(step["text"]):
-                contact = await self._fetch_profile(contact, local=True)
-                profile_pending = False
+                if workflow.patched("send-looks-up-profile-first"):
+                    profile_template = step["text"]
+                else:
+                    contact = await self._fetch_profile(contact, local=True)
+                    profile_pending = False
             text = flowrt.render(step["text"], contact, {})
-            # Newer code has the send look the profile up once the message
-            # is out (one local activity instead of two).
-            profile_by_send = profile_pending and workflow.patched("send-fetches-profile")
+            profile_by_send = profile_pending and not profile_template and workflow.patched("send-fetches-profile")
             try:
                 result: SendMessageResult = await workflow.execute_local_activity(
                     "send_message",
@@ -362,12 +368,14 @@ class ConversationWorkflow:
                             self._inline_run_record(run_id, automation, contact, step, text) if completes_run else None
                         ),
                         then_fetch_profile=profile_by_send,
+                        profile_first_template=profile_template,
                     ),
                     result_type=SendMessageResult,
                     start_to_close_timeout=SEND_TIMEOUT,
                     retry_policy=SINGLE_ATTEMPT,
                 )
                 sent = True
+                text = result.text or text
                 if result.profile_looked_up:
                     profile_pending = False
                     contact = result.contact or contact

@@ -263,12 +263,24 @@ class Bench:
         return status
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
-        """A read-only query on the product database (SQLite in the data dir)."""
-        conn = sqlite3.connect(f"file:{self.stack.data / 'vectory.db'}?mode=ro", uri=True, timeout=30)
-        try:
-            return conn.execute(sql, params).fetchall()
-        finally:
-            conn.close()
+        """A read-only query on the product database (SQLite in the data dir,
+        or ``--database-url``); datetimes come back as SQLite gives them."""
+        url = self.stack.database_url
+        if url.startswith("sqlite"):
+            conn = sqlite3.connect(f"file:{url.split('///', 1)[1]}?mode=ro", uri=True, timeout=30)
+            try:
+                return conn.execute(sql, params).fetchall()
+            finally:
+                conn.close()
+        import psycopg
+
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as pg:
+            rows = pg.execute(sql.replace("?", "%s"), params).fetchall()
+        return [
+            tuple(v.astimezone(UTC).replace(tzinfo=None).isoformat(sep=" ") if isinstance(v, datetime) else v
+                  for v in row)
+            for row in rows
+        ]
 
     def cpu(self) -> dict[str, float]:
         out = {name: cpu_seconds(self.stack.pid(name)) for name in ("temporal", "api", "sandbox")}
@@ -942,6 +954,9 @@ def main(argv: list[str] | None = None) -> int:
                              "max_cached_workflows=N, workflow_pollers=N, activity_pollers=N)")
     parser.add_argument("--workers", type=int, default=1,
                         help="worker processes on the task queue (default 1; the RSS figure is the first one's)")
+    parser.add_argument("--database-url", default="",
+                        help="the app database (default: SQLite in the run's data dir); a PostgreSQL URL must "
+                             "point at an empty or migrated database")
     parser.add_argument("--waiting", type=int, help="override the number of waiting conversations")
     parser.add_argument("--wait-deadline", type=float,
                         help="seconds to keep posting 'wait' DMs (default 150, quick 75); 10,000 takes ~30 min here")
@@ -972,11 +987,14 @@ def main(argv: list[str] | None = None) -> int:
         knobs[f"VECTORY_WORKER_{key.upper()}"] = value
     stack = Stack(data, persistence=args.persistence, eager=not args.no_eager, dynamic_config=dynamic,
                   worker_knobs=knobs, workers=args.workers)
+    if args.database_url:
+        stack.database_url = args.database_url
     results: dict[str, Any] = {
         "mode": ("quick" if args.quick else "full") + (f" (only {args.only})" if only else ""),
         "sizes": asdict(sizes),
         "machine": machine_info(),
         "config": {"persistence": args.persistence, "eager": not args.no_eager, "dynamic_config": dynamic,
+                   "database": stack.database_url.split(":", 1)[0],
                    "worker": " ".join(f"{k}={v}" for k, v in knobs.items()) or "defaults",
                    "worker_processes": args.workers},
     }

@@ -33,6 +33,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio.api.common.v1 import Payload
 from temporalio.converter import (
+    AdvancedJSONEncoder,
     CompositePayloadConverter,
     DataConverter,
     DefaultFailureConverterWithEncodedAttributes,
@@ -221,13 +222,33 @@ class DataclassConverter(JSONTypeConverter):
         return obj
 
 
+@functools.lru_cache(maxsize=1024)
+def _dataclass_names(cls: type) -> tuple[str, ...] | None:
+    return tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else None
+
+
+class DataclassJSONEncoder(AdvancedJSONEncoder):
+    """The SDK's JSON encoder with dataclasses turned into dicts one level at
+    a time (``json`` comes back here for the nested ones). The SDK calls
+    ``dataclasses.asdict``, which deep-copies every nested list and dict
+    first: ~9 % of the worker's CPU per DM (py-spy). Same JSON: the payload
+    converter sorts keys, and every value is encoded as before."""
+
+    def default(self, o: typing.Any) -> typing.Any:
+        names = _dataclass_names(type(o))
+        if names is not None:
+            return {name: getattr(o, name) for name in names}
+        return super().default(o)
+
+
 class PayloadConverter(CompositePayloadConverter):
-    """The SDK's default payload converters, JSON with ``DataclassConverter``."""
+    """The SDK's default payload converters, JSON with ``DataclassConverter``
+    and ``DataclassJSONEncoder``."""
 
     def __init__(self) -> None:
         super().__init__(
             *(
-                JSONPlainPayloadConverter(custom_type_converters=[DataclassConverter()])
+                JSONPlainPayloadConverter(encoder=DataclassJSONEncoder, custom_type_converters=[DataclassConverter()])
                 if isinstance(c, JSONPlainPayloadConverter)
                 else c
                 for c in DefaultPayloadConverter.default_encoding_payload_converters

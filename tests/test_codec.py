@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+from datetime import UTC, datetime
 
 import pytest
 from sqlmodel import SQLModel
@@ -138,6 +139,7 @@ def test_payload_converter_reads_contracts_exactly_as_the_sdk_does():
         RecordRunInput,
         RunInput,
         SendMessageInput,
+        SendMessageResult,
         TrailEntry,
     )
 
@@ -153,8 +155,14 @@ def test_payload_converter_reads_contracts_exactly_as_the_sdk_does():
         RunInput("r2", "w1", "ch1", "telegram", contact, automation),
         SendMessageInput("ch1", "c1", "99", "key", "text", completes_run=RecordRunInput(
             "r1", "w1", "ch1", "c1", "a1", 3, "completed", [TrailEntry("s", "send_message", "done", "t", "x")])),
+        SendMessageResult("m1", profile_looked_up=True, contact=contact, text="Hi Ann"),
         None,
     ]
+    # Encoding gives the SDK's bytes, also for dataclasses nested in plain
+    # containers and for the values its encoder special-cases.
+    mixed = {"when": datetime(2026, 11, 29, 10, 0, tzinfo=UTC), "tags": {"vip"}, "pair": (1, contact),
+             "by_id": {"a1": automation}, "events": [event, None]}
+    assert ours.to_payloads([mixed]) == sdk.to_payloads([mixed])
     for value in values:
         payload = ours.to_payloads([value])
         assert payload == sdk.to_payloads([value])

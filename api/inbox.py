@@ -31,9 +31,10 @@ from temporalio.service import RPCError
 
 from api.dispatch import signal_conversation
 from core.contracts import Attachment, InboundEvent, contact_id_for
-from core.db import Channel, InboxEvent
+from core.db import Channel, InboxEvent, utcnow
 
 log = logging.getLogger("vectory.inbox")
+INBOX = InboxEvent.__table__
 
 RELAY_INTERVAL_SECONDS = 1.0
 RELAY_BATCH = 500
@@ -49,23 +50,32 @@ RELAY_MAX_DEFERRAL_SECONDS = 1.0
 
 def store(engine: Engine, routed: list[tuple[Channel, InboundEvent]]) -> list[int]:
     """Store events; a redelivery already in the inbox is not stored twice.
-    Returns the ids of the rows stored."""
+    Returns the ids of the rows stored. One transaction of Core inserts (the
+    write lock is held for as short as it can be: on SQLite the worker waits
+    for it); row by row when one of them is a redelivery."""
+    now = utcnow()
+    rows = [
+        {
+            "channel_id": channel.id,
+            "contact_id": contact_id_for(channel.id, event.sender_id),
+            "event_id": event.event_id,
+            "event": asdict(event),
+            "created_at": now,
+        }
+        for channel, event in routed
+    ]
+    try:
+        with engine.begin() as conn:
+            return [conn.execute(INBOX.insert(), row).inserted_primary_key[0] for row in rows]
+    except IntegrityError:
+        pass
     stored: list[int] = []
-    with Session(engine, expire_on_commit=False) as db:
-        for channel, event in routed:
-            row = InboxEvent(
-                channel_id=channel.id,
-                contact_id=contact_id_for(channel.id, event.sender_id),
-                event_id=event.event_id,
-                event=asdict(event),
-            )
-            db.add(row)
-            try:
-                db.commit()
-                assert row.id is not None
-                stored.append(row.id)
-            except IntegrityError:
-                db.rollback()
+    for row in rows:
+        try:
+            with engine.begin() as conn:
+                stored.append(conn.execute(INBOX.insert(), row).inserted_primary_key[0])
+        except IntegrityError:
+            pass
     return stored
 
 

@@ -952,6 +952,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker-knob", action="append", default=[], metavar="KEY=VALUE",
                         help="worker setting VECTORY_WORKER_<KEY>=VALUE (sandbox=passthrough|strict, "
                              "max_cached_workflows=N, workflow_pollers=N, activity_pollers=N)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="a VECTORY_* setting for every process of the stack (e.g. VECTORY_WEBHOOK_ACK_WAIT_MS=0)")
     parser.add_argument("--workers", type=int, default=1,
                         help="worker processes on the task queue (default 1; the RSS figure is the first one's)")
     parser.add_argument("--database-url", default="",
@@ -985,6 +987,11 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--worker-knob wants KEY=VALUE, not {item!r}")
         knobs[f"VECTORY_WORKER_{key.upper()}"] = value
+    for item in args.env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("VECTORY_"):
+            parser.error(f"--env wants VECTORY_KEY=VALUE, not {item!r}")
+        knobs[key] = value
     stack = Stack(data, persistence=args.persistence, eager=not args.no_eager, dynamic_config=dynamic,
                   worker_knobs=knobs, workers=args.workers)
     if args.database_url:

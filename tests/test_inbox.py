@@ -248,3 +248,36 @@ async def test_a_held_event_whose_signal_fails_is_relayed(stack):
 
 async def _zero(count) -> bool:
     return await count == 0
+
+
+async def test_after_slow_signals_the_webhook_stores_at_once_instead_of_waiting(stack):
+    """While Temporal's recent signals took longer than webhook_ack_wait_ms,
+    waiting would only add the wait to the answer: the webhook stores the
+    event and answers at once (its signal goes on). When signals are fast,
+    it waits for Temporal and stores nothing."""
+    channel_id, account_id = await _keyword_reply(stack, "hasty", "answered")
+    state = stack.api_app.state
+    client, settings = state.temporal, state.settings
+    slow = SlowTemporal(client, delay=1.5)
+    state.temporal = slow
+    state.settings = settings.model_copy(update={"webhook_ack_wait_ms": 30_000})
+    waiting, hasty = new_sender(), new_sender()
+    try:
+        state.signal_seconds = 0.0  # Temporal has been fast: the webhook waits for it
+        r = await _post_dm(stack, account_id, waiting, "hasty one")
+        assert r.status_code == 200 and len(slow.calls) == 1
+        assert await _inbox_rows(stack, channel_id) == 0  # accepted by Temporal before the answer
+        assert 0.2 < state.signal_seconds < 1.5  # the 1.5 s signal moved the average
+
+        state.signal_seconds = 60.0  # Temporal has been slow
+        r = await _post_dm(stack, account_id, hasty, "hasty two")
+        assert r.status_code == 200 and len(slow.calls) == 2
+        assert await _inbox_rows(stack, channel_id) == 1  # answered from the inbox...
+        assert await sandbox_messages(stack, hasty) == []  # ...while the signal is on its way
+        assert await _answered_once(stack, hasty)
+        assert await wait_for(lambda: _zero(_inbox_rows(stack, channel_id)), timeout=10)
+        assert len(slow.calls) == 2  # delivered by its own signal, not relayed again
+    finally:
+        state.temporal, state.settings = client, settings
+        state.signal_seconds = 0.0
+    assert await _answered_once(stack, waiting)

@@ -36,6 +36,9 @@ router = APIRouter(prefix="/webhooks", tags=["webhooks"])
 
 DISPATCH_TIMEOUT_SECONDS = 2.0
 BREAKER_SECONDS = 5.0
+# Weight of the newest signal in the moving average of signal latency (the
+# average follows a change within ~10 signals).
+SIGNAL_LATENCY_WEIGHT = 0.2
 
 
 CHANNEL_CACHE_SECONDS = 2.0
@@ -164,6 +167,9 @@ async def _dispatch(request: Request, routed) -> None:
     signal goes on (``InboxState.hold``: it delivers them, or the relay does
     if it fails).
 
+    The wait is skipped while Temporal's recent signals (a moving average,
+    ``state.signal_seconds``) took longer than it.
+
     Direct dispatch is skipped while Temporal failed or timed out recently
     (circuit breaker, BREAKER_SECONDS), while the inbox holds events not
     relayed yet (a contact's later event must not overtake an earlier stored
@@ -182,11 +188,17 @@ async def _dispatch(request: Request, routed) -> None:
     signal = None
     if direct:
         state.dispatching += 1
+        started = time.monotonic()
         signal = asyncio.ensure_future(
             asyncio.wait_for(dispatch_events(temporal, state.settings.task_queue, routed), DISPATCH_TIMEOUT_SECONDS)
         )
-        signal.add_done_callback(lambda done: _signal_done(state, done, len(routed)))
-        await asyncio.wait([signal], timeout=state.settings.webhook_ack_wait_ms / 1000)
+        signal.add_done_callback(lambda done: _signal_done(state, done, len(routed), started))
+        wait = state.settings.webhook_ack_wait_ms / 1000
+        # When Temporal's recent answers took longer than the wait, waiting
+        # would only add the wait to the answer: store at once.
+        if state.signal_seconds > wait:
+            wait = 0
+        await asyncio.wait([signal], timeout=wait)
         if signal.done():
             if signal.exception() is None:
                 return
@@ -213,10 +225,12 @@ async def _dispatch(request: Request, routed) -> None:
         inbox.stored_one()
 
 
-def _signal_done(state, signal: asyncio.Future, events: int) -> None:
+def _signal_done(state, signal: asyncio.Future, events: int, started: float) -> None:
     state.dispatching -= 1
     if signal.cancelled():
         return
+    # How long Temporal takes to accept a signal now (moving average).
+    state.signal_seconds += SIGNAL_LATENCY_WEIGHT * (time.monotonic() - started - state.signal_seconds)
     err = signal.exception()
     if isinstance(err, (RPCError, TimeoutError)):
         state.temporal_down_until = time.monotonic() + BREAKER_SECONDS

@@ -48,13 +48,9 @@ RELAY_BACKOFF_SECONDS = 0.02
 RELAY_MAX_DEFERRAL_SECONDS = 1.0
 
 
-def store(engine: Engine, routed: list[tuple[Channel, InboundEvent]]) -> list[int]:
-    """Store events; a redelivery already in the inbox is not stored twice.
-    Returns the ids of the rows stored. One transaction of Core inserts (the
-    write lock is held for as short as it can be: on SQLite the worker waits
-    for it); row by row when one of them is a redelivery."""
+def _rows(routed: list[tuple[Channel, InboundEvent]]) -> list[dict]:
     now = utcnow()
-    rows = [
+    return [
         {
             "channel_id": channel.id,
             "contact_id": contact_id_for(channel.id, event.sender_id),
@@ -64,19 +60,76 @@ def store(engine: Engine, routed: list[tuple[Channel, InboundEvent]]) -> list[in
         }
         for channel, event in routed
     ]
+
+
+def store(engine: Engine, routed: list[tuple[Channel, InboundEvent]]) -> list[int]:
+    """Store events; a redelivery already in the inbox is not stored twice.
+    Returns the ids of the rows stored."""
+    return store_many(engine, [routed])[0]
+
+
+def store_many(engine: Engine, requests: list[list[tuple[Channel, InboundEvent]]]) -> list[list[int]]:
+    """``store`` for several webhooks at once: one transaction of Core
+    inserts (on SQLite the write lock is taken once and held briefly: the
+    worker waits for it); row by row when one of them is a redelivery."""
+    batches = [_rows(routed) for routed in requests]
     try:
         with engine.begin() as conn:
-            return [conn.execute(INBOX.insert(), row).inserted_primary_key[0] for row in rows]
+            return [[conn.execute(INBOX.insert(), row).inserted_primary_key[0] for row in rows] for rows in batches]
     except IntegrityError:
         pass
-    stored: list[int] = []
-    for row in rows:
+    out: list[list[int]] = []
+    for rows in batches:
+        stored: list[int] = []
+        for row in rows:
+            try:
+                with engine.begin() as conn:
+                    stored.append(conn.execute(INBOX.insert(), row).inserted_primary_key[0])
+            except IntegrityError:
+                pass
+        out.append(stored)
+    return out
+
+
+class InboxWriter:
+    """Group commit: the webhooks that store while a write is under way
+    share the next transaction, written by one thread at a time.
+
+    Under load (200 webhooks/s on SQLite), one transaction per webhook on
+    the thread pool queued behind each other and behind the worker's writes
+    for SQLite's write lock (whose busy handler sleeps 1, 2, 5, 10 ms...):
+    the store's p99 was 25 ms for a 0.7 ms median.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._pending: list[tuple[list[tuple[Channel, InboundEvent]], asyncio.Future]] = []
+        self._writing = False
+
+    async def store(self, routed: list[tuple[Channel, InboundEvent]]) -> list[int]:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((routed, future))
+        if not self._writing:
+            self._writing = True
+            asyncio.ensure_future(self._write())
+        return await future
+
+    async def _write(self) -> None:
         try:
-            with engine.begin() as conn:
-                stored.append(conn.execute(INBOX.insert(), row).inserted_primary_key[0])
-        except IntegrityError:
-            pass
-    return stored
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    results = await asyncio.to_thread(store_many, self.engine, [routed for routed, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - every waiting webhook gets it
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, future), ids in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(ids)
+        finally:
+            self._writing = False
 
 
 def _event(data: dict) -> InboundEvent:

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from temporalio.client import Client
 
-from api.inbox import InboxState, run_relay
+from api.inbox import InboxState, InboxWriter, run_relay
 from api.routes import (
     automations,
     broadcasts,
@@ -83,6 +83,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.keys = KeyStore(app.state.engine, app.state.vault)
     app.state.temporal = temporal
     app.state.inbox = InboxState()
+    app.state.inbox_writer = InboxWriter(app.state.engine)
     app.state.channels = ChannelCache()
     app.state.dispatching = 0  # webhooks waiting on Temporal right now
     app.state.signal_seconds = 0.0  # recent signal-with-start latency (moving average)

@@ -281,3 +281,40 @@ async def test_after_slow_signals_the_webhook_stores_at_once_instead_of_waiting(
         state.temporal, state.settings = client, settings
         state.signal_seconds = 0.0
     assert await _answered_once(stack, waiting)
+
+
+async def test_webhooks_storing_at_once_share_transactions_and_each_gets_its_own_rows(tmp_path):
+    """The inbox writer batches the webhooks that store at the same time:
+    each still gets the ids of its own rows, a redelivery already stored is
+    not stored again (nor does it sink the others), and a database error
+    reaches every webhook of the failed batch (they answer 503)."""
+    from sqlmodel import SQLModel
+
+    from api.inbox import InboxWriter
+    from core.contracts import InboundEvent
+    from core.db import Channel, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'inbox.db'}")
+    SQLModel.metadata.create_all(engine)
+    channel = Channel(id="ch_1", workspace_id="ws_1", platform="instagram", external_id="1784")
+    writer = InboxWriter(engine)
+
+    def routed(*mids: str) -> list:
+        return [(channel, InboundEvent(mid, "instagram", "1784", f"person-{mid}", "message", text=mid)) for mid in mids]
+
+    first = await writer.store(routed("m0"))
+    results = await asyncio.gather(*(writer.store(routed(f"m{i}a", f"m{i}b")) for i in range(1, 20)),
+                                   writer.store(routed("m0", "m20")))
+    with Session(engine) as db:
+        rows = {r.id: r.event_id for r in db.exec(select(InboxEvent))}
+    assert [rows[i] for i in first] == ["m0"]
+    for i, ids in enumerate(results[:-1], start=1):
+        assert [rows[row_id] for row_id in ids] == [f"m{i}a", f"m{i}b"]
+    assert [rows[row_id] for row_id in results[-1]] == ["m20"]  # m0 was stored already
+    assert len(rows) == 40
+
+    engine.dispose()
+    (tmp_path / "inbox.db").unlink()
+    (tmp_path / "inbox.db").mkdir()  # the database is gone: nothing can be stored
+    failures = await asyncio.gather(*(writer.store(routed(f"x{i}")) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(f, Exception) for f in failures)

@@ -24,7 +24,6 @@ from temporalio.service import RPCError
 from activities.common import webhook_secret_context
 from api.deps import SettingsDep
 from api.dispatch import dispatch_events
-from api.inbox import store
 from core.crypto import VaultError, constant_time_equals, meta_signature
 from core.db import Channel
 from core.inbound import MalformedPayload, parse_meta_webhook, parse_telegram_update
@@ -207,7 +206,7 @@ async def _dispatch(request: Request, routed) -> None:
             signal = None  # failed: stored below for the relay
     inbox.storing += 1
     try:
-        stored = await asyncio.to_thread(store, state.engine, routed)
+        stored = await state.inbox_writer.store(routed)
     except Exception:
         log.exception("inbox unavailable too: asking the platform to redeliver")
         if signal is not None:

@@ -35,6 +35,7 @@ from core.platforms import GraphClient, PlatformError
 TERMINAL_RUN_STATES = {"completed", "failed", "cancelled", "terminated"}
 # Tables for the Core statements of the hot path (one event, one send).
 CHANNELS, CONTACTS, MESSAGES, RUNS = Channel.__table__, Contact.__table__, Message.__table__, Run.__table__
+AUTOMATIONS = Automation.__table__
 
 
 def snapshot(contact: Contact, *, is_new: bool = False) -> ContactSnapshot:
@@ -53,11 +54,11 @@ def snapshot(contact: Contact, *, is_new: bool = False) -> ContactSnapshot:
     )
 
 
-def _active_automations(db: Session, channel_id: str) -> list[AutomationSnapshot]:
-    rows = db.exec(
-        select(Automation)
-        .where(Automation.channel_id == channel_id, Automation.status == "active")
-        .order_by(Automation.created_at)
+def _active_automations(conn: Connection, channel_id: str) -> list[AutomationSnapshot]:
+    rows = conn.execute(
+        select(AUTOMATIONS.c.id, AUTOMATIONS.c.version, AUTOMATIONS.c.name, AUTOMATIONS.c.definition)
+        .where(AUTOMATIONS.c.channel_id == channel_id, AUTOMATIONS.c.status == "active")
+        .order_by(AUTOMATIONS.c.created_at)
     ).all()
     return [AutomationSnapshot(id=a.id, version=a.version, name=a.name, definition=a.definition) for a in rows]
 
@@ -123,8 +124,8 @@ class CrmActivities:
         except IntegrityError:
             EVENTS_DEDUPLICATED.inc()
             return RecordInboundResult(duplicate=True)
-        with Session(self.engine) as db:
-            automations = _active_automations(db, input.channel_id)
+        with self.engine.connect() as conn:
+            automations = _active_automations(conn, input.channel_id)
         return RecordInboundResult(
             duplicate=False,
             contact=snapshot(SimpleNamespace(**contact), is_new=is_new),
@@ -141,7 +142,7 @@ class CrmActivities:
             contact = db.get(Contact, input.contact_id)
             if channel is None or channel.status != "active" or contact is None:
                 return RecordInboundResult(duplicate=False, channel_active=channel is not None and channel.status == "active")
-            automations = _active_automations(db, input.channel_id)
+            automations = _active_automations(db.connection(), input.channel_id)
             return RecordInboundResult(
                 duplicate=False,
                 contact=snapshot(contact),

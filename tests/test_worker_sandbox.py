@@ -112,3 +112,29 @@ async def test_passthrough_sandbox_does_not_see_module_level_clock_reads():
     tests/test_determinism.py are the guard there."""
     assert isinstance(workflow_runner("passthrough"), LeanSandboxedWorkflowRunner)
     assert not (await _run_clock_workflow("passthrough")).startswith("refused")
+
+
+async def test_lean_sandbox_answers_store_contexts_as_the_sdks_sandbox_would():
+    """The external-store context, asked for every payload sequence, is
+    answered directly: the same answer as the SDK's entry into the sandbox
+    gives, at every point of a workflow with an activity."""
+    from temporalio.worker.workflow_sandbox._runner import _Instance
+
+    from workers.sandbox import _LeanInstance
+
+    answers: list[tuple[object, object]] = []
+
+    class Comparing(_LeanInstance):
+        def get_external_store_context(self, command_info):
+            lean = super().get_external_store_context(command_info)
+            answers.append((lean, _Instance.get_external_store_context(self, command_info)))
+            return lean
+
+    class ComparingRunner(LeanSandboxedWorkflowRunner):
+        def create_instance(self, det):
+            return Comparing(det, self.runner_class, self.restrictions)
+
+    result, _ = await _contexts_under(ComparingRunner(restrictions=SandboxRestrictions.default.with_passthrough_all_modules()))
+    assert result == "HI!"
+    assert answers and all(lean == sdk for lean, sdk in answers)
+    assert any(lean.target is not None for lean, _ in answers)

@@ -15,10 +15,11 @@ workflow runs) and changes two things underneath it:
 - the source strings are compiled once per process, not at every entry
   (the same code runs: ``exec`` of a code object compiled from the same
   string);
-- the serialization-context question is answered by calling the SDK's own
-  in-sandbox instance directly. That method is SDK code that only reads the
-  instance's pending commands (no workflow code runs), so the import hooks
-  have nothing to guard there.
+- the serialization-context and external-store-context questions (asked
+  once per payload sequence) are answered by calling the SDK's own
+  in-sandbox instance directly. Those methods are SDK code that only read
+  the instance's info and pending commands (no workflow code runs), so the
+  import hooks have nothing to guard there.
 
 It leans on two private names of the pinned SDK (``_Instance._run_code`` and
 the ``__temporal_in_sandbox`` global); ``tests/test_worker_sandbox.py`` fails
@@ -34,6 +35,7 @@ import threading
 from typing import Any
 
 import temporalio.workflow
+from temporalio.converter import StorageDriverStoreContext
 from temporalio.worker import _command_aware_visitor
 from temporalio.worker._workflow_instance import WorkflowInstance, WorkflowInstanceDetails
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
@@ -64,6 +66,11 @@ class _LeanInstance(_Instance):
         self, command_info: _command_aware_visitor.CommandInfo | None
     ) -> temporalio.converter.SerializationContext | None:
         return self.globals_and_locals["__temporal_in_sandbox"].get_serialization_context(command_info)
+
+    def get_external_store_context(
+        self, command_info: _command_aware_visitor.CommandInfo | None
+    ) -> StorageDriverStoreContext:
+        return self.globals_and_locals["__temporal_in_sandbox"].get_external_store_context(command_info)
 
 
 @dataclasses.dataclass(frozen=True)

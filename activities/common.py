@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlmodel import Session
 from temporalio.exceptions import ApplicationError
 
@@ -14,6 +14,8 @@ from core.audit import audit
 from core.crypto import TokenVault
 from core.db import Channel, utcnow
 from core.platforms import PlatformError
+
+CHANNELS = Channel.__table__
 
 
 def token_context(channel_id: str) -> str:
@@ -41,8 +43,9 @@ def load_credentials(engine: Engine, vault: TokenVault, channel_id: str, *, allo
     Raises a non-retryable ``ChannelUnavailable`` when the channel is gone,
     has no token, or is in a status the caller does not allow.
     """
-    with Session(engine) as db:
-        return credentials_in(db, vault, channel_id, allow_statuses=allow_statuses)
+    with engine.connect() as conn:
+        channel = conn.execute(select(CHANNELS).where(CHANNELS.c.id == channel_id)).first()
+    return credentials_of(channel, vault, channel_id, allow_statuses=allow_statuses)
 
 
 def credentials_in(db: Session, vault: TokenVault, channel_id: str, *, allow_statuses: set[str]) -> ChannelCredentials:

@@ -280,14 +280,17 @@ def _apply_profile(engine: Engine, contact_id: str, profile: dict) -> ContactSna
     first = str(profile.get("first_name") or (name.split()[0] if name else "")).strip()
     last = str(profile.get("last_name") or "").strip()
     username = str(profile.get("username") or "").strip()
-    with Session(engine, expire_on_commit=False) as db:
-        contact = db.get(Contact, contact_id)
-        if contact is None:
+    with engine.begin() as conn:
+        row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == contact_id)).mappings().first()
+        if row is None:
             return None
-        contact.first_name = contact.first_name or first[:200]
-        contact.last_name = contact.last_name or last[:200]
-        contact.username = contact.username or username[:200]
-        contact.updated_at = utcnow()
-        db.add(contact)
-        db.commit()
-        return snapshot(contact)
+        contact = dict(row)
+        changes = {
+            "first_name": contact["first_name"] or first[:200],
+            "last_name": contact["last_name"] or last[:200],
+            "username": contact["username"] or username[:200],
+            "updated_at": utcnow(),
+        }
+        conn.execute(CONTACTS.update().where(CONTACTS.c.id == contact_id).values(changes))
+    contact.update(changes)
+    return snapshot(SimpleNamespace(**contact))

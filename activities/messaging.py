@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, Engine, select
@@ -65,6 +65,16 @@ PROFILE_ATTEMPTS = 2
 PROFILE_RETRY_SECONDS = 0.3
 
 
+@dataclass
+class _Prepared:
+    """A send cleared to go: credentials, its budgets and the answer of their
+    first reservation ``(now, wait, key)``."""
+
+    creds: ChannelCredentials
+    budgets: list[Budget]
+    reservation: tuple[float, float, str]
+
+
 class MessagingActivities:
     def __init__(
         self,
@@ -83,16 +93,23 @@ class MessagingActivities:
         self.settings = settings or get_settings()
         self.limiter = RateLimiter(engine)
 
-    async def _take_rate_budget(self, budgets: list[Budget]) -> None:
+    async def _take_rate_budget(
+        self, budgets: list[Budget], first: tuple[float, float, str] | None = None
+    ) -> None:
         """Take one cell of every budget (all or nothing, durable in the
         database). A cell free within RATE_WAIT_INLINE is booked and waited
         for here (concurrent sends queue in booking order, one per slot);
         a longer wait raises a retryable ``RateLimited`` with the wait as
-        next_retry_delay and books nothing."""
+        next_retry_delay and books nothing. ``first``: the answer of a
+        reservation the caller already made, ``(now, wait, key)``."""
         deadline = time.monotonic() + RATE_WAIT_INLINE * 2
         while True:
-            now = time.time()
-            wait, key = await asyncio.to_thread(self.limiter.reserve, budgets, now, max_wait=RATE_WAIT_INLINE)
+            if first is not None:
+                now, wait, key = first
+                first = None
+            else:
+                now = time.time()
+                wait, key = await asyncio.to_thread(self.limiter.reserve, budgets, now, max_wait=RATE_WAIT_INLINE)
             if key:
                 raise ApplicationError(
                     f"rate limit {key}: next slot in {wait:.1f}s",
@@ -111,11 +128,11 @@ class MessagingActivities:
                     next_retry_delay=timedelta(seconds=1),
                 )
 
-    def _prepare_send(self, input: SendMessageInput) -> SendMessageResult | ChannelCredentials:
-        """The checks before a send, in one trip to the database thread and
-        one session: the recorded result when this idempotency key was sent
-        already, else the channel's credentials once the messaging window
-        allows the send."""
+    def _prepare_send(self, input: SendMessageInput) -> SendMessageResult | _Prepared:
+        """The checks before a send, in one trip to the database thread: the
+        recorded result when this idempotency key was sent already, else the
+        channel's credentials once the messaging window allows the send, with
+        the first reservation of its rate budgets made."""
         with self.engine.connect() as conn:
             sent_id = conn.execute(
                 select(SEND_RECORDS.c.platform_message_id).where(
@@ -134,7 +151,17 @@ class MessagingActivities:
             if input.completes_run is not None:
                 write_run(self.engine, input.completes_run)
             return SendMessageResult(platform_message_id=sent_id, deduplicated=True)
-        return creds
+        budgets = send_budgets(
+            creds.platform,
+            creds.external_id,
+            input.recipient_id,
+            private_reply=bool(input.comment_id),
+            human=input.human_agent,
+            settings=self.settings,
+        )
+        now = time.time()
+        wait, key = self.limiter.reserve(budgets, now, max_wait=RATE_WAIT_INLINE)
+        return _Prepared(creds, budgets, (now, wait, key))
 
     def _existing_send(self, key: str) -> str | None:
         with Session(self.engine) as db:
@@ -378,17 +405,8 @@ class MessagingActivities:
         prepared = await asyncio.to_thread(self._prepare_send, input)
         if isinstance(prepared, SendMessageResult):
             return prepared, None
-        creds = prepared
-        await self._take_rate_budget(
-            send_budgets(
-                creds.platform,
-                creds.external_id,
-                input.recipient_id,
-                private_reply=bool(input.comment_id),
-                human=input.human_agent,
-                settings=self.settings,
-            )
-        )
+        creds = prepared.creds
+        await self._take_rate_budget(prepared.budgets, prepared.reservation)
         # The log orders by the moment we asked the platform to deliver, not
         # when its answer came back (the person may already be replying).
         sent_at = utcnow()

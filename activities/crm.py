@@ -10,7 +10,7 @@ import asyncio
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, case
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio import activity
@@ -264,33 +264,50 @@ class ProfileActivities:
             raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None
 
 
+async def get_profile(client: GraphClient, creds: ChannelCredentials, external_id: str) -> dict[str, str]:
+    """A Meta contact's names from the platform profile (``PlatformError``
+    when the platform refuses)."""
+    # Instagram profiles have name and username only; Pages expose first/last names.
+    fields = "name,username" if creds.platform == "instagram" else "first_name,last_name,name"
+    profile = await client.get_profile(external_id, creds.token, fields=fields)
+    name = str(profile.get("name") or "").strip()
+    return {
+        "first_name": str(profile.get("first_name") or (name.split()[0] if name else "")).strip()[:200],
+        "last_name": str(profile.get("last_name") or "").strip()[:200],
+        "username": str(profile.get("username") or "").strip()[:200],
+    }
+
+
+def with_names(contact: dict, names: dict[str, str]) -> dict:
+    """A contact row with its empty name fields filled from ``names``."""
+    return {**contact, **{field: contact[field] or value for field, value in names.items()}}
+
+
+def fill_names(conn: Connection, contact_id: str, names: dict[str, str]) -> None:
+    """Fill the contact's empty name fields (a name already known, or set by
+    someone meanwhile, is kept)."""
+    column = CONTACTS.c
+    conn.execute(
+        CONTACTS.update()
+        .where(column.id == contact_id)
+        .values(
+            {field: case((column[field] == "", value), else_=column[field]) for field, value in names.items()}
+            | {"updated_at": utcnow()}
+        )
+    )
+
+
 async def look_up_profile(
     engine: Engine, client: GraphClient, creds: ChannelCredentials, contact_id: str, external_id: str
 ) -> ContactSnapshot | None:
     """Fill in a Meta contact's empty name fields from the platform profile
     (``PlatformError`` when the platform refuses)."""
-    # Instagram profiles have name and username only; Pages expose first/last names.
-    fields = "name,username" if creds.platform == "instagram" else "first_name,last_name,name"
-    profile = await client.get_profile(external_id, creds.token, fields=fields)
-    return await asyncio.to_thread(_apply_profile, engine, contact_id, profile)
+    names = await get_profile(client, creds, external_id)
+    return await asyncio.to_thread(apply_profile, engine, contact_id, names)
 
 
-def _apply_profile(engine: Engine, contact_id: str, profile: dict) -> ContactSnapshot | None:
-    name = str(profile.get("name") or "").strip()
-    first = str(profile.get("first_name") or (name.split()[0] if name else "")).strip()
-    last = str(profile.get("last_name") or "").strip()
-    username = str(profile.get("username") or "").strip()
+def apply_profile(engine: Engine, contact_id: str, names: dict[str, str]) -> ContactSnapshot | None:
     with engine.begin() as conn:
+        fill_names(conn, contact_id, names)
         row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == contact_id)).mappings().first()
-        if row is None:
-            return None
-        contact = dict(row)
-        changes = {
-            "first_name": contact["first_name"] or first[:200],
-            "last_name": contact["last_name"] or last[:200],
-            "username": contact["username"] or username[:200],
-            "updated_at": utcnow(),
-        }
-        conn.execute(CONTACTS.update().where(CONTACTS.c.id == contact_id).values(changes))
-    contact.update(changes)
-    return snapshot(SimpleNamespace(**contact))
+    return snapshot(SimpleNamespace(**row)) if row is not None else None

@@ -7,6 +7,7 @@ import logging
 import time
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy.exc import IntegrityError
@@ -15,7 +16,18 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.common import ChannelCredentials, credentials_of, load_credentials, to_application_error
-from activities.crm import CHANNELS, CONTACTS, MESSAGES, look_up_profile, write_run, write_run_in
+from activities.crm import (
+    CHANNELS,
+    CONTACTS,
+    MESSAGES,
+    apply_profile,
+    fill_names,
+    get_profile,
+    snapshot,
+    with_names,
+    write_run,
+    write_run_in,
+)
 from core import flowrt
 from core.audit import audit_insert
 from core.contracts import (
@@ -73,6 +85,17 @@ class _Prepared:
     creds: ChannelCredentials
     budgets: list[Budget]
     reservation: tuple[float, float, str]
+    contact: dict | None = None  # the contact's row (Meta DMs: read for the window check)
+
+
+@dataclass
+class _ProfileFirst:
+    """``profile_first_template``: what the send's own profile lookup gave."""
+
+    looked_up: bool = False
+    contact: ContactSnapshot | None = None
+    names: dict[str, str] | None = None  # saved with the send's records
+    text: str = ""
 
 
 class MessagingActivities:
@@ -142,11 +165,11 @@ class MessagingActivities:
             if sent_id is None:
                 channel = conn.execute(select(CHANNELS).where(CHANNELS.c.id == input.channel_id)).first()
                 creds = credentials_of(channel, self.vault, input.channel_id, allow_statuses={"active"})
+                contact = None
                 if creds.platform != "telegram" and not input.comment_id:
-                    last = conn.execute(
-                        select(CONTACTS.c.last_inbound_at).where(CONTACTS.c.id == input.contact_id)
-                    ).scalar()
-                    self._check_window(input, last)
+                    row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
+                    contact = dict(row) if row is not None else None
+                    self._check_window(input, contact["last_inbound_at"] if contact else None)
         if sent_id is not None:
             if input.completes_run is not None:
                 write_run(self.engine, input.completes_run)
@@ -161,7 +184,7 @@ class MessagingActivities:
         )
         now = time.time()
         wait, key = self.limiter.reserve(budgets, now, max_wait=RATE_WAIT_INLINE)
-        return _Prepared(creds, budgets, (now, wait, key))
+        return _Prepared(creds, budgets, (now, wait, key), contact)
 
     def _existing_send(self, key: str) -> str | None:
         with Session(self.engine) as db:
@@ -169,13 +192,21 @@ class MessagingActivities:
             return record.platform_message_id if record else None
 
     def _record_send(
-        self, input: SendMessageInput, creds: ChannelCredentials, message_id: str, sent_at: datetime
+        self,
+        input: SendMessageInput,
+        creds: ChannelCredentials,
+        message_id: str,
+        sent_at: datetime,
+        names: dict[str, str] | None = None,
     ) -> None:
         """The idempotency record, the message log row, the token-use audit
-        entry and the run this send completes, in one transaction of Core
-        statements (the ORM's unit of work cost three times the CPU)."""
+        entry, the names of the contact's profile (``names``) and the run
+        this send completes, in one transaction of Core statements (the
+        ORM's unit of work cost three times the CPU)."""
         try:
             with self.engine.begin() as conn:
+                if names:
+                    fill_names(conn, input.contact_id, names)
                 self._insert_send_rows(conn, input, creds, message_id, sent_at)
                 if input.completes_run is not None:
                     created = write_run_in(conn, input.completes_run)
@@ -184,6 +215,9 @@ class MessagingActivities:
             return
         except IntegrityError:
             pass  # a concurrent attempt recorded the same send (or wrote the run first)
+        if names:
+            with self.engine.begin() as conn:
+                fill_names(conn, input.contact_id, names)
         try:
             with self.engine.begin() as conn:
                 self._insert_send_rows(conn, input, creds, message_id, sent_at)
@@ -275,20 +309,43 @@ class MessagingActivities:
     async def send_message(self, input: SendMessageInput) -> SendMessageResult:
         """Send one message to a contact (``_send``), and record the run it
         completes, if any, with it (also when it was found sent already).
-        With ``then_fetch_profile``, the new contact's profile is looked up
-        once the message is out (one activity instead of two)."""
-        contact = None
-        if input.profile_first_template:
-            contact = await self._look_up_profile(input, None)
-            if contact is not None:
-                input = self._rendered_for(input, contact)
-        result, creds = await self._send_with_credentials(input)
-        if input.profile_first_template:
-            result.profile_looked_up, result.contact, result.text = True, contact, input.text
+        A new contact's profile is looked up by this activity (one activity
+        instead of two): with ``profile_first_template``, between the send's
+        checks and the send, the message rendered for it and the names saved
+        with the send's records; with ``then_fetch_profile``, once the
+        message is out."""
+        profile = _ProfileFirst() if input.profile_first_template else None
+        result, creds = await self._send_with_credentials(input, profile)
+        if profile is not None and profile.looked_up:
+            result.profile_looked_up, result.contact, result.text = True, profile.contact, profile.text
         elif input.then_fetch_profile:
             result.contact = await self._look_up_profile(input, creds)
             result.profile_looked_up = True
         return result
+
+    async def _render_for_profile(
+        self, input: SendMessageInput, prepared: _Prepared, profile: _ProfileFirst
+    ) -> SendMessageInput:
+        """``profile_first_template``: the profile looked up (best effort, as
+        ``_look_up_profile``) and the template rendered for the contact."""
+        profile.looked_up, profile.text = True, input.text
+        creds = prepared.creds
+        if creds.platform == "telegram" or prepared.contact is None:
+            return input
+        client = self.instagram if creds.platform == "instagram" else self.graph
+        try:
+            names = await asyncio.wait_for(self._get_profile_with_retry(client, creds, input), PROFILE_LOOKUP)
+        except PlatformError as err:
+            log.info("profile lookup failed: %s", to_application_error(err, engine=self.engine, channel_id=input.channel_id).type)
+            return input
+        except TimeoutError:
+            log.info("profile lookup failed: TimeoutError")
+            return input
+        profile.names = names
+        profile.contact = snapshot(SimpleNamespace(**with_names(prepared.contact, names)))
+        input = self._rendered_for(input, profile.contact)
+        profile.text = input.text
+        return input
 
     @staticmethod
     def _rendered_for(input: SendMessageInput, contact: ContactSnapshot) -> SendMessageInput:
@@ -303,10 +360,10 @@ class MessagingActivities:
     async def _look_up_profile(
         self, input: SendMessageInput, creds: ChannelCredentials | None
     ) -> ContactSnapshot | None:
-        """The contact's profile, before or after the send. Best effort: a
-        failure is logged (an invalid token still marks the channel), never
-        raised, and the lookup gets at most PROFILE_LOOKUP seconds so the
-        send's own timeout is never at stake."""
+        """``then_fetch_profile``: the contact's profile once the message is
+        out, saved. Best effort: a failure is logged (an invalid token still
+        marks the channel), never raised, and the lookup gets at most
+        PROFILE_LOOKUP seconds so the send's own timeout is never at stake."""
         try:
             if creds is None:  # the send was found recorded already
                 creds = await asyncio.to_thread(
@@ -315,7 +372,8 @@ class MessagingActivities:
             if creds.platform == "telegram":
                 return None
             client = self.instagram if creds.platform == "instagram" else self.graph
-            return await asyncio.wait_for(self._look_up_with_retry(client, creds, input), PROFILE_LOOKUP)
+            names = await asyncio.wait_for(self._get_profile_with_retry(client, creds, input), PROFILE_LOOKUP)
+            return await asyncio.to_thread(apply_profile, self.engine, input.contact_id, names)
         except PlatformError as err:
             failure = to_application_error(err, engine=self.engine, channel_id=input.channel_id)
             log.info("profile lookup failed: %s", failure.type)
@@ -372,27 +430,30 @@ class MessagingActivities:
             activity.heartbeat(index + 1, result.sent, result.failed, result.skipped)
         return result
 
-    async def _look_up_with_retry(
+    async def _get_profile_with_retry(
         self, client: GraphClient, creds: ChannelCredentials, input: SendMessageInput
-    ) -> ContactSnapshot | None:
+    ) -> dict[str, str]:
         """Two attempts, as the ``fetch_profile`` activity's retry policy gives."""
         for attempt in range(PROFILE_ATTEMPTS):
             try:
-                return await look_up_profile(self.engine, client, creds, input.contact_id, input.recipient_id)
+                return await get_profile(client, creds, input.recipient_id)
             except PlatformError as err:
                 if not err.retryable or attempt + 1 == PROFILE_ATTEMPTS:
                     raise
             await asyncio.sleep(PROFILE_RETRY_SECONDS)
-        return None
+        raise AssertionError("unreachable")
 
     async def _send(self, input: SendMessageInput) -> SendMessageResult:
         return (await self._send_with_credentials(input))[0]
 
     async def _send_with_credentials(
-        self, input: SendMessageInput
+        self, input: SendMessageInput, profile: _ProfileFirst | None = None
     ) -> tuple[SendMessageResult, ChannelCredentials | None]:
         """Send one message to a contact; also returns the channel's
-        credentials (None when the send was found recorded already).
+        credentials (None when the send was found recorded already). With
+        ``profile``, the message is rendered for the contact's profile
+        (looked up once the checks passed) and their names are recorded
+        with the send.
 
         Before calling the platform, the idempotency record is checked: an
         attempt that finds a recorded platform message id returns it without
@@ -406,6 +467,8 @@ class MessagingActivities:
         if isinstance(prepared, SendMessageResult):
             return prepared, None
         creds = prepared.creds
+        if profile is not None:
+            input = await self._render_for_profile(input, prepared, profile)
         await self._take_rate_budget(prepared.budgets, prepared.reservation)
         # The log orders by the moment we asked the platform to deliver, not
         # when its answer came back (the person may already be replying).
@@ -424,7 +487,8 @@ class MessagingActivities:
                 message_id = await client.send_message(creds.external_id, creds.token, body)
         except PlatformError as err:
             raise to_application_error(err, engine=self.engine, channel_id=input.channel_id) from None
-        await asyncio.to_thread(self._record_send, input, creds, message_id, sent_at)
+        names = profile.names if profile is not None else None
+        await asyncio.to_thread(self._record_send, input, creds, message_id, sent_at, names)
         return SendMessageResult(platform_message_id=message_id), creds
 
     @activity.defn(name="acknowledge_callback")

@@ -38,7 +38,8 @@ CHANNELS, CONTACTS, MESSAGES, RUNS = Channel.__table__, Contact.__table__, Messa
 AUTOMATIONS = Automation.__table__
 
 
-def snapshot(contact: Contact, *, is_new: bool = False) -> ContactSnapshot:
+def snapshot(contact: Contact | SimpleNamespace, *, is_new: bool = False) -> ContactSnapshot:
+    """The workflow's view of a contact (an ORM row, or a Core row's values)."""
     return ContactSnapshot(
         id=contact.id,
         external_id=contact.external_id,

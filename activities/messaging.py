@@ -80,11 +80,11 @@ PROFILE_RETRY_SECONDS = 0.3
 @dataclass
 class _Prepared:
     """A send cleared to go: credentials, its budgets and the answer of their
-    first reservation ``(now, wait, key)``."""
+    first reservation ``(now, wait, key)``, if made."""
 
     creds: ChannelCredentials
     budgets: list[Budget]
-    reservation: tuple[float, float, str]
+    reservation: tuple[float, float, str] | None  # None: not reserved yet
     contact: dict | None = None  # the contact's row (Meta DMs: read for the window check)
 
 
@@ -155,7 +155,8 @@ class MessagingActivities:
         """The checks before a send, in one trip to the database thread: the
         recorded result when this idempotency key was sent already, else the
         channel's credentials once the messaging window allows the send, with
-        the first reservation of its rate budgets made."""
+        the first reservation of its rate budgets made (unless a profile
+        lookup comes before the send)."""
         with self.engine.connect() as conn:
             sent_id = conn.execute(
                 select(SEND_RECORDS.c.platform_message_id).where(
@@ -182,6 +183,10 @@ class MessagingActivities:
             human=input.human_agent,
             settings=self.settings,
         )
+        if input.profile_first_template:
+            # The profile lookup comes first: a cell booked now could be
+            # used late, so the budgets are reserved after it.
+            return _Prepared(creds, budgets, None, contact)
         now = time.time()
         wait, key = self.limiter.reserve(budgets, now, max_wait=RATE_WAIT_INLINE)
         return _Prepared(creds, budgets, (now, wait, key), contact)

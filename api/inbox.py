@@ -104,14 +104,13 @@ class InboxWriter:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._pending: list[tuple[list[tuple[Channel, InboundEvent]], asyncio.Future]] = []
-        self._writing = False
+        self._writing: asyncio.Future | None = None
 
     async def store(self, routed: list[tuple[Channel, InboundEvent]]) -> list[int]:
         future = asyncio.get_running_loop().create_future()
         self._pending.append((routed, future))
-        if not self._writing:
-            self._writing = True
-            asyncio.ensure_future(self._write())
+        if self._writing is None:
+            self._writing = asyncio.ensure_future(self._write())  # kept: the loop holds tasks weakly
         return await future
 
     async def _write(self) -> None:
@@ -129,7 +128,7 @@ class InboxWriter:
                     if not future.done():
                         future.set_result(ids)
         finally:
-            self._writing = False
+            self._writing = None
 
 
 def _event(data: dict) -> InboundEvent:

@@ -59,7 +59,8 @@ class Settings(BaseSettings):
     # How long a webhook waits for Temporal to take its events before it
     # keeps them in the inbox and answers 200 anyway (the signal goes on; its
     # inbox rows are deleted once it lands). Keeps the answer prompt while
-    # Temporal is busy.
+    # Temporal is busy; while its recent signals (a moving average) took
+    # longer than this, the webhook does not wait at all.
     webhook_ack_wait_ms: int = Field(10, ge=0)
     http_timeout_seconds: float = 15.0
     # Automated Instagram/Messenger DMs per connected account per hour (a

@@ -425,7 +425,14 @@ async def test_telegram_bot_sends_at_most_30_per_second(stack):
     assert max_in_window(at, 0.9) <= 30
 
 
-async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(stack):
+@pytest.mark.parametrize(
+    "text",
+    ["within budget", "Hi {{contact.first_name | there}}, within budget"],
+    ids=["plain", "greeting-after-profile-lookup"],
+)
+async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(stack, text):
+    """Each send takes one cell of the hourly budget, also a greeting whose
+    send looks the profile up first (its cells are booked after the lookup)."""
     from workers.main import build_worker
 
     low = stack.settings.model_copy(update={"automated_dm_per_hour": 6})  # 3 at once, then 1 per 1200 s
@@ -437,7 +444,7 @@ async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(sta
         channel, account_id, _ = await connect_instagram(stack, tenant)
         automation = await create_automation(
             stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["budget"]},
-            [{"id": "a", "type": "send_message", "text": "within budget"}],
+            [{"id": "a", "type": "send_message", "text": text}],
         )
         people = [new_sender() for _ in range(5)]
         for person in people:

@@ -73,6 +73,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def telegram_send_error(base_url: str, timeout: float = 5) -> PlatformError:
+    """The PlatformError of one sendMessage through the worker's client."""
+    http = AiohttpClient(timeout)
+    try:
+        with pytest.raises(PlatformError) as info:
+            await TelegramClient(http, base_url).send_message(TG_TOKEN, {"chat_id": 1, "text": "x"})
+    finally:
+        await http.aclose()
+    return info.value
+
+
 def assert_no_secret(err: BaseException, secret: str) -> None:
     text = "".join(traceback.format_exception(err))
     assert secret not in text and secret not in repr(err)
@@ -112,45 +123,24 @@ async def test_telegram_token_path_and_retry_after_from_a_real_response() -> Non
         429, {"ok": False, "error_code": 429, "description": "Too Many Requests"}, {"Retry-After": "7"}
     )
     async with RawServer(lambda line, body: throttled) as srv:
-        http = AiohttpClient(5)
-        try:
-            with pytest.raises(PlatformError) as info:
-                await TelegramClient(http, f"http://127.0.0.1:{srv.port}").send_message(
-                    TG_TOKEN, {"chat_id": 1, "text": "x"}
-                )
-        finally:
-            await http.aclose()
+        error = await telegram_send_error(f"http://127.0.0.1:{srv.port}")
     assert srv.requests[0][0] == f"POST /bot{TG_TOKEN}/sendMessage HTTP/1.1"
-    assert info.value.kind == "throttled" and info.value.retry_after == 7
-    assert_no_secret(info.value, TG_TOKEN)
+    assert error.kind == "throttled" and error.retry_after == 7
+    assert_no_secret(error, TG_TOKEN)
 
 
 async def test_refused_connection_is_unavailable_without_the_url() -> None:
-    http = AiohttpClient(5)
-    try:
-        with pytest.raises(PlatformError) as info:
-            await TelegramClient(http, f"http://127.0.0.1:{free_port()}").send_message(
-                TG_TOKEN, {"chat_id": 1, "text": "x"}
-            )
-    finally:
-        await http.aclose()
-    assert info.value.kind == "unavailable" and info.value.retryable
-    assert "network error" in str(info.value)
-    assert_no_secret(info.value, TG_TOKEN)
+    error = await telegram_send_error(f"http://127.0.0.1:{free_port()}")
+    assert error.kind == "unavailable" and error.retryable
+    assert "network error" in str(error)
+    assert_no_secret(error, TG_TOKEN)
 
 
 async def test_a_silent_server_times_out() -> None:
     async with RawServer(lambda line, body: None) as srv:
-        http = AiohttpClient(0.3)
-        try:
-            with pytest.raises(PlatformError) as info:
-                await TelegramClient(http, f"http://127.0.0.1:{srv.port}").send_message(
-                    TG_TOKEN, {"chat_id": 1, "text": "x"}
-                )
-        finally:
-            await http.aclose()
-    assert info.value.kind == "unavailable" and "timed out" in str(info.value)
-    assert_no_secret(info.value, TG_TOKEN)
+        error = await telegram_send_error(f"http://127.0.0.1:{srv.port}", timeout=0.3)
+    assert error.kind == "unavailable" and "timed out" in str(error)
+    assert_no_secret(error, TG_TOKEN)
 
 
 async def test_a_connection_closed_mid_response_is_unavailable() -> None:

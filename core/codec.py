@@ -231,8 +231,9 @@ class DataclassJSONEncoder(AdvancedJSONEncoder):
     """The SDK's JSON encoder with dataclasses turned into dicts one level at
     a time (``json`` comes back here for the nested ones). The SDK calls
     ``dataclasses.asdict``, which deep-copies every nested list and dict
-    first: ~9 % of the worker's CPU per DM (py-spy). Same JSON: the payload
-    converter sorts keys, and every value is encoded as before."""
+    first (py-spy, a burst: the encoder's ``default`` from 3.6 % of the
+    worker's CPU to 0.7 %). Same JSON: the payload converter sorts keys, and
+    every value is encoded as before."""
 
     def default(self, o: typing.Any) -> typing.Any:
         names = _dataclass_names(type(o))

@@ -64,75 +64,119 @@ def _active_automations(conn: Connection, channel_id: str) -> list[AutomationSna
     return [AutomationSnapshot(id=a.id, version=a.version, name=a.name, definition=a.definition) for a in rows]
 
 
+# Events that open Meta's messaging window (a comment does not).
+WINDOW_KINDS = ("message", "postback", "referral", "story_mention")
+
+
+def record_inbound_event(engine: Engine, input: RecordInboundInput) -> RecordInboundResult:
+    """Log an inbound event, create or refresh its contact, and return the
+    channel's active automations for trigger matching (the database half of
+    the ``record_inbound`` activity, on the worker's thread pool).
+
+    The message row is unique per (channel, platform event id): a
+    redelivered event comes back ``duplicate=True`` and nothing runs. A row
+    written by the same ``recorder`` is this event's own earlier attempt (the
+    worker stopped after the commit, before Temporal had the result): it is
+    answered as it was then, so a crash never drops the reply. One
+    transaction of Core statements (this runs for every event; the ORM's
+    unit of work cost about twice as much CPU).
+    """
+    ev = input.event
+    now = utcnow()
+    try:
+        with engine.begin() as conn:
+            status = conn.execute(select(CHANNELS.c.status).where(CHANNELS.c.id == input.channel_id)).scalar()
+            if status != "active":
+                return RecordInboundResult(duplicate=False, channel_active=False)
+            row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
+            is_new = row is None
+            has_previous = bool(row and row["last_inbound_at"])
+            contact = dict(row) if row is not None else {
+                "id": input.contact_id, "workspace_id": input.workspace_id, "channel_id": input.channel_id,
+                "external_id": ev.sender_id, "first_name": "", "last_name": "", "username": "", "tags": [],
+                "fields": {}, "human_takeover": False, "processing_restricted": False,
+                "consent_withdrawn": False, "last_inbound_at": None, "created_at": now,
+            }
+            changes: dict = {"updated_at": now}
+            for attr in ("first_name", "last_name", "username"):
+                value = getattr(ev, attr)
+                if value:
+                    changes[attr] = value
+            if ev.kind in WINDOW_KINDS:
+                changes["last_inbound_at"] = now
+            contact.update(changes)
+            if is_new:
+                conn.execute(CONTACTS.insert(), contact)
+            else:
+                conn.execute(CONTACTS.update().where(CONTACTS.c.id == input.contact_id).values(changes))
+            conn.execute(
+                MESSAGES.insert(),
+                {
+                    "workspace_id": input.workspace_id,
+                    "channel_id": input.channel_id,
+                    "contact_id": input.contact_id,
+                    "direction": "in",
+                    "kind": ev.kind,
+                    "text": ev.text,
+                    "payload": ev.payload or ev.ref,
+                    "platform_event_id": ev.event_id,
+                    "run_id": "",
+                    "recorded_by": input.recorder,
+                    "created_at": datetime.fromtimestamp(ev.timestamp_ms / 1000, UTC) if ev.timestamp_ms else now,
+                },
+            )
+            automations = _active_automations(conn, input.channel_id)
+    except IntegrityError:
+        retried = _own_earlier_record(engine, input)
+        if retried is not None:
+            return retried
+        EVENTS_DEDUPLICATED.inc()
+        return RecordInboundResult(duplicate=True)
+    return RecordInboundResult(
+        duplicate=False,
+        contact=snapshot(SimpleNamespace(**contact), is_new=is_new),
+        automations=automations,
+        has_previous_inbound=has_previous,
+    )
+
+
+def _own_earlier_record(engine: Engine, input: RecordInboundInput) -> RecordInboundResult | None:
+    """The answer to the event when this recorder wrote its row already:
+    the contact as it is, and whether it was new then (no message of the
+    contact before this one) or had written before (an earlier inbound
+    message that opens the window). None for a real redelivery."""
+    if not input.recorder:
+        return None
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(MESSAGES.c.id, MESSAGES.c.recorded_by).where(
+                MESSAGES.c.channel_id == input.channel_id,
+                MESSAGES.c.platform_event_id == input.event.event_id,
+            )
+        ).first()
+        if row is None or row.recorded_by != input.recorder:
+            return None
+        status = conn.execute(select(CHANNELS.c.status).where(CHANNELS.c.id == input.channel_id)).scalar()
+        contact = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
+        if status != "active" or contact is None:
+            return RecordInboundResult(duplicate=False, channel_active=status == "active")
+        earlier = conn.execute(
+            select(MESSAGES.c.direction, MESSAGES.c.kind).where(
+                MESSAGES.c.contact_id == input.contact_id, MESSAGES.c.id < row.id
+            )
+        ).all()
+        automations = _active_automations(conn, input.channel_id)
+    return RecordInboundResult(
+        duplicate=False,
+        contact=snapshot(SimpleNamespace(**contact), is_new=not earlier),
+        automations=automations,
+        has_previous_inbound=any(m.direction == "in" and m.kind in WINDOW_KINDS for m in earlier),
+    )
+
+
 class CrmActivities:
     def __init__(self, engine: Engine):
         self.engine = engine
-
-    @activity.defn(name="record_inbound")
-    def record_inbound(self, input: RecordInboundInput) -> RecordInboundResult:
-        """Log an inbound event, create or refresh its contact, and return the
-        channel's active automations for trigger matching.
-
-        The message row is unique per (channel, platform event id): a
-        redelivered event comes back ``duplicate=True`` and nothing runs.
-        One transaction of Core statements (this runs for every event; the
-        ORM's unit of work cost about twice as much CPU).
-        """
-        ev = input.event
-        now = utcnow()
-        try:
-            with self.engine.begin() as conn:
-                status = conn.execute(select(CHANNELS.c.status).where(CHANNELS.c.id == input.channel_id)).scalar()
-                if status != "active":
-                    return RecordInboundResult(duplicate=False, channel_active=False)
-                row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
-                is_new = row is None
-                has_previous = bool(row and row["last_inbound_at"])
-                contact = dict(row) if row is not None else {
-                    "id": input.contact_id, "workspace_id": input.workspace_id, "channel_id": input.channel_id,
-                    "external_id": ev.sender_id, "first_name": "", "last_name": "", "username": "", "tags": [],
-                    "fields": {}, "human_takeover": False, "processing_restricted": False,
-                    "consent_withdrawn": False, "last_inbound_at": None, "created_at": now,
-                }
-                changes: dict = {"updated_at": now}
-                for attr in ("first_name", "last_name", "username"):
-                    value = getattr(ev, attr)
-                    if value:
-                        changes[attr] = value
-                # Events that open Meta's messaging window (a comment does not).
-                if ev.kind in ("message", "postback", "referral", "story_mention"):
-                    changes["last_inbound_at"] = now
-                contact.update(changes)
-                if is_new:
-                    conn.execute(CONTACTS.insert(), contact)
-                else:
-                    conn.execute(CONTACTS.update().where(CONTACTS.c.id == input.contact_id).values(changes))
-                conn.execute(
-                    MESSAGES.insert(),
-                    {
-                        "workspace_id": input.workspace_id,
-                        "channel_id": input.channel_id,
-                        "contact_id": input.contact_id,
-                        "direction": "in",
-                        "kind": ev.kind,
-                        "text": ev.text,
-                        "payload": ev.payload or ev.ref,
-                        "platform_event_id": ev.event_id,
-                        "run_id": "",
-                        "created_at": datetime.fromtimestamp(ev.timestamp_ms / 1000, UTC) if ev.timestamp_ms else now,
-                    },
-                )
-        except IntegrityError:
-            EVENTS_DEDUPLICATED.inc()
-            return RecordInboundResult(duplicate=True)
-        with self.engine.connect() as conn:
-            automations = _active_automations(conn, input.channel_id)
-        return RecordInboundResult(
-            duplicate=False,
-            contact=snapshot(SimpleNamespace(**contact), is_new=is_new),
-            automations=automations,
-            has_previous_inbound=has_previous,
-        )
 
     @activity.defn(name="load_match_context")
     def load_match_context(self, input: RecordInboundInput) -> RecordInboundResult:

@@ -23,6 +23,7 @@ from activities.crm import (
     apply_profile,
     fill_names,
     get_profile,
+    record_inbound_event,
     snapshot,
     with_names,
     write_run,
@@ -35,7 +36,10 @@ from core.contracts import (
     BroadcastBatchInput,
     BroadcastBatchResult,
     ContactSnapshot,
+    FirstSend,
     PublicReplyInput,
+    RecordInboundInput,
+    RecordInboundResult,
     SendMessageInput,
     SendMessageResult,
 )
@@ -75,6 +79,33 @@ RATE_LATE_TOLERANCE = SEND_JITTER_BUDGET / 2
 PROFILE_LOOKUP = 5.0
 PROFILE_ATTEMPTS = 2
 PROFILE_RETRY_SECONDS = 0.3
+
+
+def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> tuple[str, str, SendMessageInput] | None:
+    """The conversation's routing of a recorded event, for ``first_reply``:
+    the run id, step id and send of the matched flow's opening message, or
+    None when the event starts nothing or the flow opens otherwise. The
+    conversation asked for it only when its own state forwards nothing."""
+    event, contact = input.event, record.contact
+    if record.duplicate or not record.channel_active or contact is None:
+        return None
+    if event.kind not in flowrt.TRIGGERING_KINDS or event.kind == "comment":
+        return None
+    if contact.processing_restricted or contact.consent_withdrawn or contact.human_takeover:
+        return None
+    automation = flowrt.select_automation(record.automations, event, is_first_message=not record.has_previous_inbound)
+    if automation is None:
+        return None
+    step, _, whole_flow = flowrt.leading_send(automation.definition.get("steps", []))
+    if step is None:
+        return None
+    run_id = flowrt.run_workflow_id(input.workspace_id, automation.id, contact.id, event.event_id)
+    send = flowrt.opening_send(
+        workspace_id=input.workspace_id, channel_id=input.channel_id, platform=input.platform, run_id=run_id,
+        automation=automation, contact=contact, step=step, whole_flow=whole_flow,
+        now_iso=datetime.now(UTC).isoformat(),
+    )
+    return run_id, step["id"], send
 
 
 @dataclass
@@ -309,6 +340,31 @@ class MessagingActivities:
                 db.commit()
             except IntegrityError:
                 db.rollback()
+
+    @activity.defn(name="record_inbound")
+    async def record_inbound(self, input: RecordInboundInput) -> RecordInboundResult:
+        """Record an inbound event (``record_inbound_event``) and, with
+        ``first_reply``, answer it: the event matched against the channel's
+        automations as the conversation matches it, and a flow that opens
+        with a message has it sent here (``send_message``, same input as the
+        conversation's own send would have) instead of by a second local
+        activity. One try, on the first attempt only: a failed send is
+        reported (``FirstSend.error_type``) and the run sends it durably; a
+        retried attempt leaves the send to the conversation."""
+        record = await asyncio.to_thread(record_inbound_event, self.engine, input)
+        if not input.first_reply or activity.info().attempt > 1:
+            return record
+        opening = first_reply_plan(input, record)
+        if opening is None:
+            return record
+        run_id, step_id, send = opening
+        try:
+            record.first_send = FirstSend(run_id=run_id, step_id=step_id, result=await self.send_message(send))
+        except Exception as err:  # noqa: BLE001 - reported; the run sends it with its retries
+            error_type = err.type if isinstance(err, ApplicationError) and err.type else type(err).__name__
+            log.info("first message left to the run: %s", error_type)
+            record.first_send = FirstSend(run_id=run_id, step_id=step_id, error_type=error_type)
+        return record
 
     @activity.defn(name="send_message")
     async def send_message(self, input: SendMessageInput) -> SendMessageResult:

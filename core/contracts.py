@@ -174,6 +174,26 @@ class RecordInboundInput:
     channel_id: str
     contact_id: str
     event: InboundEvent
+    # Who records the event (the conversation's run and the event's place in
+    # it): an attempt that finds the event recorded by the same recorder is
+    # a retry of its own (a worker crash after the commit), not a redelivery.
+    recorder: str = ""
+    # The conversation leaves the reply to this activity (nothing in the
+    # workflow's state stops one): it matches the triggers and, when the
+    # flow opens with a message, sends it (``RecordInboundResult.first_send``).
+    first_reply: bool = False
+    platform: str = ""
+
+
+@dataclass
+class FirstSend:
+    """The opening message of the matched flow, sent by ``record_inbound``
+    under the idempotency key of the run's own first send."""
+
+    run_id: str
+    step_id: str
+    result: SendMessageResult | None = None
+    error_type: str = ""  # the send failed: the run sends it durably
 
 
 @dataclass
@@ -183,6 +203,7 @@ class RecordInboundResult:
     automations: list[AutomationSnapshot] = field(default_factory=list)
     channel_active: bool = True
     has_previous_inbound: bool = False
+    first_send: FirstSend | None = None
 
 
 @dataclass

@@ -116,6 +116,9 @@ class Message(SQLModel, table=True):
     payload: str = ""
     platform_event_id: str | None = None  # inbound: mid / update id; outbound: platform message id
     run_id: str = ""
+    # Inbound: the conversation run (and the event's place in it) that
+    # recorded the row; its own retry after a crash is not a redelivery.
+    recorded_by: str = Field(default="", sa_column_kwargs={"server_default": ""})
     created_at: datetime = Field(default_factory=utcnow, index=True)
 
 

@@ -9,12 +9,22 @@ reads. Definitions arrive as plain dicts (the JSON that
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import unicodedata
 from typing import Any
 
-from core.contracts import AutomationSnapshot, Button, ContactSnapshot, InboundEvent, QuickReply
+from core.contracts import (
+    AutomationSnapshot,
+    Button,
+    ContactSnapshot,
+    InboundEvent,
+    QuickReply,
+    RecordRunInput,
+    SendMessageInput,
+    TrailEntry,
+)
 
 # {{ path }} or {{ path | fallback }}; no braces inside, so malformed templates stay as they are.
 PLACEHOLDER_RE = re.compile(r"\{\{\s*([^{}|]*?)\s*(?:\|\s*([^{}]*?)\s*)?\}\}")
@@ -546,3 +556,69 @@ def leading_send(steps: list[dict]) -> tuple[dict | None, bool, bool]:
 def uses_contact(template: str) -> bool:
     """True when the template reads the contact (name, fields)."""
     return any(m.group(1).strip().lower().startswith("contact.") for m in PLACEHOLDER_RE.finditer(template))
+
+
+# Events that can start an automation; of those, the ones that answer a run
+# waiting for input (a comment is not an answer to a DM question).
+TRIGGERING_KINDS = ("message", "postback", "comment", "story_mention", "referral")
+REPLY_KINDS = ("message", "postback")
+
+
+def run_workflow_id(workspace_id: str, automation_id: str, contact_id: str, event_id: str) -> str:
+    """The run's workflow id: one run per automation, contact and event."""
+    digest = hashlib.sha256(event_id.encode()).hexdigest()[:16]
+    return f"{workspace_id}/run/{automation_id}/{contact_id}/{digest}"
+
+
+def needs_profile(contact: ContactSnapshot, platform: str) -> bool:
+    """A new Meta contact whose name we do not have yet (Telegram gives the
+    name with every update)."""
+    return contact.is_new and not contact.first_name and platform != "telegram"
+
+
+def opening_send(
+    *,
+    workspace_id: str,
+    channel_id: str,
+    platform: str,
+    run_id: str,
+    automation: AutomationSnapshot,
+    contact: ContactSnapshot,
+    step: dict,
+    whole_flow: bool,
+    now_iso: str,
+) -> SendMessageInput:
+    """The send of a flow's opening message (``leading_send``), made before
+    the run starts, under the idempotency key of the run's own first send
+    (the run finds it sent). A new Meta contact's profile is looked up by the
+    send: first, with the message rendered for them, when it uses the
+    contact; else once it is out. A flow that is this one message is
+    recorded as completed with the send (``completes_run``)."""
+    profile_pending = needs_profile(contact, platform)
+    profile_template = step["text"] if profile_pending and uses_contact(step["text"]) else ""
+    text = render(step["text"], contact, {})
+    completes_run = None
+    if whole_flow:
+        completes_run = RecordRunInput(
+            run_id=run_id,
+            workspace_id=workspace_id,
+            channel_id=channel_id,
+            contact_id=contact.id,
+            automation_id=automation.id,
+            version=automation.version,
+            status="completed",
+            trail=[TrailEntry(step_id=step["id"], type="send_message", status="done", at=now_iso, detail=text[:200])],
+        )
+    return SendMessageInput(
+        channel_id=channel_id,
+        contact_id=contact.id,
+        recipient_id=contact.external_id,
+        idempotency_key=f"{run_id}/{step['id']}/1",
+        text=text,
+        quick_replies=quick_replies(step),
+        buttons=buttons(step),
+        run_id=run_id,
+        completes_run=completes_run,
+        then_fetch_profile=profile_pending and not profile_template,
+        profile_first_template=profile_template,
+    )

@@ -1182,7 +1182,7 @@ def test_buttons_and_quick_replies_from_json():
 def test_flowrt_imports_only_stdlib_and_contracts():
     """flowrt runs inside Temporal workflows: it must stay deterministic and sandbox-safe."""
     tree = ast.parse(Path(flowrt.__file__).read_text())
-    allowed = {"__future__", "re", "unicodedata", "math", "dataclasses", "typing", "core.contracts"}
+    allowed = {"__future__", "re", "unicodedata", "math", "hashlib", "dataclasses", "typing", "core.contracts"}
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):

@@ -33,6 +33,8 @@ REQUIRED = {
     "conversation_one_message_send_completes_run",  # the same, run recorded with the send
     "conversation_send_fetches_profile",  # a new contact's profile looked up by the first send
     "conversation_send_looks_up_profile_first",  # ... before it, the reply rendered with the name
+    "conversation_current_one_message",  # inbound-records-and-replies: the reply sent by record_inbound
+    "conversation_current_price_reply",  # ... and a run started, the answer forwarded to it
 }
 
 # The sandbox with its full runtime checks (workers/main.py workflow_runner).

@@ -45,6 +45,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.messaging import first_reply_plan
 from core import flowrt
 from core.contracts import (
     AUTOMATION_RUN_WORKFLOW,
@@ -62,6 +63,7 @@ from core.contracts import (
     ContactSnapshot,
     ConversationInput,
     DisconnectResult,
+    FirstSend,
     GenerateReplyInput,
     GenerateReplyResult,
     InboundEvent,
@@ -158,6 +160,7 @@ class Mocks:
         self.purged: list[PurgeDataInput] = []
         self.stopped: list[ChannelRef] = []
         # Behaviour switches.
+        self.reply_in_record = True  # record_inbound sends the reply when asked (as the real one)
         self.send_error: Exception | None = None
         self.send_failures = 0  # fail this many calls, then succeed
         self.ai_error: Exception | None = None
@@ -183,12 +186,22 @@ class Mocks:
         @activity.defn(name="record_inbound")
         async def record_inbound(input: RecordInboundInput) -> RecordInboundResult:
             self.inbound.append(input)
-            return RecordInboundResult(
+            record = RecordInboundResult(
                 duplicate=False,
                 contact=replace(self.contact),
                 automations=list(self.automations),
                 has_previous_inbound=len(self.inbound) > 1,
             )
+            # Like the real activity: the reply matched and sent right after
+            # the recording when the conversation leaves it to this activity.
+            opening = first_reply_plan(input, record) if input.first_reply and self.reply_in_record else None
+            if opening is not None:
+                run_id, step_id, send = opening
+                try:
+                    record.first_send = FirstSend(run_id, step_id, result=await send_message(send))
+                except ApplicationError as err:
+                    record.first_send = FirstSend(run_id, step_id, error_type=err.type or "ApplicationError")
+            return record
 
         @activity.defn(name="load_contact")
         async def load_contact(input: ContactRef) -> ContactSnapshot | None:
@@ -634,7 +647,7 @@ async def price_conversation(client: Client, *, record: bool = False) -> tuple[M
         state = await settled(conv, 2)
         if record:
             await maybe_save_history(client, run_id, "run_price_reply")
-        await close_conversation(client, conv, "conversation_price_reply" if record else "")
+        await close_conversation(client, conv, "conversation_current_price_reply" if record else "")
     assert state["active_run"] is None  # the run told its conversation it finished
     return mocks, result
 
@@ -646,6 +659,8 @@ async def test_reply_through_the_conversation_reaches_the_waiting_run(env):
     assert [u.set_fields for u in mocks.updates] == [{"email": "a@b.co"}]
     assert mocks.texts == [ASK, "Thanks! It is on its way to a@b.co."]
     assert len(mocks.inbound) == 2  # both messages recorded
+    # The answer to the waiting run is never matched by its recording.
+    assert [i.first_reply for i in mocks.inbound] == [True, False]
     runs = mocks.started_runs()
     assert len(runs) == 1 and len(set(runs)) == 1  # the reply did not start the catch-all
     assert [(s, st) for s, st in trail_pairs(result) if st != "waiting"] == [
@@ -726,21 +741,33 @@ async def test_redelivered_event_starts_exactly_one_run(env):
     assert len(mocks.inbound) == 1  # deduplicated in the workflow, before any database write
 
 
-async def test_a_one_message_flow_completes_inside_the_conversation(env):
+@pytest.mark.parametrize("sent_by", ["record_inbound", "send_message"])
+async def test_a_one_message_flow_completes_inside_the_conversation(env, sent_by):
     """Keyword -> one reply: sent from the conversation's task and recorded
-    as a completed run with its trail; no run workflow is started."""
+    as a completed run with its trail; no run workflow is started. The
+    recording local activity sends it; when it did not (a retried attempt),
+    a send_message local activity does: one message either way."""
     mocks = Mocks([automation("auto_menu", MENU_FLOW)])
+    mocks.reply_in_record = sent_by == "record_inbound"
     ws = new_workspace()
     async with running_worker(env.client, mocks) as tq:
         conv = await start_conversation(env.client, tq, ws, dm("mid.one", "menu please"))
         await settled(conv, 1)
-        await close_conversation(env.client, conv, "conversation_one_message_send_completes_run")
+        history = await conv.fetch_history()
+        await close_conversation(
+            env.client, conv, "conversation_current_one_message" if sent_by == "record_inbound" else ""
+        )
         run_id = run_workflow_id(ws, "auto_menu", CONTACT, "mid.one")
         with pytest.raises(RPCError):
             await env.client.get_workflow_handle(run_id).describe()
 
     assert mocks.texts == ["Here is the menu"]
-    assert [call.is_local for call in mocks.send_calls] == [True]
+    assert [(call.is_local, call.activity_type) for call in mocks.send_calls] == [(True, sent_by)]
+    # The history an operator reads: one marker per local activity (and one
+    # for the code path), nothing else between the signal and the reply.
+    markers = [e.marker_recorded_event_attributes.marker_name for e in history.events
+               if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED]
+    assert markers == ["core_patch", "core_local_activity"] + (["core_local_activity"] * (sent_by == "send_message"))
     (record,) = mocks.runs
     assert (record.run_id, record.status, record.automation_id) == (run_id, "completed", "auto_menu")
     assert [(t.step_id, t.type, t.status, t.detail) for t in record.trail] == [

@@ -7,18 +7,20 @@ row in the database), record it, then either hand it to the run that is
 waiting for input or match triggers and start an ``AutomationRun`` child.
 
 The reply does not wait for the child: when the matched flow opens with a
-message, this workflow sends it from the same workflow task (a local
-activity under the run's own idempotency key, so the run finds it sent) and
-then starts the child for the rest. A flow that is only that message is
-complete after the send: its run is recorded here and no child starts
-(``GET /v1/runs/{id}`` has its trail; the send is a marker in this
-workflow's history).
+message, it is sent from the same workflow task under the run's own
+idempotency key (the run finds it sent), then the child starts for the
+rest. When nothing in this workflow's state keeps the event from matching
+triggers, the ``record_inbound`` local activity matches and sends it right
+after recording the event (one local activity for the event and its reply;
+its result, a marker in this workflow's history, says what it sent);
+otherwise a ``send_message`` local activity does. A flow that is only that
+message is complete after the send: its run is recorded with it and no
+child starts (``GET /v1/runs/{id}`` has its trail).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections import deque
 
 from temporalio import workflow
@@ -37,6 +39,7 @@ with workflow.unsafe.imports_passed_through():
         ContactRef,
         ContactSnapshot,
         ConversationInput,
+        FirstSend,
         HumanMessageInput,
         HumanMessageResult,
         InboundEvent,
@@ -55,6 +58,7 @@ with workflow.unsafe.imports_passed_through():
         TrailEntry,
         UpdateContactInput,
     )
+    from core.flowrt import REPLY_KINDS, TRIGGERING_KINDS, run_workflow_id
     from workflows.common import (
         ACTIVITY_FAILURES,
         DB_RETRY,
@@ -70,16 +74,12 @@ with workflow.unsafe.imports_passed_through():
     )
 
 MAX_SEEN_EVENT_IDS = 1000
-# Events that can start an automation; of those, the ones that answer a run
-# waiting for input (a comment is not an answer to a DM question).
-TRIGGERING_KINDS = ("message", "postback", "comment", "story_mention", "referral")
-REPLY_KINDS = ("message", "postback")
 EVENTS_BEFORE_CONTINUE_AS_NEW = 2000
-
-
-def run_workflow_id(workspace_id: str, automation_id: str, contact_id: str, event_id: str) -> str:
-    digest = hashlib.sha256(event_id.encode()).hexdigest()[:16]
-    return f"{workspace_id}/run/{automation_id}/{contact_id}/{digest}"
+# Runs that start with this patch take the current path everywhere (one
+# marker instead of one per change; older runs keep the branches they took):
+# the reply is sent by ``record_inbound`` itself, and a new run starts
+# before the one it supersedes is cancelled.
+CURRENT_PATH = "inbound-records-and-replies"
 
 
 class _Returned:
@@ -106,6 +106,7 @@ class ConversationWorkflow:
         self._takeover = input.human_takeover
         self._handled = 0
         self._pending_acks: set[asyncio.Future] = set()
+        self._current = False  # CURRENT_PATH, decided when the run starts
 
     # -- signals and queries -------------------------------------------------
 
@@ -180,6 +181,7 @@ class ConversationWorkflow:
 
     @workflow.run
     async def run(self, input: ConversationInput) -> None:
+        self._current = workflow.patched(CURRENT_PATH)
         while True:
             await workflow.wait_condition(
                 lambda: bool(self._queue) or self._should_continue_as_new()
@@ -234,7 +236,17 @@ class ConversationWorkflow:
     async def _on_event(self, event: InboundEvent) -> None:
         if not self._remember(event.event_id):
             return
-        record = await self._contact_context("record_inbound", event)
+        # The reply can leave with the recording when nothing in this
+        # workflow's state keeps it from matching triggers (a human owns the
+        # conversation, a run waits for this answer).
+        first_reply = (
+            self._current
+            and event.kind in TRIGGERING_KINDS
+            and event.kind != "comment"
+            and not self._takeover
+            and not (event.kind in REPLY_KINDS and self._active is not None and self._active.accepting_input)
+        )
+        record = await self._contact_context("record_inbound", event, first_reply=first_reply)
         if record.duplicate or not record.channel_active or record.contact is None:
             return
         if event.callback_query_id:
@@ -248,7 +260,9 @@ class ConversationWorkflow:
         if record.channel_active and record.contact is not None:
             await self._route(event, record, may_forward=False)
 
-    async def _contact_context(self, activity_name: str, event: InboundEvent) -> RecordInboundResult:
+    async def _contact_context(
+        self, activity_name: str, event: InboundEvent, *, first_reply: bool = False
+    ) -> RecordInboundResult:
         return await workflow.execute_local_activity(
             activity_name,
             RecordInboundInput(
@@ -256,9 +270,12 @@ class ConversationWorkflow:
                 channel_id=self._input.channel_id,
                 contact_id=self._input.contact_id,
                 event=event,
+                recorder=f"{workflow.info().run_id}/{self._handled}",
+                first_reply=first_reply,
+                platform=self._input.platform,
             ),
             result_type=RecordInboundResult,
-            start_to_close_timeout=DB_TIMEOUT,
+            start_to_close_timeout=DB_TIMEOUT + SEND_TIMEOUT if first_reply else DB_TIMEOUT,
             retry_policy=DB_RETRY,
         )
 
@@ -283,9 +300,13 @@ class ConversationWorkflow:
         if automation is None:
             return
         accepting = False
-        if event.kind != "comment" and workflow.patched("send-first-step"):
+        if event.kind != "comment" and (self._current or workflow.patched("send-first-step")):
             run_id = run_workflow_id(self._input.workspace_id, automation.id, contact.id, event.event_id)
-            contact, accepting, whole_flow_sent = await self._send_first_step(run_id, automation, contact)
+            if self._current:
+                opening = self._send_opening(run_id, automation, contact, record.first_send)
+            else:
+                opening = self._send_first_step(run_id, automation, contact)
+            contact, accepting, whole_flow_sent = await opening
             if whole_flow_sent:
                 return
             reuse = WorkflowIDReusePolicy.ALLOW_DUPLICATE
@@ -307,7 +328,64 @@ class ConversationWorkflow:
         )
 
     def _needs_profile(self, contact: ContactSnapshot) -> bool:
-        return contact.is_new and not contact.first_name and self._input.platform != "telegram"
+        return flowrt.needs_profile(contact, self._input.platform)
+
+    async def _send_opening(
+        self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot, sent_early: FirstSend | None
+    ) -> tuple[ContactSnapshot, bool, bool]:
+        """The reply leaves before the run starts (CURRENT_PATH).
+
+        When the flow opens with a message, it is sent under the idempotency
+        key the run's own first send uses (``<run id>/<step id>/1``), so the
+        run finds it sent and only records it: by ``record_inbound`` already
+        (``sent_early``, for this run and step), else by a ``send_message``
+        local activity. One try: anything else (a closed window, a rate-limit
+        wait, a platform error) is left to the run, which sends durably with
+        its retries. A new Meta contact's profile is looked up by the send
+        (``flowrt.opening_send``). A flow that is this one message ends with
+        it: its run is recorded with the send and no run workflow starts.
+
+        Returns the contact for the run, whether the run must accept the
+        person's answer from its start (a wait_for_reply follows the message)
+        and whether the whole flow was sent (nothing left to start).
+        """
+        step, accepting, whole_flow = flowrt.leading_send(automation.definition.get("steps", []))
+        profile_pending = self._needs_profile(contact)
+        sent = False
+        if step is not None:
+            result: SendMessageResult | None = None
+            if sent_early is not None and sent_early.run_id == run_id and sent_early.step_id == step["id"]:
+                result = sent_early.result
+                if result is None:
+                    workflow.logger.info("first message left to the run: %s", sent_early.error_type)
+            else:
+                send = flowrt.opening_send(
+                    workspace_id=self._input.workspace_id, channel_id=self._input.channel_id,
+                    platform=self._input.platform, run_id=run_id, automation=automation, contact=contact,
+                    step=step, whole_flow=whole_flow, now_iso=workflow.now().isoformat(),
+                )
+                try:
+                    result = await workflow.execute_local_activity(
+                        "send_message",
+                        send,
+                        result_type=SendMessageResult,
+                        start_to_close_timeout=SEND_TIMEOUT,
+                        retry_policy=SINGLE_ATTEMPT,
+                    )
+                except ACTIVITY_FAILURES as err:
+                    workflow.logger.info("first message left to the run: %s", root_type(err) or type(err).__name__)
+            if result is not None:
+                sent = True
+                if result.profile_looked_up:
+                    profile_pending = False
+                    contact = result.contact or contact
+        if profile_pending:
+            contact = await self._fetch_profile(contact, local=True)
+        if sent and whole_flow:
+            # The run supersedes the previous one, as a started run would.
+            await self._supersede_active()
+            return contact, False, True
+        return contact, accepting, False
 
     async def _send_first_step(
         self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot
@@ -489,7 +567,7 @@ class ConversationWorkflow:
         # A new trigger supersedes a run that is not waiting for this person;
         # newer code cancels it only once the new run has really started (a
         # comment that already had its run must not cancel anything).
-        start_first = workflow.patched("start-before-supersede")
+        start_first = self._current or workflow.patched("start-before-supersede")
         if not start_first:
             await self._supersede_active()
         try:

@@ -181,7 +181,7 @@ def erasure_jobs(stack, target_prefix: str) -> list[ErasureJob]:
 
 
 def target_prefix(user_id: str) -> str:
-    return f"meta-user:{hashlib.sha256(user_id.encode()).hexdigest()[:16]}"
+    return f"meta-user:{hmac.new(APP_SECRET.encode(), f'meta-user:{user_id}'.encode(), hashlib.sha256).hexdigest()[:16]}"
 
 
 async def test_deauthorize_disconnects_the_users_channels(stack):
@@ -259,6 +259,8 @@ async def test_data_deletion_starts_erasure_and_gives_a_status_page(stack):
         assert job.scope == "channels" and job.source == "meta_data_deletion"
         assert job.workspace_id == tenant.workspace_id and job.target.startswith(prefix)
         assert user_id not in job.target
+        # Keyed: a plain hash of the id (matchable against a list of known ids) is not kept either.
+        assert hashlib.sha256(user_id.encode()).hexdigest()[:16] not in job.target
 
     # The status page: HTML for the person, JSON on request; no personal data.
     path = body["url"].removeprefix(stack.settings.public_url)

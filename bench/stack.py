@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import httpx
 
 from core.settings import SEARCH_ATTRIBUTES
 from core.temporal import dev_server_args
+from workers.devstack import accepts, poll_until
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -83,14 +83,6 @@ def free_ports(count: int, exclude: set[int] | None = None) -> list[int]:
         if port not in (exclude or set()):
             ports.add(port)
     return list(ports)
-
-
-def accepts(port: int) -> bool:
-    try:
-        with socket.create_connection((HOST, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -203,17 +195,7 @@ class Stack:
                 raise StackError(f"{name} exited with code {proc.returncode}:\n{tail}")
 
     def wait_until(self, what: str, ready, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check()
-            try:
-                if ready():
-                    return
-            except (OSError, httpx.HTTPError, subprocess.SubprocessError):
-                pass
-            if time.monotonic() > deadline:
-                raise StackError(f"{what} was not ready within {timeout:g} s")
-            time.sleep(0.2)
+        poll_until(what, ready, self.check, StackError, timeout, interval=0.2)
 
     def start(self, log=print) -> None:
         self.src = self.snapshot()

@@ -93,3 +93,36 @@ async def test_story_mention_and_ref_link_trigger_their_automations(stack):
     fan_contact = next(c for c in contacts if c["external_id"] == fan)
     log = (await stack.api.get(f"/v1/contacts/{fan_contact['id']}/messages", headers=tenant.headers)).json()
     assert log["data"][-1]["kind"] == "story_mention"
+
+
+async def test_a_commenters_conversation_yields_to_a_dm_senders_when_tasks_back_up(stack):
+    """Task queue priority: a conversation a comment starts (and its runs and
+    activities, which inherit it) runs at bulk priority, one a DM starts at
+    the conversational one, so a post drawing thousands of comments does not
+    hold up other people's DMs in Temporal's queues."""
+    from core.contracts import contact_id_for, conversation_workflow_id
+    from workflows.common import BULK_PRIORITY, CONVERSATION_PRIORITY
+
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "comment", "media_ids": ["media_p"]},
+        [{"id": "dm", "type": "send_message", "text": "Here is the link"}],
+    )
+    commenter, writer = new_sender(), new_sender()
+    await post_meta(stack, payloads.instagram_comment(account_id, commenter, "link?", media_id="media_p",
+                                                      comment_id="c_p1"))
+    await send_dm(stack, account_id, writer, "hello")
+
+    async def priority_of(person: str) -> int:
+        contact = contact_id_for(channel["id"], person)
+        handle = stack.client.get_workflow_handle(conversation_workflow_id(tenant.workspace_id, channel["id"], contact))
+        return (await handle.describe()).raw_description.workflow_execution_info.priority.priority_key
+
+    assert await wait_for(lambda: private_replies(stack, "c_p1"))  # the comment's run answered
+    assert await priority_of(commenter) == BULK_PRIORITY.priority_key == 4
+    assert await priority_of(writer) == CONVERSATION_PRIORITY.priority_key == 2
+    run = [wf async for wf in stack.client.list_workflows(f"ContactId = '{contact_id_for(channel['id'], commenter)}'"
+                                                           " AND WorkflowType = 'AutomationRun'")]
+    assert run and (await stack.client.get_workflow_handle(run[0].id).describe()
+                    ).raw_description.workflow_execution_info.priority.priority_key == 4  # inherited

@@ -96,17 +96,7 @@ class Stack:
                 raise StartupError(f"{name} exited unexpectedly with code {proc.returncode}")
 
     def wait_until(self, what: str, ready, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            self.check()
-            try:
-                if ready():
-                    return
-            except (OSError, httpx.HTTPError, subprocess.SubprocessError):
-                pass
-            if time.monotonic() > deadline:
-                raise StartupError(f"{what} was not ready within {timeout:g} s")
-            time.sleep(0.25)
+        poll_until(what, ready, self.check, StartupError, timeout, interval=0.25)
 
     def stop_all(self) -> None:
         self.stopping.set()
@@ -134,9 +124,30 @@ def port_free(port: int) -> bool:
     return True
 
 
+def poll_until(what: str, ready, check, error: type[Exception], timeout: float, interval: float) -> None:
+    """Try ``ready()`` until it is true (a refused connection or a failed
+    command counts as not yet), ``check()`` first each time; ``error`` after
+    ``timeout`` seconds. Shared with the bench's stack (bench/stack.py)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        check()
+        try:
+            if ready():
+                return
+        except (OSError, httpx.HTTPError, subprocess.SubprocessError):
+            pass
+        if time.monotonic() > deadline:
+            raise error(f"{what} was not ready within {timeout:g} s")
+        time.sleep(interval)
+
+
 def accepts(port: int) -> bool:
-    with socket.create_connection((HOST, port), timeout=1):
-        return True
+    """Something listens on the loopback port."""
+    try:
+        with socket.create_connection((HOST, port), timeout=1):
+            return True
+    except OSError:
+        return False
 
 
 def http_ok(url: str) -> bool:

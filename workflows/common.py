@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import (
+    Priority,
+    RetryPolicy,
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+)
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
 WORKSPACE_ID = SearchAttributeKey.for_keyword("WorkspaceId")
@@ -28,6 +34,15 @@ def search_attributes(
             pairs.append(SearchAttributePair(key, value))
     return TypedSearchAttributes(pairs)
 
+
+# Task priorities (Temporal task queue priority, 1 first .. 5 last; 3 when
+# unset): when tasks back up, a person's conversation goes ahead of bulk
+# work. A conversation takes the priority of the event that starts it: a
+# DM, postback, referral or story reply 2; a comment 4 (a post that draws
+# thousands of comments in a minute must not hold up other people's DMs).
+# Broadcasts 4. Child runs and activities inherit their workflow's.
+CONVERSATION_PRIORITY = Priority(priority_key=2)
+BULK_PRIORITY = Priority(priority_key=4)
 
 # Database writes: fast, retried a few times, then the workflow task fails
 # and Temporal retries it.

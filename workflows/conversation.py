@@ -390,7 +390,9 @@ class ConversationWorkflow:
     async def _send_first_step(
         self, run_id: str, automation: AutomationSnapshot, contact: ContactSnapshot
     ) -> tuple[ContactSnapshot, bool, bool]:
-        """The reply leaves from this workflow task, not after a child start.
+        """Runs started before CURRENT_PATH (``_send_opening`` otherwise):
+        kept as it was, so their histories replay. The reply leaves from
+        this workflow task, not after a child start.
 
         When the flow opens with a message, it is sent here by a local
         activity under the idempotency key the run's own first send uses

@@ -14,7 +14,7 @@ from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from core.audit import audit
 from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress, broadcast_workflow_id
 from core.db import Broadcast, Channel, count_sends, new_id
-from workflows.common import search_attributes
+from workflows.common import BULK_PRIORITY, search_attributes
 
 router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
 
@@ -116,6 +116,7 @@ async def create_broadcast(
         id=workflow_id(b),
         task_queue=settings.task_queue,
         search_attributes=search_attributes(workspace.id, channel.id, platform=channel.platform),
+        priority=BULK_PRIORITY,  # yields to conversations when tasks back up
     )
     return public(b)
 

@@ -46,6 +46,11 @@ def _conversation_start(
     }
 
 
+def priority_of(arg: object) -> Priority:
+    """The task priority of the conversation an event (or API call) starts."""
+    return BULK_PRIORITY if isinstance(arg, InboundEvent) and arg.kind == "comment" else CONVERSATION_PRIORITY
+
+
 async def signal_conversation(
     client: Client,
     task_queue: str,
@@ -56,10 +61,7 @@ async def signal_conversation(
 ) -> str:
     """Signal-with-start the contact's conversation; returns its workflow id.
     A conversation a comment starts runs at bulk priority."""
-    bulk = isinstance(arg, InboundEvent) and arg.kind == "comment"
-    start = _conversation_start(
-        task_queue, channel, contact_external_id, BULK_PRIORITY if bulk else CONVERSATION_PRIORITY
-    )
+    start = _conversation_start(task_queue, channel, contact_external_id, priority_of(arg))
     await client.start_workflow(
         start.pop("workflow"),
         start.pop("arg"),

@@ -5,8 +5,10 @@ webhooks in flight), the webhook stores it (unique per channel and platform
 event id) and still answers 200 at once, so the platform does
 not retry for 36 hours against an outage we can absorb and the answer never
 waits for Temporal's backlog. The relay drains the inbox with
-signal-with-start as soon as it is woken (or every second), oldest first,
-one contact's events in order, several contacts at a time. While the inbox
+signal-with-start as soon as it is woken (or every second), oldest first
+but conversations' events before comments (a burst of comments does not
+hold up other people's DMs), one contact's events in order, several
+contacts at a time. While the inbox
 holds events, webhooks store theirs too (``app.state.inbox_backlog``), so a
 contact's later event never overtakes an earlier stored one. Relaying twice
 is harmless: conversations dedupe by event id.
@@ -29,7 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 from temporalio.service import RPCError
 
-from api.dispatch import signal_conversation
+from api.dispatch import priority_of, signal_conversation
 from core.contracts import Attachment, InboundEvent, contact_id_for
 from core.db import Channel, InboxEvent, utcnow
 
@@ -37,7 +39,7 @@ log = logging.getLogger("vectory.inbox")
 INBOX = InboxEvent.__table__
 
 RELAY_INTERVAL_SECONDS = 1.0
-RELAY_BATCH = 500
+RELAY_BATCH = 100
 RELAY_CONTACTS_IN_PARALLEL = 16
 # The relay shares the API's event loop with the webhooks it must not slow
 # down: before each signal it checks that the loop turns around within
@@ -57,6 +59,7 @@ def _rows(routed: list[tuple[Channel, InboundEvent]]) -> list[dict]:
             "event_id": event.event_id,
             "event": asdict(event),
             "created_at": now,
+            "priority": priority_of(event).priority_key,
         }
         for channel, event in routed
     ]
@@ -187,8 +190,23 @@ async def _after_webhooks() -> None:
 
 
 def _load(engine: Engine) -> list[InboxEvent]:
+    """The next rows to relay, contact by contact: the contacts of the first
+    RELAY_BATCH rows by priority (conversations' events before comments),
+    then oldest first, each with all its rows in order (an earlier comment
+    of the same person comes along before their DM)."""
     with Session(engine) as db:
-        return list(db.exec(select(InboxEvent).order_by(col(InboxEvent.id)).limit(RELAY_BATCH)).all())
+        firsts = db.exec(
+            select(InboxEvent.contact_id).order_by(col(InboxEvent.priority), col(InboxEvent.id)).limit(RELAY_BATCH)
+        ).all()
+        contacts = list(dict.fromkeys(firsts))
+        if not contacts:
+            return []
+        rows = db.exec(
+            select(InboxEvent).where(col(InboxEvent.contact_id).in_(contacts)).order_by(col(InboxEvent.id))
+            .limit(2 * RELAY_BATCH)
+        ).all()
+    place = {contact: i for i, contact in enumerate(contacts)}
+    return sorted(rows, key=lambda row: (place[row.contact_id], row.id))
 
 
 def _channels(engine: Engine, ids: set[str]) -> dict[str, Channel]:

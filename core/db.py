@@ -219,6 +219,9 @@ class InboxEvent(SQLModel, table=True):
     event_id: str
     event: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow)
+    # Temporal task priority of the event's conversation (workflows/common.py):
+    # the relay hands conversations' events over before comments.
+    priority: int = Field(default=3, sa_column_kwargs={"server_default": "3"})
 
 
 class DataKey(SQLModel, table=True):

@@ -318,3 +318,28 @@ async def test_webhooks_storing_at_once_share_transactions_and_each_gets_its_own
     (tmp_path / "inbox.db").mkdir()  # the database is gone: nothing can be stored
     failures = await asyncio.gather(*(writer.store(routed(f"x{i}")) for i in range(3)), return_exceptions=True)
     assert all(isinstance(f, Exception) for f in failures)
+
+
+def test_the_relay_takes_conversations_before_a_burst_of_comments_keeping_each_persons_order(tmp_path):
+    """Stored behind a burst of comments, DMs are relayed first (their
+    conversations' priority); a person who commented and then wrote a DM
+    has both relayed, in their order."""
+    from sqlmodel import SQLModel
+
+    from api.inbox import _load, store
+    from core.contracts import InboundEvent
+    from core.db import Channel, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'inbox.db'}")
+    SQLModel.metadata.create_all(engine)
+    channel = Channel(id="ch_1", workspace_id="ws_1", platform="instagram", external_id="1784")
+
+    def event(mid: str, person: str, kind: str) -> list:
+        return [(channel, InboundEvent(mid, "instagram", "1784", person, kind, text=mid))]
+
+    for i in range(5):
+        store(engine, event(f"c{i}", f"fan{i}", "comment"))
+    store(engine, event("c-dora", "dora", "comment"))
+    store(engine, event("dm-dora", "dora", "message"))
+    store(engine, event("dm-eli", "eli", "message"))
+    assert [row.event_id for row in _load(engine)] == ["c-dora", "dm-dora", "dm-eli", "c0", "c1", "c2", "c3", "c4"]

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Engine, Text, UniqueConstraint, event, func
+from sqlalchemy import JSON, Column, Engine, Index, Text, UniqueConstraint, event, func
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 
@@ -212,7 +212,8 @@ class InboxEvent(SQLModel, table=True):
     """A verified webhook event held while Temporal is unreachable; the
     relay hands it to its conversation and deletes it (durable inbox)."""
 
-    __table_args__ = (UniqueConstraint("channel_id", "event_id"),)
+    # The relay reads the next rows by (priority, id).
+    __table_args__ = (UniqueConstraint("channel_id", "event_id"), Index("ix_inboxevent_priority_id", "priority", "id"))
     id: int | None = Field(default=None, primary_key=True)
     channel_id: str = Field(index=True)
     contact_id: str = Field(index=True)

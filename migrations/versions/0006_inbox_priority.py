@@ -21,8 +21,10 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     with op.batch_alter_table('inboxevent', schema=None) as batch_op:
         batch_op.add_column(sa.Column('priority', sa.Integer(), server_default='3', nullable=False))
+        batch_op.create_index('ix_inboxevent_priority_id', ['priority', 'id'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('inboxevent', schema=None) as batch_op:
+        batch_op.drop_index('ix_inboxevent_priority_id')
         batch_op.drop_column('priority')

@@ -7,6 +7,9 @@
 2. Comment burst: M comments on one post from M people within a minute.
    Every commenter gets at most one private reply, and no more than the
    750/hour private-reply cap go out (the rest wait for budget, durably).
+   Keyword DMs from other people, sent while the burst is being handled
+   (``DM_PROBES``), report their webhook -> reply latency: a viral post
+   must not hold up everyone else's conversations.
 
 Runs its own stack (bench/stack.py) on free ports and a temporary data dir.
 """

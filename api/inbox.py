@@ -149,7 +149,7 @@ async def relay_once(engine: Engine, client, task_queue: str, in_flight: set[int
     (re-signalled ones are deduplicated) and is raised after the others.
     Rows whose webhook's own signal is still on its way (``in_flight``) are
     left to it."""
-    rows = [r for r in await asyncio.to_thread(_load, engine) if r.id not in in_flight]
+    rows = [r for r in await asyncio.to_thread(_load, engine, in_flight) if r.id not in in_flight]
     if not rows:
         return 0
     channels = await asyncio.to_thread(_channels, engine, {r.channel_id for r in rows})
@@ -189,16 +189,20 @@ async def _after_webhooks() -> None:
         await asyncio.sleep(RELAY_BACKOFF_SECONDS)
 
 
-def _load(engine: Engine) -> list[InboxEvent]:
+def _load(engine: Engine, in_flight: set[int] | frozenset = frozenset()) -> list[InboxEvent]:
     """The next rows to relay, contact by contact: the contacts of the first
     RELAY_BATCH rows by priority (conversations' events before comments),
-    then oldest first, each with all its rows in order (an earlier comment
-    of the same person comes along before their DM)."""
+    then oldest first, that are not ``in_flight`` (held by their webhook's
+    signal: skipped, so rows behind them are always reached), each with all
+    its rows in order (an earlier comment of the same person comes along
+    before their DM)."""
     with Session(engine) as db:
         firsts = db.exec(
-            select(InboxEvent.contact_id).order_by(col(InboxEvent.priority), col(InboxEvent.id)).limit(RELAY_BATCH)
+            select(InboxEvent.id, InboxEvent.contact_id)
+            .order_by(col(InboxEvent.priority), col(InboxEvent.id))
+            .limit(RELAY_BATCH + len(in_flight))
         ).all()
-        contacts = list(dict.fromkeys(firsts))
+        contacts = list(dict.fromkeys(contact for row_id, contact in firsts if row_id not in in_flight))[:RELAY_BATCH]
         if not contacts:
             return []
         rows = db.exec(

@@ -343,3 +343,23 @@ def test_the_relay_takes_conversations_before_a_burst_of_comments_keeping_each_p
     store(engine, event("dm-dora", "dora", "message"))
     store(engine, event("dm-eli", "eli", "message"))
     assert [row.event_id for row in _load(engine)] == ["c-dora", "dm-dora", "dm-eli", "c0", "c1", "c2", "c3", "c4"]
+
+
+def test_rows_held_by_their_webhooks_signals_do_not_hide_the_rows_behind_them(tmp_path):
+    """The relay skips rows whose webhook's signal is still on its way; a
+    round never comes back empty while other rows wait (the webhooks would
+    then dispatch directly and overtake them)."""
+    from sqlmodel import SQLModel
+
+    from api import inbox
+    from core.contracts import InboundEvent
+    from core.db import Channel, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'inbox.db'}")
+    SQLModel.metadata.create_all(engine)
+    channel = Channel(id="ch_1", workspace_id="ws_1", platform="instagram", external_id="1784")
+    held = []
+    for i in range(inbox.RELAY_BATCH + 5):
+        held += inbox.store(engine, [(channel, InboundEvent(f"h{i}", "instagram", "1784", f"p{i}", "message"))])
+    inbox.store(engine, [(channel, InboundEvent("late", "instagram", "1784", "someone", "message"))])
+    assert [row.event_id for row in inbox._load(engine, set(held))] == ["late"]

@@ -51,11 +51,15 @@ async def connect(
 #   most history.transferProcessorMaxPollRPS (default 20) times a second, so
 #   every task handed out through it (a workflow task after a signal or an
 #   activity completion, a child start) waited up to 50 ms. A production
-#   cluster has many shards and the same knob per shard.
+#   cluster has many shards and the same knob per shard;
+# - the matcher that honours task priorities (workflows/common.py: a
+#   person's conversation before bulk work); the default of newer servers,
+#   off by default in the 1.28 cluster of docker-compose.yml.
 DEV_SERVER_DYNAMIC_CONFIG = {
     "system.enableEagerWorkflowStart": "true",
     "system.enableActivityEagerExecution": "true",
     "history.transferProcessorMaxPollRPS": "1000",
+    "matching.useNewMatcher": "true",
 }
 # A durable SQLite file for the dev server: WAL with synchronous=normal was as
 # fast as the in-memory store here; the default pragmas cost ~40 % more server CPU.

@@ -7,10 +7,11 @@ after a crash finds its own earlier write and does not repeat it.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-from sqlalchemy import Connection, Engine, case
+from sqlalchemy import Connection, Engine, Row, case
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio import activity
@@ -68,10 +69,17 @@ def _active_automations(conn: Connection, channel_id: str) -> list[AutomationSna
 WINDOW_KINDS = ("message", "postback", "referral", "story_mention")
 
 
-def record_inbound_event(engine: Engine, input: RecordInboundInput) -> RecordInboundResult:
+def record_inbound_event(
+    engine: Engine, input: RecordInboundInput, on_new_contact: Callable[[Row], None] | None = None
+) -> RecordInboundResult:
     """Log an inbound event, create or refresh its contact, and return the
     channel's active automations for trigger matching (the database half of
     the ``record_inbound`` activity, on the worker's thread pool).
+
+    ``on_new_contact`` is called with the channel's row as soon as the event
+    turns out to come from a new contact whose name it does not carry (before
+    its rows are written), so the caller can start the profile lookup while
+    they are.
 
     The message row is unique per (channel, platform event id): a
     redelivered event comes back ``duplicate=True`` and nothing runs. A row
@@ -85,8 +93,8 @@ def record_inbound_event(engine: Engine, input: RecordInboundInput) -> RecordInb
     now = utcnow()
     try:
         with engine.begin() as conn:
-            status = conn.execute(select(CHANNELS.c.status).where(CHANNELS.c.id == input.channel_id)).scalar()
-            if status != "active":
+            channel = conn.execute(select(CHANNELS).where(CHANNELS.c.id == input.channel_id)).first()
+            if channel is None or channel.status != "active":
                 return RecordInboundResult(duplicate=False, channel_active=False)
             row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
             is_new = row is None
@@ -105,6 +113,8 @@ def record_inbound_event(engine: Engine, input: RecordInboundInput) -> RecordInb
             if ev.kind in WINDOW_KINDS:
                 changes["last_inbound_at"] = now
             contact.update(changes)
+            if is_new and on_new_contact is not None and not contact["first_name"]:
+                on_new_contact(channel)
             if is_new:
                 conn.execute(CONTACTS.insert(), contact)
             else:

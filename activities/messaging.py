@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, Row, select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 from temporalio import activity
@@ -182,12 +184,12 @@ class MessagingActivities:
                     next_retry_delay=timedelta(seconds=1),
                 )
 
-    def _prepare_send(self, input: SendMessageInput) -> SendMessageResult | _Prepared:
+    def _prepare_send(self, input: SendMessageInput, reserve: bool = True) -> SendMessageResult | _Prepared:
         """The checks before a send, in one trip to the database thread: the
         recorded result when this idempotency key was sent already, else the
         channel's credentials once the messaging window allows the send, with
-        the first reservation of its rate budgets made (unless a profile
-        lookup comes before the send)."""
+        the first reservation of its rate budgets made (with ``reserve``;
+        not when a profile lookup comes between the checks and the send)."""
         with self.engine.connect() as conn:
             sent_id = conn.execute(
                 select(SEND_RECORDS.c.platform_message_id).where(
@@ -214,7 +216,7 @@ class MessagingActivities:
             human=input.human_agent,
             settings=self.settings,
         )
-        if input.profile_first_template:
+        if not reserve:
             # The profile lookup comes first: a cell booked now could be
             # used late, so the budgets are reserved after it.
             return _Prepared(creds, budgets, None, contact)
@@ -350,57 +352,91 @@ class MessagingActivities:
         conversation's own send would have) instead of by a second local
         activity. One try, on the first attempt only: a failed send is
         reported (``FirstSend.error_type``) and the run sends it durably; a
-        retried attempt leaves the send to the conversation."""
-        record = await asyncio.to_thread(record_inbound_event, self.engine, input)
-        if not input.first_reply or activity.info().attempt > 1:
-            return record
-        opening = first_reply_plan(input, record)
+        retried attempt leaves the send to the conversation.
+
+        A new Meta contact's profile is then looked up while the event is
+        being recorded (it is needed before the greeting or after it) and the
+        contact comes back looked up (``is_new`` False, names saved), so
+        neither the send nor the conversation looks it up again."""
+        reply = input.first_reply and activity.info().attempt == 1
+        lookup: list[Future[dict[str, str] | None]] = []
+        loop = asyncio.get_running_loop()
+
+        def on_new_contact(channel: Row) -> None:  # on the database thread, before the event's rows are written
+            if channel.platform == "telegram" or not channel.token_ciphertext:
+                return
+            try:
+                creds = credentials_of(channel, self.vault, input.channel_id, allow_statuses={"active"})
+            except Exception as err:  # noqa: BLE001 - no lookup ahead; the send's own checks report it
+                log.info("profile lookup not started: %s", type(err).__name__)
+                return
+            lookup.append(asyncio.run_coroutine_threadsafe(self._names_of(creds, input.event.sender_id), loop))
+
+        record = await asyncio.to_thread(record_inbound_event, self.engine, input, on_new_contact if reply else None)
+        names = asyncio.wrap_future(lookup[0]) if lookup else None
+        opening = first_reply_plan(input, record) if reply else None
         if opening is None:
+            if names is not None:
+                await self._save_looked_up(record, names)
             return record
         run_id, step_id, send = opening
         try:
-            record.first_send = FirstSend(run_id=run_id, step_id=step_id, result=await self.send_message(send))
+            result = await self._send_message(send, names)
+            record.first_send = FirstSend(run_id=run_id, step_id=step_id, result=result)
         except Exception as err:  # noqa: BLE001 - reported; the run sends it with its retries
             error_type = err.type if isinstance(err, ApplicationError) and err.type else type(err).__name__
             log.info("first message left to the run: %s", error_type)
             record.first_send = FirstSend(run_id=run_id, step_id=step_id, error_type=error_type)
+            if names is not None:
+                await self._save_looked_up(record, names)
+            return record
+        if names is not None and record.contact is not None:
+            # The send looked the profile up with these names and saved them.
+            record.contact = result.contact or replace(record.contact, is_new=False)
         return record
+
+    async def _save_looked_up(self, record: RecordInboundResult, lookup: asyncio.Future[dict[str, str] | None]) -> None:
+        """The contact of ``record`` once its profile lookup is done: the
+        names found saved, and not new any more (nobody looks it up again)."""
+        if record.contact is None or record.duplicate or not record.channel_active:
+            lookup.cancel()
+            return
+        names = await lookup
+        saved = await asyncio.to_thread(apply_profile, self.engine, record.contact.id, names) if names else None
+        record.contact = saved or replace(record.contact, is_new=False)
 
     @activity.defn(name="send_message")
     async def send_message(self, input: SendMessageInput) -> SendMessageResult:
         """Send one message to a contact (``_send``), and record the run it
         completes, if any, with it (also when it was found sent already).
         A new contact's profile is looked up by this activity (one activity
-        instead of two): with ``profile_first_template``, between the send's
-        checks and the send, the message rendered for it and the names saved
-        with the send's records; with ``then_fetch_profile``, once the
-        message is out."""
+        instead of two): with ``profile_first_template``, before the send,
+        the message rendered for it and the names saved with the send's
+        records; with ``then_fetch_profile``, once the message is out."""
+        return await self._send_message(input)
+
+    async def _send_message(
+        self, input: SendMessageInput, names: Awaitable[dict[str, str] | None] | None = None
+    ) -> SendMessageResult:
+        """``send_message``; ``names``: its profile lookup, started already."""
         profile = _ProfileFirst() if input.profile_first_template else None
-        result, creds = await self._send_with_credentials(input, profile)
+        result, creds = await self._send_with_credentials(input, profile, names)
         if profile is not None and profile.looked_up:
             result.profile_looked_up, result.contact, result.text = True, profile.contact, profile.text
+            if result.deduplicated and profile.names:  # sent before: its records are written already
+                result.contact = await asyncio.to_thread(apply_profile, self.engine, input.contact_id, profile.names)
         elif input.then_fetch_profile:
-            result.contact = await self._look_up_profile(input, creds)
+            result.contact = await self._look_up_profile(input, creds, names)
             result.profile_looked_up = True
         return result
 
     async def _render_for_profile(
-        self, input: SendMessageInput, prepared: _Prepared, profile: _ProfileFirst
+        self, input: SendMessageInput, prepared: _Prepared, profile: _ProfileFirst, names: dict[str, str] | None
     ) -> SendMessageInput:
-        """``profile_first_template``: the profile looked up (best effort, as
-        ``_look_up_profile``) and the template rendered for the contact."""
+        """``profile_first_template``: the template rendered for the contact
+        with the names of its profile lookup (None: it failed)."""
         profile.looked_up, profile.text = True, input.text
-        creds = prepared.creds
-        if creds.platform == "telegram" or prepared.contact is None:
-            return input
-        client = self.instagram if creds.platform == "instagram" else self.graph
-        try:
-            names = await asyncio.wait_for(self._get_profile_with_retry(client, creds, input), PROFILE_LOOKUP)
-        except PlatformError as err:
-            log.info("profile lookup failed: %s", to_application_error(err, engine=self.engine, channel_id=input.channel_id).type)
-            return input
-        except TimeoutError:
-            log.info("profile lookup failed: TimeoutError")
+        if not names or prepared.contact is None:
             return input
         profile.names = names
         profile.contact = snapshot(SimpleNamespace(**with_names(prepared.contact, names)))
@@ -418,29 +454,58 @@ class MessagingActivities:
             run = replace(run, trail=[*run.trail[:-1], replace(run.trail[-1], detail=text[:200])])
         return replace(input, text=text, completes_run=run)
 
+    async def _names_of(self, creds: ChannelCredentials, external_id: str) -> dict[str, str] | None:
+        """A Meta contact's names from their profile (two attempts, as the
+        ``fetch_profile`` activity's retry policy gives), or None. Best
+        effort: a failure is logged (an invalid token still marks the
+        channel), never raised, and the lookup gets at most PROFILE_LOOKUP
+        seconds so the send's own timeout is never at stake."""
+        if creds.platform == "telegram":
+            return None
+        client = self.instagram if creds.platform == "instagram" else self.graph
+
+        async def attempts() -> dict[str, str]:
+            for attempt in range(PROFILE_ATTEMPTS):
+                try:
+                    return await get_profile(client, creds, external_id)
+                except PlatformError as err:
+                    if not err.retryable or attempt + 1 == PROFILE_ATTEMPTS:
+                        raise
+                await asyncio.sleep(PROFILE_RETRY_SECONDS)
+            raise AssertionError("unreachable")
+
+        try:
+            return await asyncio.wait_for(attempts(), PROFILE_LOOKUP)
+        except PlatformError as err:
+            failure = to_application_error(err, engine=self.engine, channel_id=creds.channel_id)
+            log.info("profile lookup failed: %s", failure.type)
+        except TimeoutError:
+            log.info("profile lookup failed: TimeoutError")
+        except Exception as err:  # noqa: BLE001 - best effort: the message goes out without the name
+            log.warning("profile lookup failed: %s", type(err).__name__)
+        return None
+
     async def _look_up_profile(
-        self, input: SendMessageInput, creds: ChannelCredentials | None
+        self,
+        input: SendMessageInput,
+        creds: ChannelCredentials | None,
+        names: Awaitable[dict[str, str] | None] | None = None,
     ) -> ContactSnapshot | None:
         """``then_fetch_profile``: the contact's profile once the message is
-        out, saved. Best effort: a failure is logged (an invalid token still
-        marks the channel), never raised, and the lookup gets at most
-        PROFILE_LOOKUP seconds so the send's own timeout is never at stake."""
-        try:
-            if creds is None:  # the send was found recorded already
-                creds = await asyncio.to_thread(
-                    load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
-                )
-            if creds.platform == "telegram":
+        out (``names``: the lookup already under way), saved. Best effort,
+        as ``_names_of``."""
+        if names is None:
+            try:
+                if creds is None:  # the send was found recorded already
+                    creds = await asyncio.to_thread(
+                        load_credentials, self.engine, self.vault, input.channel_id, allow_statuses={"active"}
+                    )
+            except ApplicationError as err:
+                log.info("profile lookup failed: %s", err.type)
                 return None
-            client = self.instagram if creds.platform == "instagram" else self.graph
-            names = await asyncio.wait_for(self._get_profile_with_retry(client, creds, input), PROFILE_LOOKUP)
-            return await asyncio.to_thread(apply_profile, self.engine, input.contact_id, names)
-        except PlatformError as err:
-            failure = to_application_error(err, engine=self.engine, channel_id=input.channel_id)
-            log.info("profile lookup failed: %s", failure.type)
-        except (TimeoutError, ApplicationError) as err:
-            log.info("profile lookup failed: %s", getattr(err, "type", None) or type(err).__name__)
-        return None
+            names = self._names_of(creds, input.recipient_id)
+        found = await names
+        return await asyncio.to_thread(apply_profile, self.engine, input.contact_id, found) if found else None
 
     @activity.defn(name="send_broadcast_batch")
     async def send_broadcast_batch(self, input: BroadcastBatchInput) -> BroadcastBatchResult:
@@ -491,30 +556,21 @@ class MessagingActivities:
             activity.heartbeat(index + 1, result.sent, result.failed, result.skipped)
         return result
 
-    async def _get_profile_with_retry(
-        self, client: GraphClient, creds: ChannelCredentials, input: SendMessageInput
-    ) -> dict[str, str]:
-        """Two attempts, as the ``fetch_profile`` activity's retry policy gives."""
-        for attempt in range(PROFILE_ATTEMPTS):
-            try:
-                return await get_profile(client, creds, input.recipient_id)
-            except PlatformError as err:
-                if not err.retryable or attempt + 1 == PROFILE_ATTEMPTS:
-                    raise
-            await asyncio.sleep(PROFILE_RETRY_SECONDS)
-        raise AssertionError("unreachable")
-
     async def _send(self, input: SendMessageInput) -> SendMessageResult:
         return (await self._send_with_credentials(input))[0]
 
     async def _send_with_credentials(
-        self, input: SendMessageInput, profile: _ProfileFirst | None = None
+        self,
+        input: SendMessageInput,
+        profile: _ProfileFirst | None = None,
+        names: Awaitable[dict[str, str] | None] | None = None,
     ) -> tuple[SendMessageResult, ChannelCredentials | None]:
         """Send one message to a contact; also returns the channel's
         credentials (None when the send was found recorded already). With
         ``profile``, the message is rendered for the contact's profile
-        (looked up once the checks passed) and their names are recorded
-        with the send.
+        (looked up once the checks passed, or ``names``: the lookup under
+        way already, awaited before them) and their names are recorded with
+        the send.
 
         Before calling the platform, the idempotency record is checked: an
         attempt that finds a recorded platform message id returns it without
@@ -524,12 +580,22 @@ class MessagingActivities:
         budget is delayed (slept, or retried by Temporal after the wait),
         never dropped.
         """
-        prepared = await asyncio.to_thread(self._prepare_send, input)
+        found: dict[str, str] | None = None
+        if profile is not None and names is not None:
+            found = await names
+        # The rate-budget cells are booked with the checks unless a profile
+        # lookup is still to come between them and the send.
+        reserve = profile is None or names is not None
+        prepared = await asyncio.to_thread(self._prepare_send, input, reserve)
         if isinstance(prepared, SendMessageResult):
+            if profile is not None and names is not None:
+                profile.looked_up, profile.text, profile.names = True, input.text, found
             return prepared, None
         creds = prepared.creds
         if profile is not None:
-            input = await self._render_for_profile(input, prepared, profile)
+            if names is None and prepared.contact is not None:
+                found = await self._names_of(creds, input.recipient_id)
+            input = await self._render_for_profile(input, prepared, profile, found)
         await self._take_rate_budget(prepared.budgets, prepared.reservation)
         # The log orders by the moment we asked the platform to deliver, not
         # when its answer came back (the person may already be replying).

@@ -85,8 +85,9 @@ async def test_keyword_dm_gets_reply_then_wait_for_reply_validates(stack):
 
 async def test_a_new_contact_gets_the_reply_first_and_their_name_right_after(stack):
     """The reply does not use the name, so it does not wait for the profile:
-    the profile is looked up right after it (by the same activity) and the
-    contact's name is in the CRM."""
+    a profile lookup that takes 2 s (looked up while the event is recorded,
+    by the same activity) answers after the reply, and then the contact's
+    name is in the CRM."""
     tenant = await create_tenant(stack)
     channel, account_id, _ = await connect_instagram(stack, tenant)
     await create_automation(
@@ -95,10 +96,15 @@ async def test_a_new_contact_gets_the_reply_first_and_their_name_right_after(sta
     )
     person = new_sender()
     await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Bruno Costa", "username": "bruno.c"})
+    await stack.sandbox.post("/_sandbox/faults", json={
+        "kind": "timeout", "delay_seconds": 2, "service": "instagram", "method": "GET", "path_contains": person,
+    })
 
     await send_dm(stack, account_id, person, "menu please")
     [reply] = await wait_for_messages(stack, person, 1)
     assert text_of(reply) == "Here is the menu"
+    calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": person})).json()["calls"]
+    assert [c for c in calls if c["method"] == "GET"] == []  # the lookup has not answered yet
 
     async def named_contact():
         r = await stack.api.get("/v1/contacts", params={"channel_id": channel["id"]}, headers=tenant.headers)
@@ -111,6 +117,38 @@ async def test_a_new_contact_gets_the_reply_first_and_their_name_right_after(sta
     calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": person})).json()["calls"]
     lookups = [c for c in calls if c["method"] == "GET"]
     assert len(lookups) == 1 and lookups[0]["seq"] > reply["seq"]
+
+
+async def test_a_new_contact_who_starts_nothing_is_looked_up_once(stack):
+    """A message that matches no automation still brings the new contact's
+    name into the CRM (looked up while the event is recorded, one lookup),
+    and their later messages are not looked up again."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["menu"]},
+        [{"id": "menu", "type": "send_message", "text": "Here is the menu"}],
+    )
+    person = new_sender()
+    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Elisa Moura", "username": "elisa"})
+
+    async def contact_with(inbound: int):
+        r = await stack.api.get("/v1/contacts", params={"channel_id": channel["id"]}, headers=tenant.headers)
+        found = [c for c in r.json()["data"] if c["external_id"] == person and c["first_name"]]
+        if not found:
+            return None
+        log = (await stack.api.get(f"/v1/contacts/{found[0]['id']}/messages", headers=tenant.headers)).json()
+        return found[0] if [m["direction"] for m in log["data"]] == ["in"] * inbound else None
+
+    await send_dm(stack, account_id, person, "hello there")
+    contact = await wait_for(lambda: contact_with(1))
+    assert contact is not None, "the new contact's name never reached the CRM"
+    assert (contact["first_name"], contact["username"]) == ("Elisa", "elisa")
+    await send_dm(stack, account_id, person, "anyone?")
+    assert await wait_for(lambda: contact_with(2)) is not None
+    await asyncio.sleep(0.3)
+    calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": person})).json()["calls"]
+    assert [c["method"] for c in calls] == ["GET"]  # one lookup, and nothing sent
 
 
 async def test_a_failing_profile_lookup_is_retried_once_and_the_reply_falls_back(stack):

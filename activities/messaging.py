@@ -91,9 +91,7 @@ def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> 
     event, contact = input.event, record.contact
     if record.duplicate or not record.channel_active or contact is None:
         return None
-    if event.kind not in flowrt.TRIGGERING_KINDS or event.kind == "comment":
-        return None
-    if contact.processing_restricted or contact.consent_withdrawn or contact.human_takeover:
+    if event.kind == "comment" or flowrt.held_from_triggers(event.kind, contact):
         return None
     automation = flowrt.select_automation(record.automations, event, is_first_message=not record.has_previous_inbound)
     if automation is None:

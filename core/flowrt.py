@@ -564,6 +564,21 @@ TRIGGERING_KINDS = ("message", "postback", "comment", "story_mention", "referral
 REPLY_KINDS = ("message", "postback")
 
 
+def held_from_triggers(kind: str, contact: ContactSnapshot) -> str:
+    """Why a recorded event of ``kind`` from ``contact`` starts nothing, in
+    the order the conversation checks (``""``: it is matched against the
+    triggers): ``"not_triggering"`` (a reaction, a read receipt),
+    ``"restricted"`` (the person restricted processing or withdrew consent:
+    logged as required, never processed further) or ``"human"`` (a teammate
+    owns the conversation). The conversation routes by it, and
+    ``record_inbound`` sends a first reply only when it is empty."""
+    if kind not in TRIGGERING_KINDS:
+        return "not_triggering"
+    if contact.processing_restricted or contact.consent_withdrawn:
+        return "restricted"
+    return "human" if contact.human_takeover else ""
+
+
 def run_workflow_id(workspace_id: str, automation_id: str, contact_id: str, event_id: str) -> str:
     """The run's workflow id: one run per automation, contact and event."""
     digest = hashlib.sha256(event_id.encode()).hexdigest()[:16]

@@ -280,13 +280,12 @@ class ConversationWorkflow:
         )
 
     async def _route(self, event: InboundEvent, record: RecordInboundResult, *, may_forward: bool) -> None:
-        if event.kind not in TRIGGERING_KINDS:
-            return  # reactions, seen: recorded, not triggering
         contact = record.contact
         assert contact is not None
-        if contact.processing_restricted or contact.consent_withdrawn:
-            return  # logged as required, never processed further
-        if self._takeover or contact.human_takeover:
+        held = flowrt.held_from_triggers(event.kind, contact)
+        if held in ("not_triggering", "restricted"):
+            return
+        if self._takeover or held == "human":
             self._takeover = True
             return  # a human owns the conversation until resumed
 

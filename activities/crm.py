@@ -70,7 +70,10 @@ WINDOW_KINDS = ("message", "postback", "referral", "story_mention")
 
 
 def record_inbound_event(
-    engine: Engine, input: RecordInboundInput, on_new_contact: Callable[[Row], None] | None = None
+    engine: Engine,
+    input: RecordInboundInput,
+    on_new_contact: Callable[[Row], None] | None = None,
+    then: Callable[[RecordInboundResult, Row, dict], None] | None = None,
 ) -> RecordInboundResult:
     """Log an inbound event, create or refresh its contact, and return the
     channel's active automations for trigger matching (the database half of
@@ -79,7 +82,10 @@ def record_inbound_event(
     ``on_new_contact`` is called with the channel's row as soon as the event
     turns out to come from a new contact whose name it does not carry (before
     its rows are written), so the caller can start the profile lookup while
-    they are.
+    they are. ``then`` is called once the event is recorded (not for a
+    duplicate), on the same thread, with the result, the channel's row and
+    the contact's values as written, so the caller's next checks need not
+    read them again.
 
     The message row is unique per (channel, platform event id): a
     redelivered event comes back ``duplicate=True`` and nothing runs. A row
@@ -142,12 +148,15 @@ def record_inbound_event(
             return retried
         EVENTS_DEDUPLICATED.inc()
         return RecordInboundResult(duplicate=True)
-    return RecordInboundResult(
+    result = RecordInboundResult(
         duplicate=False,
         contact=snapshot(SimpleNamespace(**contact), is_new=is_new),
         automations=automations,
         has_previous_inbound=has_previous,
     )
+    if then is not None:
+        then(result, channel, contact)
+    return result
 
 
 def _own_earlier_record(engine: Engine, input: RecordInboundInput) -> RecordInboundResult | None:

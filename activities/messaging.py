@@ -182,12 +182,16 @@ class MessagingActivities:
                     next_retry_delay=timedelta(seconds=1),
                 )
 
-    def _prepare_send(self, input: SendMessageInput, reserve: bool = True) -> SendMessageResult | _Prepared:
+    def _prepare_send(
+        self, input: SendMessageInput, reserve: bool = True, known: tuple[Row, dict] | None = None
+    ) -> SendMessageResult | _Prepared:
         """The checks before a send, in one trip to the database thread: the
         recorded result when this idempotency key was sent already, else the
         channel's credentials once the messaging window allows the send, with
         the first reservation of its rate budgets made (with ``reserve``;
-        not when a profile lookup comes between the checks and the send)."""
+        not when a profile lookup comes between the checks and the send).
+        ``known``: the channel's row and the contact's values, read (and
+        written) a moment ago in this thread by ``record_inbound``."""
         with self.engine.connect() as conn:
             sent_id = conn.execute(
                 select(SEND_RECORDS.c.platform_message_id).where(
@@ -195,12 +199,18 @@ class MessagingActivities:
                 )
             ).scalar()
             if sent_id is None:
-                channel = conn.execute(select(CHANNELS).where(CHANNELS.c.id == input.channel_id)).first()
+                if known is None:
+                    channel = conn.execute(select(CHANNELS).where(CHANNELS.c.id == input.channel_id)).first()
+                else:
+                    channel = known[0]
                 creds = credentials_of(channel, self.vault, input.channel_id, allow_statuses={"active"})
                 contact = None
                 if creds.platform != "telegram" and not input.comment_id:
-                    row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
-                    contact = dict(row) if row is not None else None
+                    if known is None:
+                        row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
+                        contact = dict(row) if row is not None else None
+                    else:
+                        contact = known[1]
                     self._check_window(input, contact["last_inbound_at"] if contact else None)
         if sent_id is not None:
             if input.completes_run is not None:
@@ -358,6 +368,7 @@ class MessagingActivities:
         neither the send nor the conversation looks it up again."""
         reply = input.first_reply and activity.info().attempt == 1
         lookup: list[Future[dict[str, str] | None]] = []
+        planned: list[tuple[tuple[str, str, SendMessageInput] | None, _Prepared | SendMessageResult | Exception | None]] = []
         loop = asyncio.get_running_loop()
 
         def on_new_contact(channel: Row) -> None:  # on the database thread, before the event's rows are written
@@ -370,16 +381,36 @@ class MessagingActivities:
                 return
             lookup.append(asyncio.run_coroutine_threadsafe(self._names_of(creds, input.event.sender_id), loop))
 
-        record = await asyncio.to_thread(record_inbound_event, self.engine, input, on_new_contact if reply else None)
+        def plan(record: RecordInboundResult, channel: Row, contact: dict) -> None:
+            # Still on the database thread: the match, and the send's checks
+            # with the rows just written (unless its text waits for the lookup).
+            opening = first_reply_plan(input, record)
+            checked: _Prepared | SendMessageResult | Exception | None = None
+            if opening is not None and not (lookup and opening[2].profile_first_template):
+                try:
+                    checked = self._prepare_send(opening[2], known=(channel, contact))
+                except Exception as err:  # noqa: BLE001 - raised by the send below
+                    checked = err
+            planned.append((opening, checked))
+
+        if reply:
+            record = await asyncio.to_thread(record_inbound_event, self.engine, input, on_new_contact, plan)
+        else:
+            record = await asyncio.to_thread(record_inbound_event, self.engine, input)
         names = asyncio.wrap_future(lookup[0]) if lookup else None
-        opening = first_reply_plan(input, record) if reply else None
+        if planned:
+            opening, checked = planned[0]
+        else:  # not recorded now (a duplicate, or this recorder's own row from an attempt that stopped)
+            opening, checked = (first_reply_plan(input, record) if reply else None), None
         if opening is None:
             if names is not None:
                 await self._save_looked_up(record, names)
             return record
         run_id, step_id, send = opening
         try:
-            result = await self._send_message(send, names)
+            if isinstance(checked, Exception):
+                raise checked
+            result = await self._send_message(send, names, checked)
             record.first_send = FirstSend(run_id=run_id, step_id=step_id, result=result)
         except Exception as err:  # noqa: BLE001 - reported; the run sends it with its retries
             error_type = err.type if isinstance(err, ApplicationError) and err.type else type(err).__name__
@@ -414,11 +445,15 @@ class MessagingActivities:
         return await self._send_message(input)
 
     async def _send_message(
-        self, input: SendMessageInput, names: Awaitable[dict[str, str] | None] | None = None
+        self,
+        input: SendMessageInput,
+        names: Awaitable[dict[str, str] | None] | None = None,
+        checked: _Prepared | SendMessageResult | None = None,
     ) -> SendMessageResult:
-        """``send_message``; ``names``: its profile lookup, started already."""
+        """``send_message``; ``names``: its profile lookup, started already;
+        ``checked``: its checks, made already (``_prepare_send``)."""
         profile = _ProfileFirst() if input.profile_first_template else None
-        result, creds = await self._send_with_credentials(input, profile, names)
+        result, creds = await self._send_with_credentials(input, profile, names, checked)
         if profile is not None and profile.looked_up:
             result.profile_looked_up, result.contact, result.text = True, profile.contact, profile.text
             if result.deduplicated and profile.names:  # sent before: its records are written already
@@ -562,13 +597,14 @@ class MessagingActivities:
         input: SendMessageInput,
         profile: _ProfileFirst | None = None,
         names: Awaitable[dict[str, str] | None] | None = None,
+        checked: _Prepared | SendMessageResult | None = None,
     ) -> tuple[SendMessageResult, ChannelCredentials | None]:
         """Send one message to a contact; also returns the channel's
         credentials (None when the send was found recorded already). With
         ``profile``, the message is rendered for the contact's profile
         (looked up once the checks passed, or ``names``: the lookup under
         way already, awaited before them) and their names are recorded with
-        the send.
+        the send. ``checked``: the checks' answer, when the caller made them.
 
         Before calling the platform, the idempotency record is checked: an
         attempt that finds a recorded platform message id returns it without
@@ -584,7 +620,7 @@ class MessagingActivities:
         # The rate-budget cells are booked with the checks unless a profile
         # lookup is still to come between them and the send.
         reserve = profile is None or names is not None
-        prepared = await asyncio.to_thread(self._prepare_send, input, reserve)
+        prepared = checked or await asyncio.to_thread(self._prepare_send, input, reserve)
         if isinstance(prepared, SendMessageResult):
             if profile is not None and names is not None:
                 profile.looked_up, profile.text, profile.names = True, input.text, found

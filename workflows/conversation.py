@@ -340,8 +340,10 @@ class ConversationWorkflow:
         (``sent_early``, for this run and step), else by a ``send_message``
         local activity. One try: anything else (a closed window, a rate-limit
         wait, a platform error) is left to the run, which sends durably with
-        its retries. A new Meta contact's profile is looked up by the send
-        (``flowrt.opening_send``). A flow that is this one message ends with
+        its retries. A new Meta contact's profile is looked up by
+        ``record_inbound`` while it records the event (the contact comes back
+        looked up), else by the send (``flowrt.opening_send``). A flow that
+        is this one message ends with
         it: its run is recorded with the send and no run workflow starts.
 
         Returns the contact for the run, whether the run must accept the

@@ -383,12 +383,14 @@ class MessagingActivities:
 
         def plan(record: RecordInboundResult, channel: Row, contact: dict) -> None:
             # Still on the database thread: the match, and the send's checks
-            # with the rows just written (unless its text waits for the lookup).
+            # with the rows just written (its rate budgets booked unless its
+            # text waits for the profile lookup: booked after it then).
             opening = first_reply_plan(input, record)
             checked: _Prepared | SendMessageResult | Exception | None = None
-            if opening is not None and not (lookup and opening[2].profile_first_template):
+            if opening is not None:
+                waits = bool(lookup) and bool(opening[2].profile_first_template)
                 try:
-                    checked = self._prepare_send(opening[2], known=(channel, contact))
+                    checked = self._prepare_send(opening[2], reserve=not waits, known=(channel, contact))
                 except Exception as err:  # noqa: BLE001 - raised by the send below
                     checked = err
             planned.append((opening, checked))
@@ -603,8 +605,9 @@ class MessagingActivities:
         credentials (None when the send was found recorded already). With
         ``profile``, the message is rendered for the contact's profile
         (looked up once the checks passed, or ``names``: the lookup under
-        way already, awaited before them) and their names are recorded with
-        the send. ``checked``: the checks' answer, when the caller made them.
+        way already) and their names are recorded with the send; its rate
+        budgets are booked once the names are in. ``checked``: the checks'
+        answer, when the caller made them.
 
         Before calling the platform, the idempotency record is checked: an
         attempt that finds a recorded platform message id returns it without

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from types import SimpleNamespace
 
-from sqlalchemy import Connection, Engine, Row, case
+from sqlalchemy import Connection, Engine, Row, bindparam, case
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 from temporalio import activity
@@ -38,6 +38,32 @@ TERMINAL_RUN_STATES = {"completed", "failed", "cancelled", "terminated"}
 CHANNELS, CONTACTS, MESSAGES, RUNS = Channel.__table__, Contact.__table__, Message.__table__, Run.__table__
 AUTOMATIONS = Automation.__table__
 
+# The hot path's statements, built once with bound parameters: building a
+# statement (and its cache key) on every call cost more CPU than SQLite
+# took to run it.
+CHANNEL_BY_ID = select(CHANNELS).where(CHANNELS.c.id == bindparam("channel_id"))
+CONTACT_BY_ID = select(CONTACTS).where(CONTACTS.c.id == bindparam("contact_id"))
+# SET takes the columns of the parameters given.
+UPDATE_CONTACT = CONTACTS.update().where(CONTACTS.c.id == bindparam("b_contact_id"))
+INSERT_CONTACT = CONTACTS.insert()
+INSERT_MESSAGE = MESSAGES.insert()
+NAME_FIELDS = ("first_name", "last_name", "username")
+# Each empty name field filled (b_<field>), a name already known kept.
+FILL_NAMES = (
+    CONTACTS.update()
+    .where(CONTACTS.c.id == bindparam("b_contact_id"))
+    .values({f: case((CONTACTS.c[f] == "", bindparam(f"b_{f}")), else_=CONTACTS.c[f]) for f in NAME_FIELDS}
+            | {"updated_at": bindparam("b_updated_at")})
+)
+RUN_STATUS = select(RUNS.c.status).where(RUNS.c.id == bindparam("run_id"))
+INSERT_RUN = RUNS.insert()
+UPDATE_RUN = RUNS.update().where(RUNS.c.id == bindparam("b_run_id"))
+ACTIVE_AUTOMATIONS = (
+    select(AUTOMATIONS.c.id, AUTOMATIONS.c.version, AUTOMATIONS.c.name, AUTOMATIONS.c.definition)
+    .where(AUTOMATIONS.c.channel_id == bindparam("channel_id"), AUTOMATIONS.c.status == "active")
+    .order_by(AUTOMATIONS.c.created_at)
+)
+
 
 def snapshot(contact: Contact | SimpleNamespace, *, is_new: bool = False) -> ContactSnapshot:
     """The workflow's view of a contact (an ORM row, or a Core row's values)."""
@@ -57,11 +83,7 @@ def snapshot(contact: Contact | SimpleNamespace, *, is_new: bool = False) -> Con
 
 
 def _active_automations(conn: Connection, channel_id: str) -> list[AutomationSnapshot]:
-    rows = conn.execute(
-        select(AUTOMATIONS.c.id, AUTOMATIONS.c.version, AUTOMATIONS.c.name, AUTOMATIONS.c.definition)
-        .where(AUTOMATIONS.c.channel_id == channel_id, AUTOMATIONS.c.status == "active")
-        .order_by(AUTOMATIONS.c.created_at)
-    ).all()
+    rows = conn.execute(ACTIVE_AUTOMATIONS, {"channel_id": channel_id}).all()
     return [AutomationSnapshot(id=a.id, version=a.version, name=a.name, definition=a.definition) for a in rows]
 
 
@@ -99,10 +121,10 @@ def record_inbound_event(
     now = utcnow()
     try:
         with engine.begin() as conn:
-            channel = conn.execute(select(CHANNELS).where(CHANNELS.c.id == input.channel_id)).first()
+            channel = conn.execute(CHANNEL_BY_ID, {"channel_id": input.channel_id}).first()
             if channel is None or channel.status != "active":
                 return RecordInboundResult(duplicate=False, channel_active=False)
-            row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
+            row = conn.execute(CONTACT_BY_ID, {"contact_id": input.contact_id}).mappings().first()
             is_new = row is None
             has_previous = bool(row and row["last_inbound_at"])
             contact = dict(row) if row is not None else {
@@ -122,11 +144,11 @@ def record_inbound_event(
             if is_new and on_new_contact is not None and not contact["first_name"]:
                 on_new_contact(channel)
             if is_new:
-                conn.execute(CONTACTS.insert(), contact)
+                conn.execute(INSERT_CONTACT, contact)
             else:
-                conn.execute(CONTACTS.update().where(CONTACTS.c.id == input.contact_id).values(changes))
+                conn.execute(UPDATE_CONTACT, {"b_contact_id": input.contact_id, **changes})
             conn.execute(
-                MESSAGES.insert(),
+                INSERT_MESSAGE,
                 {
                     "workspace_id": input.workspace_id,
                     "channel_id": input.channel_id,
@@ -272,7 +294,7 @@ def write_run(engine: Engine, input: RecordRunInput) -> None:
 def write_run_in(conn: Connection, input: RecordRunInput) -> bool:
     """``write_run`` inside the caller's transaction (Core statements);
     True when it created the row."""
-    status = conn.execute(select(RUNS.c.status).where(RUNS.c.id == input.run_id)).scalar()
+    status = conn.execute(RUN_STATUS, {"run_id": input.run_id}).scalar()
     if status in TERMINAL_RUN_STATES and input.status not in TERMINAL_RUN_STATES:
         return False
     values = {
@@ -286,7 +308,7 @@ def write_run_in(conn: Connection, input: RecordRunInput) -> bool:
         values["ended_at"] = utcnow()
     if status is None:
         conn.execute(
-            RUNS.insert(),
+            INSERT_RUN,
             {
                 "id": input.run_id,
                 "workspace_id": input.workspace_id,
@@ -300,7 +322,7 @@ def write_run_in(conn: Connection, input: RecordRunInput) -> bool:
             },
         )
         return True
-    conn.execute(RUNS.update().where(RUNS.c.id == input.run_id).values(values))
+    conn.execute(UPDATE_RUN, {"b_run_id": input.run_id, **values})
     return False
 
 
@@ -350,14 +372,9 @@ def with_names(contact: dict, names: dict[str, str]) -> dict:
 def fill_names(conn: Connection, contact_id: str, names: dict[str, str]) -> None:
     """Fill the contact's empty name fields (a name already known, or set by
     someone meanwhile, is kept)."""
-    column = CONTACTS.c
     conn.execute(
-        CONTACTS.update()
-        .where(column.id == contact_id)
-        .values(
-            {field: case((column[field] == "", value), else_=column[field]) for field, value in names.items()}
-            | {"updated_at": utcnow()}
-        )
+        FILL_NAMES,
+        {"b_contact_id": contact_id, "b_updated_at": utcnow()} | {f"b_{f}": names.get(f, "") for f in NAME_FIELDS},
     )
 
 

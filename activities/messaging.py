@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
-from sqlalchemy import Connection, Engine, Row, select
+from sqlalchemy import Connection, Engine, Row, bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session
 from temporalio import activity
@@ -19,9 +19,9 @@ from temporalio.exceptions import ApplicationError
 
 from activities.common import ChannelCredentials, credentials_of, load_credentials, to_application_error
 from activities.crm import (
-    CHANNELS,
-    CONTACTS,
-    MESSAGES,
+    CHANNEL_BY_ID,
+    CONTACT_BY_ID,
+    INSERT_MESSAGE,
     apply_profile,
     fill_names,
     get_profile,
@@ -32,7 +32,7 @@ from activities.crm import (
     write_run_in,
 )
 from core import flowrt
-from core.audit import audit_insert
+from core.audit import audit_in
 from core.contracts import (
     AckCallbackInput,
     BroadcastBatchInput,
@@ -60,6 +60,9 @@ from core.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 SEND_RECORDS = SendRecord.__table__
+# Built once (see activities/crm.py CHANNEL_BY_ID).
+SENT_ID = select(SEND_RECORDS.c.platform_message_id).where(SEND_RECORDS.c.idempotency_key == bindparam("key"))
+INSERT_SEND_RECORD = SEND_RECORDS.insert()
 
 STANDARD_WINDOW = timedelta(hours=24)
 HUMAN_AGENT_WINDOW = timedelta(days=7)
@@ -193,21 +196,17 @@ class MessagingActivities:
         ``known``: the channel's row and the contact's values, read (and
         written) a moment ago in this thread by ``record_inbound``."""
         with self.engine.connect() as conn:
-            sent_id = conn.execute(
-                select(SEND_RECORDS.c.platform_message_id).where(
-                    SEND_RECORDS.c.idempotency_key == input.idempotency_key
-                )
-            ).scalar()
+            sent_id = conn.execute(SENT_ID, {"key": input.idempotency_key}).scalar()
             if sent_id is None:
                 if known is None:
-                    channel = conn.execute(select(CHANNELS).where(CHANNELS.c.id == input.channel_id)).first()
+                    channel = conn.execute(CHANNEL_BY_ID, {"channel_id": input.channel_id}).first()
                 else:
                     channel = known[0]
                 creds = credentials_of(channel, self.vault, input.channel_id, allow_statuses={"active"})
                 contact = None
                 if creds.platform != "telegram" and not input.comment_id:
                     if known is None:
-                        row = conn.execute(select(CONTACTS).where(CONTACTS.c.id == input.contact_id)).mappings().first()
+                        row = conn.execute(CONTACT_BY_ID, {"contact_id": input.contact_id}).mappings().first()
                         contact = dict(row) if row is not None else None
                     else:
                         contact = known[1]
@@ -278,7 +277,7 @@ class MessagingActivities:
     ) -> None:
         now = utcnow()
         conn.execute(
-            SEND_RECORDS.insert(),
+            INSERT_SEND_RECORD,
             {
                 "idempotency_key": input.idempotency_key,
                 "channel_id": input.channel_id,
@@ -287,7 +286,7 @@ class MessagingActivities:
             },
         )
         conn.execute(
-            MESSAGES.insert(),
+            INSERT_MESSAGE,
             {
                 "workspace_id": creds.workspace_id,
                 "channel_id": input.channel_id,
@@ -301,7 +300,7 @@ class MessagingActivities:
                 "created_at": sent_at,
             },
         )
-        conn.execute(audit_insert(creds.workspace_id, "worker", "token.use", input.channel_id, "send_message"))
+        audit_in(conn, creds.workspace_id, "worker", "token.use", input.channel_id, "send_message")
 
     def _check_window(self, input: SendMessageInput, last: datetime | None) -> None:
         """Meta only delivers within 24 h of the person's last message (7 days

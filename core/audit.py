@@ -6,10 +6,12 @@ platform user id, a name or a text.
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, Insert
+from sqlalchemy import Connection, Engine
 from sqlmodel import Session
 
 from core.db import AuditEntry, utcnow
+
+_INSERT = AuditEntry.__table__.insert()  # built once (hot path: every send)
 
 
 def audit(session: Session, workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> None:
@@ -17,11 +19,10 @@ def audit(session: Session, workspace_id: str, actor: str, action: str, target: 
     session.add(AuditEntry(workspace_id=workspace_id, actor=actor, action=action, target=target, detail=detail[:300]))
 
 
-def audit_insert(workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> Insert:
-    """The same entry as a Core statement, for a caller on a ``Connection``."""
-    return AuditEntry.__table__.insert().values(
-        workspace_id=workspace_id, actor=actor, action=action, target=target, detail=detail[:300], created_at=utcnow()
-    )
+def audit_in(conn: Connection, workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> None:
+    """The same entry, written on the caller's ``Connection`` (Core)."""
+    conn.execute(_INSERT, {"workspace_id": workspace_id, "actor": actor, "action": action, "target": target,
+                           "detail": detail[:300], "created_at": utcnow()})
 
 
 def audit_now(engine: Engine, workspace_id: str, actor: str, action: str, target: str = "", detail: str = "") -> None:

@@ -10,6 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import NamedTuple
 
 from sqlalchemy import Connection, Engine, Row, bindparam, select
 from sqlalchemy.exc import IntegrityError
@@ -35,6 +36,7 @@ from core import flowrt
 from core.audit import audit_in
 from core.contracts import (
     AckCallbackInput,
+    AutomationSnapshot,
     BroadcastBatchInput,
     BroadcastBatchResult,
     ContactSnapshot,
@@ -86,29 +88,45 @@ PROFILE_ATTEMPTS = 2
 PROFILE_RETRY_SECONDS = 0.3
 
 
-def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> tuple[str, str, SendMessageInput] | None:
-    """The conversation's routing of a recorded event, for ``first_reply``:
-    the run id, step id and send of the matched flow's opening message, or
-    None when the event starts nothing or the flow opens otherwise. The
-    conversation asked for it only when its own state forwards nothing."""
+class FirstReply(NamedTuple):
+    """``first_reply_plan``: the automation the event starts (None: none),
+    and the run id, step id and send of its opening message (None: it opens
+    otherwise, or nothing starts)."""
+
+    automation: AutomationSnapshot | None
+    opening: tuple[str, str, SendMessageInput] | None
+
+
+def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> FirstReply:
+    """The conversation's routing of a recorded event, for ``first_reply``
+    (asked for only when the conversation's own state forwards nothing):
+    the automation it starts and that flow's opening send.
+
+    The conversation matches the event again, against the same automations
+    with the same inputs, so ``record.automations`` is cut to the one matched
+    (or none): it selects the same one, and each event's history carries one
+    automation instead of every active one of the channel."""
     event, contact = input.event, record.contact
     if record.duplicate or not record.channel_active or contact is None:
-        return None
-    if event.kind == "comment" or flowrt.held_from_triggers(event.kind, contact):
-        return None
-    automation = flowrt.select_automation(record.automations, event, is_first_message=not record.has_previous_inbound)
+        return FirstReply(None, None)
+    automation = None
+    if event.kind != "comment" and not flowrt.held_from_triggers(event.kind, contact):
+        automation = flowrt.select_automation(
+            record.automations, event, is_first_message=not record.has_previous_inbound
+        )
+    record.automations = [automation] if automation is not None else []
     if automation is None:
-        return None
+        return FirstReply(None, None)
     step, _, whole_flow = flowrt.leading_send(automation.definition.get("steps", []))
     if step is None:
-        return None
+        return FirstReply(automation, None)
     run_id = flowrt.run_workflow_id(input.workspace_id, automation.id, contact.id, event.event_id)
     send = flowrt.opening_send(
         workspace_id=input.workspace_id, channel_id=input.channel_id, platform=input.platform, run_id=run_id,
         automation=automation, contact=contact, step=step, whole_flow=whole_flow,
         now_iso=datetime.now(UTC).isoformat(),
     )
-    return run_id, step["id"], send
+    return FirstReply(automation, (run_id, step["id"], send))
 
 
 @dataclass
@@ -384,7 +402,7 @@ class MessagingActivities:
             # Still on the database thread: the match, and the send's checks
             # with the rows just written (its rate budgets booked unless its
             # text waits for the profile lookup: booked after it then).
-            opening = first_reply_plan(input, record)
+            opening = first_reply_plan(input, record).opening
             checked: _Prepared | SendMessageResult | Exception | None = None
             if opening is not None:
                 waits = bool(lookup) and bool(opening[2].profile_first_template)
@@ -402,7 +420,7 @@ class MessagingActivities:
         if planned:
             opening, checked = planned[0]
         else:  # not recorded now (a duplicate, or this recorder's own row from an attempt that stopped)
-            opening, checked = (first_reply_plan(input, record) if reply else None), None
+            opening, checked = (first_reply_plan(input, record).opening if reply else None), None
         if opening is None:
             if names is not None:
                 await self._save_looked_up(record, names)

@@ -126,3 +126,46 @@ async def test_a_commenters_conversation_yields_to_a_dm_senders_when_tasks_back_
                                                            " AND WorkflowType = 'AutomationRun'")]
     assert run and (await stack.client.get_workflow_handle(run[0].id).describe()
                     ).raw_description.workflow_execution_info.priority.priority_key == 4  # inherited
+
+
+async def test_each_events_history_carries_only_the_automation_it_starts(stack):
+    """What the conversation's history keeps of the channel's automations,
+    per event: only the one the event starts (none when it starts nothing),
+    not every active automation, so a channel with many flows does not grow
+    each conversation's history (and the Temporal store) by all of them."""
+    from temporalio.api.enums.v1 import EventType
+
+    from core.contracts import contact_id_for, conversation_workflow_id
+
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    flows = {}
+    for keyword in ("menu", "price", "hours"):
+        flows[keyword] = await create_automation(
+            stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": [keyword]},
+            [{"id": "a", "type": "send_message", "text": f"About {keyword}"}],
+        )
+    person = new_sender()
+    await send_dm(stack, account_id, person, "the price please")
+    assert text_of((await wait_for_messages(stack, person, 1))[0]) == "About price"
+    await send_dm(stack, account_id, person, "thanks, bye")
+    handle = stack.client.get_workflow_handle(
+        conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_for(channel["id"], person))
+    )
+
+    async def recorded():
+        results = []
+        async for event in handle.fetch_history_events():
+            if event.event_type != EventType.EVENT_TYPE_MARKER_RECORDED:
+                continue
+            details = event.marker_recorded_event_attributes.details
+            if "result" not in details or b"record_inbound" not in details["data"].payloads[0].data:
+                continue
+            [result] = await stack.client.data_converter.decode(details["result"].payloads)  # decrypted
+            results.append(result)
+        return len(results) == 2 and results
+
+    results = await wait_for(recorded)
+    assert results, "the two events were not recorded"
+    assert [[a["id"] for a in r["automations"]] for r in results] == [[flows["price"]["id"]], []]
+    assert len(await sandbox_messages(stack, person)) == 1

@@ -52,7 +52,8 @@ NAME_FIELDS = ("first_name", "last_name", "username")
 FILL_NAMES = (
     CONTACTS.update()
     .where(CONTACTS.c.id == bindparam("b_contact_id"))
-    .values({f: case((CONTACTS.c[f] == "", bindparam(f"b_{f}")), else_=CONTACTS.c[f]) for f in NAME_FIELDS}
+    .values({f: case((CONTACTS.c[f] == "", bindparam(f"b_{f}", type_=CONTACTS.c[f].type)), else_=CONTACTS.c[f])
+             for f in NAME_FIELDS}
             | {"updated_at": bindparam("b_updated_at")})
 )
 RUN_STATUS = select(RUNS.c.status).where(RUNS.c.id == bindparam("run_id"))
@@ -94,17 +95,20 @@ WINDOW_KINDS = ("message", "postback", "referral", "story_mention")
 def record_inbound_event(
     engine: Engine,
     input: RecordInboundInput,
-    on_new_contact: Callable[[Row], None] | None = None,
+    on_unnamed_contact: Callable[[Row, list[AutomationSnapshot], bool], None] | None = None,
     then: Callable[[RecordInboundResult, Row, dict], None] | None = None,
 ) -> RecordInboundResult:
     """Log an inbound event, create or refresh its contact, and return the
     channel's active automations for trigger matching (the database half of
     the ``record_inbound`` activity, on the worker's thread pool).
 
-    ``on_new_contact`` is called with the channel's row as soon as the event
-    turns out to come from a new contact whose name it does not carry (before
-    its rows are written), so the caller can start the profile lookup while
-    they are. ``then`` is called once the event is recorded (not for a
+    A contact without any name (new, or never looked up: nothing it wrote
+    before started an automation) comes back ``is_new``, so its profile is
+    looked up when an automation needs it. ``on_unnamed_contact`` is called
+    with the channel's row, its active automations and whether this is the
+    contact's first message as soon as the event turns out to come from such
+    a contact (before its rows are written), so the caller can start that
+    lookup while they are. ``then`` is called once the event is recorded (not for a
     duplicate), on the same thread, with the result, the channel's row and
     the contact's values as written, so the caller's next checks need not
     read them again.
@@ -141,8 +145,10 @@ def record_inbound_event(
             if ev.kind in WINDOW_KINDS:
                 changes["last_inbound_at"] = now
             contact.update(changes)
-            if is_new and on_new_contact is not None and not contact["first_name"]:
-                on_new_contact(channel)
+            automations = _active_automations(conn, input.channel_id)
+            unnamed = _unnamed(contact)
+            if unnamed and on_unnamed_contact is not None:
+                on_unnamed_contact(channel, automations, not has_previous)
             if is_new:
                 conn.execute(INSERT_CONTACT, contact)
             else:
@@ -163,7 +169,6 @@ def record_inbound_event(
                     "created_at": datetime.fromtimestamp(ev.timestamp_ms / 1000, UTC) if ev.timestamp_ms else now,
                 },
             )
-            automations = _active_automations(conn, input.channel_id)
     except IntegrityError:
         retried = _own_earlier_record(engine, input)
         if retried is not None:
@@ -172,13 +177,17 @@ def record_inbound_event(
         return RecordInboundResult(duplicate=True)
     result = RecordInboundResult(
         duplicate=False,
-        contact=snapshot(SimpleNamespace(**contact), is_new=is_new),
+        contact=snapshot(SimpleNamespace(**contact), is_new=is_new or unnamed),
         automations=automations,
         has_previous_inbound=has_previous,
     )
     if then is not None:
         then(result, channel, contact)
     return result
+
+
+def _unnamed(contact) -> bool:
+    return not (contact["first_name"] or contact["last_name"] or contact["username"])
 
 
 def _own_earlier_record(engine: Engine, input: RecordInboundInput) -> RecordInboundResult | None:
@@ -209,7 +218,7 @@ def _own_earlier_record(engine: Engine, input: RecordInboundInput) -> RecordInbo
         automations = _active_automations(conn, input.channel_id)
     return RecordInboundResult(
         duplicate=False,
-        contact=snapshot(SimpleNamespace(**contact), is_new=not earlier),
+        contact=snapshot(SimpleNamespace(**contact), is_new=not earlier or _unnamed(contact)),
         automations=automations,
         has_previous_inbound=any(m.direction == "in" and m.kind in WINDOW_KINDS for m in earlier),
     )

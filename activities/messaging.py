@@ -379,17 +379,26 @@ class MessagingActivities:
         reported (``FirstSend.error_type``) and the run sends it durably; a
         retried attempt leaves the send to the conversation.
 
-        A new Meta contact's profile is then looked up while the event is
-        being recorded (it is needed before the greeting or after it) and the
-        contact comes back looked up (``is_new`` False, names saved), so
-        neither the send nor the conversation looks it up again."""
+        When the event of a Meta contact without a name (new, or whose
+        earlier messages started nothing) starts an automation, their profile
+        is then looked up while the event is being recorded (the flow's
+        messages may greet them by name) and the contact comes back looked up
+        (``is_new`` False, names saved), so neither the send nor the
+        conversation looks it up again. A message that starts nothing brings
+        no lookup."""
         reply = input.first_reply and activity.info().attempt == 1
         lookup: list[Future[dict[str, str] | None]] = []
         planned: list[tuple[tuple[str, str, SendMessageInput] | None, _Prepared | SendMessageResult | Exception | None]] = []
         loop = asyncio.get_running_loop()
 
-        def on_new_contact(channel: Row) -> None:  # on the database thread, before the event's rows are written
-            if channel.platform == "telegram" or not channel.token_ciphertext:
+        def on_unnamed_contact(channel: Row, automations: list[AutomationSnapshot], first_message: bool) -> None:
+            # On the database thread, before the event's rows are written. A
+            # contact is looked up only for an automation their event starts
+            # (its messages may greet them by name), as the conversation would.
+            event = input.event
+            if channel.platform == "telegram" or not channel.token_ciphertext or event.kind == "comment":
+                return
+            if flowrt.select_automation(automations, event, is_first_message=first_message) is None:
                 return
             try:
                 creds = credentials_of(channel, self.vault, input.channel_id, allow_statuses={"active"})
@@ -413,7 +422,7 @@ class MessagingActivities:
             planned.append((opening, checked))
 
         if reply:
-            record = await asyncio.to_thread(record_inbound_event, self.engine, input, on_new_contact, plan)
+            record = await asyncio.to_thread(record_inbound_event, self.engine, input, on_unnamed_contact, plan)
         else:
             record = await asyncio.to_thread(record_inbound_event, self.engine, input)
         names = asyncio.wrap_future(lookup[0]) if lookup else None

@@ -586,8 +586,9 @@ def run_workflow_id(workspace_id: str, automation_id: str, contact_id: str, even
 
 
 def needs_profile(contact: ContactSnapshot, platform: str) -> bool:
-    """A new Meta contact whose name we do not have yet (Telegram gives the
-    name with every update)."""
+    """A Meta contact whose profile is still to be looked up: new, or
+    without any name (``ContactSnapshot.is_new``; Telegram gives the name
+    with every update)."""
     return contact.is_new and not contact.first_name and platform != "telegram"
 
 

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 from sqlmodel import Session
 
-from activities.crm import MESSAGES, record_inbound_event
+from activities.crm import CONTACTS, MESSAGES, record_inbound_event
 from core.contracts import InboundEvent, RecordInboundInput
 from core.db import Automation, Channel, Workspace, make_engine, migrate
 
@@ -74,13 +74,21 @@ def test_a_retry_by_the_same_run_is_answered_as_before_and_a_redelivery_is_a_dup
     assert record(engine, ws, ch, "mid.1", "run-a/7").duplicate
     assert rows(engine, ch) == 1
 
-    # The person writes again: no longer new, has written before; a retry
-    # of that one says the same.
+    # The person writes again: has written before, and (still without a
+    # name: never looked up) still to be looked up; a retry of that one
+    # says the same.
     second = record(engine, ws, ch, "mid.2", "run-a/1")
-    assert (second.duplicate, second.contact.is_new, second.has_previous_inbound) == (False, False, True)
+    assert (second.duplicate, second.contact.is_new, second.has_previous_inbound) == (False, True, True)
     again = record(engine, ws, ch, "mid.2", "run-a/1")
-    assert (again.duplicate, again.contact.is_new, again.has_previous_inbound) == (False, False, True)
+    assert (again.duplicate, again.contact.is_new, again.has_previous_inbound) == (False, True, True)
     assert rows(engine, ch) == 2
+
+    # Once named, the person is not new any more (nothing to look up).
+    with engine.begin() as conn:
+        conn.execute(CONTACTS.update().where(CONTACTS.c.id == f"{ch}_ct_1").values(first_name="Ana"))
+    third = record(engine, ws, ch, "mid.3", "run-a/2")
+    assert (third.contact.is_new, third.contact.first_name) == (False, "Ana")
+    assert (record(engine, ws, ch, "mid.3", "run-a/2").contact.is_new) is False
 
 
 def test_an_event_recorded_without_a_recorder_stays_a_duplicate(engine):

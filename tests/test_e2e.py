@@ -83,11 +83,9 @@ async def test_keyword_dm_gets_reply_then_wait_for_reply_validates(stack):
     assert [m["direction"] for m in reversed(messages["data"])] == ["in", "out", "in", "out", "in", "out"]
 
 
-async def test_a_new_contact_gets_the_reply_first_and_their_name_right_after(stack):
-    """The reply does not use the name, so it does not wait for the profile:
-    a profile lookup that takes 2 s (looked up while the event is recorded,
-    by the same activity) answers after the reply, and then the contact's
-    name is in the CRM."""
+async def menu_shop(stack, name: str, username: str):
+    """A shop whose "menu" keyword answers with one message (no name in it),
+    and a new person with this Instagram profile."""
     tenant = await create_tenant(stack)
     channel, account_id, _ = await connect_instagram(stack, tenant)
     await create_automation(
@@ -95,7 +93,16 @@ async def test_a_new_contact_gets_the_reply_first_and_their_name_right_after(sta
         [{"id": "menu", "type": "send_message", "text": "Here is the menu"}],
     )
     person = new_sender()
-    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Bruno Costa", "username": "bruno.c"})
+    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": name, "username": username})
+    return tenant, channel, account_id, person
+
+
+async def test_a_new_contact_gets_the_reply_first_and_their_name_right_after(stack):
+    """The reply does not use the name, so it does not wait for the profile:
+    a profile lookup that takes 2 s (looked up while the event is recorded,
+    by the same activity) answers after the reply, and then the contact's
+    name is in the CRM."""
+    tenant, channel, account_id, person = await menu_shop(stack, "Bruno Costa", "bruno.c")
     await stack.sandbox.post("/_sandbox/faults", json={
         "kind": "timeout", "delay_seconds": 2, "service": "instagram", "method": "GET", "path_contains": person,
     })
@@ -124,14 +131,7 @@ async def test_a_new_contact_is_looked_up_only_when_their_message_starts_an_auto
     (greeting by name). A message that starts nothing brings no lookup; the
     first one that starts a flow brings exactly one, and the name then
     reaches the CRM."""
-    tenant = await create_tenant(stack)
-    channel, account_id, _ = await connect_instagram(stack, tenant)
-    await create_automation(
-        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["menu"]},
-        [{"id": "menu", "type": "send_message", "text": "Here is the menu"}],
-    )
-    person = new_sender()
-    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Elisa Moura", "username": "elisa"})
+    tenant, channel, account_id, person = await menu_shop(stack, "Elisa Moura", "elisa")
 
     async def contact_after(inbound: int):
         r = await stack.api.get("/v1/contacts", params={"channel_id": channel["id"]}, headers=tenant.headers)

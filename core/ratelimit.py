@@ -186,12 +186,13 @@ class RateLimiter:
         if not budgets:
             return 0.0, ""
         now = time.time() if now is None else float(now)
+        started = time.monotonic()
         booked = 0.0
         with self.engine.connect() as conn:
             tx = conn.begin()
             try:
                 for i, (key, interval, burst) in enumerate(budgets):
-                    wait = self._take(conn, key, interval, burst, now, max_wait)
+                    wait = self._take(conn, key, interval, burst, now, max_wait, started)
                     if wait < 0:  # booked: usable in -wait seconds
                         booked = max(booked, -wait)
                         continue
@@ -210,10 +211,18 @@ class RateLimiter:
                 raise
         return booked, ""
 
-    def _take(self, conn: Connection, key: str, interval: float, burst: int, now: float, max_wait: float = 0.0) -> float:
+    def _take(
+        self, conn: Connection, key: str, interval: float, burst: int, now: float, max_wait: float = 0.0,
+        started: float | None = None,
+    ) -> float:
         """One conditional UPDATE; 0.0 when a cell was taken now, minus the
         wait when one was booked that frees up within ``max_wait``, else the
-        (positive) wait."""
+        (positive) wait. A booked cell whose moment passed while this
+        reservation waited for the row's lock (``started``: its monotonic
+        start) counts as taken now: concurrent senders book against their own,
+        slightly older ``now``, and a wait of a few milliseconds made a sender
+        judge itself late for its cell and book another one, wasting the
+        first (an hourly budget lost a cell that way)."""
         tau = (burst - 1) * interval
         params = {"b_key": key, "b_now": now, "b_limit": tau + max_wait, "b_interval": interval,
                   "b_updated_at": utcnow()}
@@ -222,7 +231,8 @@ class RateLimiter:
                 return 0.0
             tat = float(conn.execute(_TAT, {"b_key": key}).scalar_one())
             booked_at = tat - interval - tau  # the free moment of the cell just taken
-            return -(booked_at - now) if booked_at > now else 0.0
+            current = now + (time.monotonic() - started if started is not None else 0.0)
+            return -(booked_at - now) if booked_at > current else 0.0
         tat = conn.execute(_TAT, {"b_key": key}).scalar()
         if tat is None:
             # First use of this bucket: an empty one (tat = now), then take.

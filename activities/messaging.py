@@ -649,7 +649,7 @@ class MessagingActivities:
         # The rate-budget cells are booked with the checks unless a profile
         # lookup is still to come between them and the send.
         reserve = profile is None or names is not None
-        prepared = checked or await asyncio.to_thread(self._prepare_send, input, reserve)
+        prepared = checked if checked is not None else await asyncio.to_thread(self._prepare_send, input, reserve)
         if isinstance(prepared, SendMessageResult):
             if profile is not None and names is not None:
                 profile.looked_up, profile.text, profile.names = True, input.text, found

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, make_url, pool, text
-from sqlmodel import Session
+from sqlmodel import Session, select
 from temporalio.exceptions import ApplicationError
 
 from core.db import RateBucket, make_engine, migrate
@@ -461,7 +461,7 @@ async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(sta
             seen = [(c["method"], c["path"], c["status"], (c.get("json") or {}).get("recipient"))
                     for c in calls if any(p in c["path"] or p in str(c.get("json")) for p in people)]
             with Session(make_engine(stack.settings.database_url)) as db:
-                buckets = [(b.key, round(b.tat - time.time())) for b in db.query(RateBucket).all()
+                buckets = [(b.key, round(b.tat - time.time())) for b in db.exec(select(RateBucket)).all()
                            if account_id in b.key]
             pytest.fail(f"fewer than 3 of 5 sent within 30 s; calls {seen}; buckets {buckets}")
 

@@ -88,19 +88,20 @@ PROFILE_ATTEMPTS = 2
 PROFILE_RETRY_SECONDS = 0.3
 
 
-class FirstReply(NamedTuple):
-    """``first_reply_plan``: the automation the event starts (None: none),
-    and the run id, step id and send of its opening message (None: it opens
-    otherwise, or nothing starts)."""
+class Opening(NamedTuple):
+    """The opening message of the automation an event starts: the run's
+    workflow id, the step's id and the send."""
 
-    automation: AutomationSnapshot | None
-    opening: tuple[str, str, SendMessageInput] | None
+    run_id: str
+    step_id: str
+    send: SendMessageInput
 
 
-def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> FirstReply:
+def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> Opening | None:
     """The conversation's routing of a recorded event, for ``first_reply``
     (asked for only when the conversation's own state forwards nothing):
-    the automation it starts and that flow's opening send.
+    the opening send of the automation it starts (None: nothing starts, or
+    the flow opens otherwise).
 
     The conversation matches the event again, against the same automations
     with the same inputs, so ``record.automations`` is cut to the one matched
@@ -108,7 +109,7 @@ def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> 
     automation instead of every active one of the channel."""
     event, contact = input.event, record.contact
     if record.duplicate or not record.channel_active or contact is None:
-        return FirstReply(None, None)
+        return None
     automation = None
     if event.kind != "comment" and not flowrt.held_from_triggers(event.kind, contact):
         automation = flowrt.select_automation(
@@ -116,17 +117,17 @@ def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> 
         )
     record.automations = [automation] if automation is not None else []
     if automation is None:
-        return FirstReply(None, None)
+        return None
     step, _, whole_flow = flowrt.leading_send(automation.definition.get("steps", []))
     if step is None:
-        return FirstReply(automation, None)
+        return None
     run_id = flowrt.run_workflow_id(input.workspace_id, automation.id, contact.id, event.event_id)
     send = flowrt.opening_send(
         workspace_id=input.workspace_id, channel_id=input.channel_id, platform=input.platform, run_id=run_id,
         automation=automation, contact=contact, step=step, whole_flow=whole_flow,
         now_iso=datetime.now(UTC).isoformat(),
     )
-    return FirstReply(automation, (run_id, step["id"], send))
+    return Opening(run_id, step["id"], send)
 
 
 @dataclass
@@ -148,6 +149,89 @@ class _ProfileFirst:
     contact: ContactSnapshot | None = None
     names: dict[str, str] | None = None  # saved with the send's records
     text: str = ""
+
+
+class _FirstReply:
+    """One event's first reply, prepared while ``record_inbound`` records the
+    event: ``on_unnamed_contact`` and ``plan`` run on the database thread
+    inside ``record_inbound_event``, ``answer`` on the event loop after it.
+
+    - ``lookup``: the contact's profile lookup, started the moment the
+      contact turns out unnamed if their event starts an automation;
+    - ``opening``: the opening message of the automation the event starts
+      (``first_reply_plan``; None: nothing to send first);
+    - ``checked``: that send's checks (``_prepare_send``) made right after
+      the commit with the channel and contact rows just read and written,
+      or the error they raised (raised again by ``answer``).
+    """
+
+    def __init__(self, messaging: MessagingActivities, input: RecordInboundInput) -> None:
+        self.messaging = messaging
+        self.input = input
+        self.loop = asyncio.get_running_loop()
+        self.lookup: Future[dict[str, str] | None] | None = None
+        self.planned = False
+        self.opening: Opening | None = None
+        self.checked: _Prepared | SendMessageResult | Exception | None = None
+
+    def on_unnamed_contact(self, channel: Row, automations: list[AutomationSnapshot], first_message: bool) -> None:
+        """Database thread, before the event's rows are written. A contact is
+        looked up only for an automation their event starts (its messages may
+        greet them by name), as the conversation would."""
+        event = self.input.event
+        if channel.platform == "telegram" or not channel.token_ciphertext or event.kind == "comment":
+            return
+        if flowrt.select_automation(automations, event, is_first_message=first_message) is None:
+            return
+        try:
+            creds = credentials_of(channel, self.messaging.vault, self.input.channel_id, allow_statuses={"active"})
+        except Exception as err:  # noqa: BLE001 - no lookup ahead; the send's own checks report it
+            log.info("profile lookup not started: %s", type(err).__name__)
+            return
+        self.lookup = asyncio.run_coroutine_threadsafe(self.messaging._names_of(creds, event.sender_id), self.loop)
+
+    def plan(self, record: RecordInboundResult, channel: Row, contact: dict) -> None:
+        """Database thread, once the event is recorded: the match and the
+        send's checks with the rows just written (its rate budgets booked
+        unless its text waits for the profile lookup: booked after it)."""
+        self.planned = True
+        self.opening = first_reply_plan(self.input, record)
+        if self.opening is None:
+            return
+        waits = self.lookup is not None and bool(self.opening.send.profile_first_template)
+        try:
+            self.checked = self.messaging._prepare_send(self.opening.send, reserve=not waits, known=(channel, contact))
+        except Exception as err:  # noqa: BLE001 - raised by the send in answer()
+            self.checked = err
+
+    async def answer(self, record: RecordInboundResult) -> RecordInboundResult:
+        """Send the opening message, if any, and return ``record`` with the
+        send's result (``first_send``) and the contact as looked up."""
+        names = asyncio.wrap_future(self.lookup) if self.lookup is not None else None
+        if not self.planned:
+            # Not recorded now: a duplicate, or this recorder's own row from an attempt that stopped.
+            self.opening = first_reply_plan(self.input, record)
+        if self.opening is None:
+            if names is not None:
+                await self.messaging._save_looked_up(record, names)
+            return record
+        run_id, step_id, send = self.opening
+        try:
+            if isinstance(self.checked, Exception):
+                raise self.checked
+            result = await self.messaging._send_message(send, names, self.checked)
+        except Exception as err:  # noqa: BLE001 - reported; the run sends it with its retries
+            error_type = err.type if isinstance(err, ApplicationError) and err.type else type(err).__name__
+            log.info("first message left to the run: %s", error_type)
+            record.first_send = FirstSend(run_id=run_id, step_id=step_id, error_type=error_type)
+            if names is not None:
+                await self.messaging._save_looked_up(record, names)
+            return record
+        record.first_send = FirstSend(run_id=run_id, step_id=step_id, result=result)
+        if names is not None and record.contact is not None:
+            # The send looked the profile up with these names and saved them.
+            record.contact = result.contact or replace(record.contact, is_new=False)
+        return record
 
 
 class MessagingActivities:
@@ -371,13 +455,13 @@ class MessagingActivities:
     @activity.defn(name="record_inbound")
     async def record_inbound(self, input: RecordInboundInput) -> RecordInboundResult:
         """Record an inbound event (``record_inbound_event``) and, with
-        ``first_reply``, answer it: the event matched against the channel's
-        automations as the conversation matches it, and a flow that opens
-        with a message has it sent here (``send_message``, same input as the
-        conversation's own send would have) instead of by a second local
-        activity. One try, on the first attempt only: a failed send is
-        reported (``FirstSend.error_type``) and the run sends it durably; a
-        retried attempt leaves the send to the conversation.
+        ``first_reply``, answer it (``_FirstReply``): the event matched
+        against the channel's automations as the conversation matches it, and
+        a flow that opens with a message has it sent here (``send_message``,
+        same input as the conversation's own send would have) instead of by a
+        second local activity. One try, on the first attempt only: a failed
+        send is reported (``FirstSend.error_type``) and the run sends it
+        durably; a retried attempt leaves the send to the conversation.
 
         When the event of a Meta contact without a name (new, or whose
         earlier messages started nothing) starts an automation, their profile
@@ -386,71 +470,13 @@ class MessagingActivities:
         (``is_new`` False, names saved), so neither the send nor the
         conversation looks it up again. A message that starts nothing brings
         no lookup."""
-        reply = input.first_reply and activity.info().attempt == 1
-        lookup: list[Future[dict[str, str] | None]] = []
-        planned: list[tuple[tuple[str, str, SendMessageInput] | None, _Prepared | SendMessageResult | Exception | None]] = []
-        loop = asyncio.get_running_loop()
-
-        def on_unnamed_contact(channel: Row, automations: list[AutomationSnapshot], first_message: bool) -> None:
-            # On the database thread, before the event's rows are written. A
-            # contact is looked up only for an automation their event starts
-            # (its messages may greet them by name), as the conversation would.
-            event = input.event
-            if channel.platform == "telegram" or not channel.token_ciphertext or event.kind == "comment":
-                return
-            if flowrt.select_automation(automations, event, is_first_message=first_message) is None:
-                return
-            try:
-                creds = credentials_of(channel, self.vault, input.channel_id, allow_statuses={"active"})
-            except Exception as err:  # noqa: BLE001 - no lookup ahead; the send's own checks report it
-                log.info("profile lookup not started: %s", type(err).__name__)
-                return
-            lookup.append(asyncio.run_coroutine_threadsafe(self._names_of(creds, input.event.sender_id), loop))
-
-        def plan(record: RecordInboundResult, channel: Row, contact: dict) -> None:
-            # Still on the database thread: the match, and the send's checks
-            # with the rows just written (its rate budgets booked unless its
-            # text waits for the profile lookup: booked after it then).
-            opening = first_reply_plan(input, record).opening
-            checked: _Prepared | SendMessageResult | Exception | None = None
-            if opening is not None:
-                waits = bool(lookup) and bool(opening[2].profile_first_template)
-                try:
-                    checked = self._prepare_send(opening[2], reserve=not waits, known=(channel, contact))
-                except Exception as err:  # noqa: BLE001 - raised by the send below
-                    checked = err
-            planned.append((opening, checked))
-
-        if reply:
-            record = await asyncio.to_thread(record_inbound_event, self.engine, input, on_unnamed_contact, plan)
-        else:
-            record = await asyncio.to_thread(record_inbound_event, self.engine, input)
-        names = asyncio.wrap_future(lookup[0]) if lookup else None
-        if planned:
-            opening, checked = planned[0]
-        else:  # not recorded now (a duplicate, or this recorder's own row from an attempt that stopped)
-            opening, checked = (first_reply_plan(input, record).opening if reply else None), None
-        if opening is None:
-            if names is not None:
-                await self._save_looked_up(record, names)
-            return record
-        run_id, step_id, send = opening
-        try:
-            if isinstance(checked, Exception):
-                raise checked
-            result = await self._send_message(send, names, checked)
-            record.first_send = FirstSend(run_id=run_id, step_id=step_id, result=result)
-        except Exception as err:  # noqa: BLE001 - reported; the run sends it with its retries
-            error_type = err.type if isinstance(err, ApplicationError) and err.type else type(err).__name__
-            log.info("first message left to the run: %s", error_type)
-            record.first_send = FirstSend(run_id=run_id, step_id=step_id, error_type=error_type)
-            if names is not None:
-                await self._save_looked_up(record, names)
-            return record
-        if names is not None and record.contact is not None:
-            # The send looked the profile up with these names and saved them.
-            record.contact = result.contact or replace(record.contact, is_new=False)
-        return record
+        if not (input.first_reply and activity.info().attempt == 1):
+            return await asyncio.to_thread(record_inbound_event, self.engine, input)
+        first = _FirstReply(self, input)
+        record = await asyncio.to_thread(
+            record_inbound_event, self.engine, input, first.on_unnamed_contact, first.plan
+        )
+        return await first.answer(record)
 
     async def _save_looked_up(self, record: RecordInboundResult, lookup: asyncio.Future[dict[str, str] | None]) -> None:
         """The contact of ``record`` once its profile lookup is done: the

@@ -194,7 +194,7 @@ class Mocks:
             )
             # Like the real activity: the reply matched and sent right after
             # the recording when the conversation leaves it to this activity.
-            opening = first_reply_plan(input, record).opening if input.first_reply and self.reply_in_record else None
+            opening = first_reply_plan(input, record) if input.first_reply and self.reply_in_record else None
             if opening is not None:
                 run_id, step_id, send = opening
                 try:

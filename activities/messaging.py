@@ -22,6 +22,7 @@ from activities.common import ChannelCredentials, credentials_of, load_credentia
 from activities.crm import (
     CHANNEL_BY_ID,
     CONTACT_BY_ID,
+    CONTACTS,
     INSERT_MESSAGE,
     apply_profile,
     fill_names,
@@ -128,6 +129,17 @@ def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> 
         now_iso=datetime.now(UTC).isoformat(),
     )
     return Opening(run_id, step["id"], send)
+
+
+def _not_broadcast_to(contact: SimpleNamespace | None) -> str:
+    """Why a broadcast's page must now skip this contact ("" when it need not)."""
+    if contact is None:
+        return "deleted"
+    if contact.processing_restricted or contact.consent_withdrawn:
+        return "restricted"
+    if contact.human_takeover:
+        return "human_takeover"
+    return ""
 
 
 @dataclass
@@ -609,14 +621,27 @@ class MessagingActivities:
         with the wait as next_retry_delay (Temporal holds the batch durably),
         and an unusable channel (token invalid, disconnected) stops the batch
         with the reason in ``stopped``.
+
+        The page's contacts are read again when the batch starts: the text
+        is rendered for each (``{{contact.*}}``), and a contact deleted,
+        restricted or handed to a human since the page was chosen is skipped
+        (``deleted``, ``restricted``, ``human_takeover``).
         """
         start, result = 0, BroadcastBatchResult()
         details = activity.info().heartbeat_details
         if details:
             start = int(details[0])
             result = BroadcastBatchResult(sent=int(details[1]), failed=int(details[2]), skipped=dict(details[3]))
-        for index in range(start, len(input.recipients)):
-            recipient = input.recipients[index]
+        pending = input.recipients[start:]
+        contacts = await asyncio.to_thread(self._broadcast_contacts, [r.contact_id for r in pending])
+        personal = flowrt.uses_contact(input.text)
+        for index, recipient in enumerate(pending, start):
+            contact = contacts.get(recipient.contact_id)
+            reason = _not_broadcast_to(contact)
+            if reason:
+                result.skipped[reason] = result.skipped.get(reason, 0) + 1
+                activity.heartbeat(index + 1, result.sent, result.failed, result.skipped)
+                continue
             try:
                 await self._send(
                     SendMessageInput(
@@ -624,7 +649,9 @@ class MessagingActivities:
                         contact_id=recipient.contact_id,
                         recipient_id=recipient.external_id,
                         idempotency_key=f"{input.key_prefix}/{recipient.contact_id}",
-                        text=input.text,
+                        text=flowrt.render(input.text, snapshot(contact)) if personal else input.text,
+                        quick_replies=input.quick_replies,
+                        buttons=input.buttons,
                     )
                 )
                 # A send found already recorded beyond the heartbeated
@@ -642,6 +669,12 @@ class MessagingActivities:
                     raise
             activity.heartbeat(index + 1, result.sent, result.failed, result.skipped)
         return result
+
+    def _broadcast_contacts(self, contact_ids: list[str]) -> dict[str, SimpleNamespace]:
+        """The contacts of a broadcast page, as they are now, by id."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(CONTACTS).where(CONTACTS.c.id.in_(contact_ids))).mappings().all()
+        return {row["id"]: SimpleNamespace(**row) for row in rows}
 
     async def _send(self, input: SendMessageInput) -> SendMessageResult:
         return (await self._send_with_credentials(input))[0]

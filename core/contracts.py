@@ -505,12 +505,14 @@ class BroadcastInput:
     broadcast_id: str
     workspace_id: str
     channel_id: str
-    text: str
+    text: str  # may hold {{contact.*}} placeholders, rendered per recipient by the batch
     segment: dict[str, Any] = field(default_factory=dict)
     after_contact_id: str = ""
     sent: int = 0
     failed: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    quick_replies: list[QuickReply] = field(default_factory=list)
+    buttons: list[Button] = field(default_factory=list)
 
 
 @dataclass
@@ -540,12 +542,16 @@ class BroadcastPage:
 @dataclass
 class BroadcastBatchInput:
     """One page of a broadcast, sent in order by one activity. Each message's
-    idempotency key is ``<key_prefix>/<contact id>``."""
+    idempotency key is ``<key_prefix>/<contact id>``; ``text`` is rendered
+    for each recipient (``{{contact.*}}``) by the activity, from the
+    database, so names never enter the workflow's history."""
 
     channel_id: str
     text: str
     key_prefix: str
     recipients: list[Recipient] = field(default_factory=list)
+    quick_replies: list[QuickReply] = field(default_factory=list)
+    buttons: list[Button] = field(default_factory=list)
 
 
 @dataclass

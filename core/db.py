@@ -199,6 +199,13 @@ class Broadcast(SQLModel, table=True):
     channel_id: str = Field(index=True)
     name: str = ""
     text: str = Field(sa_column=Column(Text, nullable=False))
+    # [{"title", "payload"}] / [{"title", "payload", "url"}], as sent (core.contracts QuickReply / Button).
+    quick_replies: list[dict[str, str]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
+    buttons: list[dict[str, str]] = Field(
+        default_factory=list, sa_column=Column(JSON, nullable=False, server_default="[]")
+    )
     segment: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     status: str = "queued"  # queued | running | completed | cancelled | failed
     sent: int = 0

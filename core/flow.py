@@ -35,6 +35,7 @@ __all__ = [
     "AutomationCreate",
     "AutomationDefinition",
     "AutomationUpdate",
+    "MessageContent",
     "definition_dict",
     "merge_definition",
 ]
@@ -322,13 +323,39 @@ class SendMessageStep(_Step):
 
     @model_validator(mode="after")
     def _check(self) -> SendMessageStep:
-        _not_blank(self.text, f"step {self.id!r}: text")
-        _check_template(self.text, f"step {self.id!r}: text")
-        for title in self.quick_replies:
-            if isinstance(title, str):
-                _not_blank(title, f"step {self.id!r}: a quick reply title")
-        if self.quick_replies and self.buttons:
-            raise _fail(f"step {self.id!r}: use either quick_replies or buttons, not both")
+        _check_message(self.text, self.quick_replies, self.buttons, f"step {self.id!r}: ")
+        return self
+
+
+def _check_message(text: str, quick_replies: list, buttons: list, where: str) -> None:
+    _not_blank(text, f"{where}text")
+    _check_template(text, f"{where}text")
+    for title in quick_replies:
+        if isinstance(title, str):
+            _not_blank(title, f"{where}a quick reply title")
+    if quick_replies and buttons:
+        raise _fail(f"{where}use either quick_replies or buttons, not both")
+
+
+class MessageContent(_Model):
+    """A message sent outside a flow (a broadcast), with a flow step's
+    limits: its text may greet each recipient with ``{{contact.*}}``
+    placeholders (no ``context``: there is no run), and it carries quick
+    replies or buttons."""
+
+    text: str = Field(min_length=1, max_length=1000)
+    quick_replies: list[QuickReplyItem] = Field(default_factory=list, max_length=13)
+    buttons: list[ButtonModel] = Field(default_factory=list, max_length=3)
+
+    @model_validator(mode="after")
+    def _check(self) -> MessageContent:
+        _check_message(self.text, self.quick_replies, self.buttons, "")
+        for match in PLACEHOLDER_RE.finditer(self.text):
+            if not match.group(1).strip().lower().startswith("contact."):
+                raise _fail(
+                    f"text: {match.group(0)!r} has nothing to read here; a broadcast knows contact.first_name, "
+                    "contact.last_name, contact.username and contact.fields.<name>"
+                )
         return self
 
 

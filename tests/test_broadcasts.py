@@ -5,13 +5,23 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime, timedelta
 
-from sqlmodel import Session
+from sqlmodel import Session, select
 from temporalio.client import WorkflowExecutionStatus
 
 from core.contracts import contact_id_for
 from core.db import Contact
+from sandbox import payloads
 
-from helpers import connect_instagram, create_tenant, sandbox_messages, text_of, wait_for
+from helpers import (
+    connect_instagram,
+    create_automation,
+    create_tenant,
+    post_meta,
+    sandbox_messages,
+    text_of,
+    wait_for,
+    wait_for_messages,
+)
 
 
 def add_contacts(stack, tenant, channel_id, n, *, tags=(), ago=timedelta(hours=1), **flags) -> list[str]:
@@ -62,13 +72,27 @@ async def test_broadcast_bad_input_and_tenancy(stack):
     tenant = await create_tenant(stack)
     other = await create_tenant(stack, "Other")
     channel, _, _ = await connect_instagram(stack, tenant)
-    bad = [
-        {"channel_id": channel["id"], "text": ""},
-        {"channel_id": channel["id"], "text": "x", "segment": {"tags_sometimes": ["a"]}},
-        {"channel_id": "ch_nope", "text": "x"},
-    ]
-    for body in bad:
-        assert (await stack.api.post("/v1/broadcasts", json=body, headers=tenant.headers)).status_code == 422
+    ch = channel["id"]
+    bad = {
+        "empty text": {"channel_id": ch, "text": ""},
+        "blank text": {"channel_id": ch, "text": "   "},
+        "unknown segment filter": {"channel_id": ch, "text": "x", "segment": {"tags_sometimes": ["a"]}},
+        "unknown channel": {"channel_id": "ch_nope", "text": "x"},
+        "unknown placeholder": {"channel_id": ch, "text": "Hi {{contact.nickname}}"},
+        "context placeholder": {"channel_id": ch, "text": "Hi {{context.order}}"},
+        "quick replies and buttons": {"channel_id": ch, "text": "x", "quick_replies": ["a"],
+                                      "buttons": [{"title": "b", "payload": "B"}]},
+        "14 quick replies": {"channel_id": ch, "text": "x", "quick_replies": [f"q{i}" for i in range(14)]},
+        "quick reply too long": {"channel_id": ch, "text": "x", "quick_replies": ["x" * 21]},
+        "button without payload or url": {"channel_id": ch, "text": "x", "buttons": [{"title": "b"}]},
+        "button url not http": {"channel_id": ch, "text": "x", "buttons": [{"title": "b", "url": "javascript:x"}]},
+    }
+    for what, body in bad.items():
+        r = await stack.api.post("/v1/broadcasts", json=body, headers=tenant.headers)
+        assert r.status_code == 422, (what, r.status_code, r.text)
+    r = await stack.api.post("/v1/broadcasts", json=bad["context placeholder"], headers=tenant.headers)
+    assert "contact.first_name" in r.text  # says what a broadcast can read
+    assert (await stack.api.get("/v1/broadcasts", headers=tenant.headers)).json()["count"] == 0
     r = await stack.api.post("/v1/broadcasts", json={"channel_id": channel["id"], "text": "x"}, headers=other.headers)
     assert r.status_code == 422
     r = await stack.api.post("/v1/broadcasts", json={"channel_id": channel["id"], "text": "hi"}, headers=tenant.headers)
@@ -159,3 +183,75 @@ async def test_a_retried_batch_resumes_from_its_heartbeat_and_counts_each_send_o
     for person in (people[0], people[1], people[2], people[4]):
         assert [text_of(c) for c in await sandbox_messages(stack, person)] == ["hello"]  # once each
     assert await sandbox_messages(stack, people[3]) == []
+
+
+async def test_broadcast_greets_each_recipient_by_name_and_its_button_starts_an_automation(stack):
+    """The text is rendered for each recipient when sent (a contact without
+    a name gets the fallback); its buttons go out with it, and a tap on one
+    arrives as a postback that starts the automation waiting for it."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    [ana] = add_contacts(stack, tenant, channel["id"], 1, tags=["vip"], first_name="Ana")
+    [nameless] = add_contacts(stack, tenant, channel["id"], 1, tags=["vip"])
+    await create_automation(stack, tenant, channel["id"], {"type": "postback", "payloads": ["CLAIM_20"]},
+                            [{"id": "code", "type": "send_message", "text": "Your code: VIP20"}])
+    r = await stack.api.post("/v1/broadcasts", headers=tenant.headers, json={
+        "channel_id": channel["id"], "text": "Hi {{contact.first_name | there}}! 20% off for you today.",
+        "buttons": [{"title": "Claim it", "payload": "CLAIM_20"}, {"title": "Shop", "url": "https://shop.example"}],
+        "segment": {"tags_any": ["vip"]},
+    })
+    assert r.status_code == 202, r.text
+    created = r.json()
+    assert created["text"] == "Hi {{contact.first_name | there}}! 20% off for you today."
+    assert created["buttons"] == [{"title": "Claim it", "payload": "CLAIM_20", "url": ""},
+                                  {"title": "Shop", "payload": "", "url": "https://shop.example"}]
+    b = await finished(stack, tenant, created["id"])
+    assert b and (b["status"], b["sent"]) == ("completed", 2)
+    [to_ana] = await sandbox_messages(stack, ana)
+    [to_nameless] = await sandbox_messages(stack, nameless)
+    assert text_of(to_ana) == "Hi Ana! 20% off for you today."
+    assert text_of(to_nameless) == "Hi there! 20% off for you today."
+    buttons = to_ana["json"]["message"]["attachment"]["payload"]["buttons"]
+    assert [(x["type"], x["title"], x.get("payload"), x.get("url")) for x in buttons] == [
+        ("postback", "Claim it", "CLAIM_20", None), ("web_url", "Shop", None, "https://shop.example")]
+    # The person's log shows what they were sent, their name filled in.
+    contact_id = contact_id_for(channel["id"], ana)
+    log = (await stack.api.get(f"/v1/contacts/{contact_id}/messages", headers=tenant.headers)).json()
+    assert "Hi Ana! 20% off for you today." in [m["text"] for m in log["data"]]
+    # Ana taps "Claim it".
+    tap = payloads.postback(account_id, ana, "CLAIM_20", "Claim it")
+    assert (await post_meta(stack, payloads.instagram_webhook({account_id: [tap]}))).status_code == 200
+    calls = await wait_for_messages(stack, ana, 2)
+    assert text_of(calls[1]) == "Your code: VIP20"
+
+
+async def test_a_batch_skips_contacts_deleted_restricted_or_taken_over_since_their_page_was_chosen(stack):
+    """The batch reads its page's contacts again before sending: a person
+    deleted, restricted or handed to a human meanwhile gets nothing, and is
+    counted with the reason."""
+    from temporalio.testing import ActivityEnvironment
+
+    from core.contracts import BroadcastBatchInput, Recipient
+    from core.db import Message
+    from workers.main import activities_for
+
+    tenant = await create_tenant(stack)
+    channel, _, _ = await connect_instagram(stack, tenant)
+    people = add_contacts(stack, tenant, channel["id"], 4, first_name="Bo")
+    ids = [contact_id_for(channel["id"], p) for p in people]
+    with Session(stack.deps.engine) as db:
+        db.delete(db.get(Contact, ids[1]))
+        db.get(Contact, ids[2]).processing_restricted = True
+        db.get(Contact, ids[3]).human_takeover = True
+        db.commit()
+    batch = next(a for a in activities_for(stack.settings, stack.deps, stack.client)
+                 if getattr(a, "__name__", "") == "send_broadcast_batch")
+    recipients = [Recipient(contact_id=c, external_id=p) for c, p in zip(ids, people, strict=True)]
+    result = await ActivityEnvironment().run(batch, BroadcastBatchInput(
+        channel["id"], "Hello {{contact.first_name}}", f"{tenant.workspace_id}/broadcast/bc_skips", recipients))
+    assert (result.sent, result.failed, result.skipped) == (1, 0, {"deleted": 1, "restricted": 1, "human_takeover": 1})
+    assert [text_of(c) for c in await sandbox_messages(stack, people[0])] == ["Hello Bo"]
+    for person in people[1:]:
+        assert await sandbox_messages(stack, person) == []
+    with Session(stack.deps.engine) as db:  # nothing was written for the deleted person
+        assert db.exec(select(Message).where(Message.contact_id == ids[1])).all() == []

@@ -136,6 +136,8 @@ class BroadcastWorkflow:
                     text=self._state.text,
                     key_prefix=workflow.info().workflow_id,
                     recipients=recipients,
+                    quick_replies=self._state.quick_replies,
+                    buttons=self._state.buttons,
                 ),
                 result_type=BroadcastBatchResult,
                 start_to_close_timeout=BATCH_TIMEOUT,

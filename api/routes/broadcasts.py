@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from datetime import datetime
 
 from fastapi import APIRouter, HTTPException, status
@@ -11,9 +12,11 @@ from sqlmodel import col, select
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from core import flowrt
 from core.audit import audit
 from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress, broadcast_workflow_id
 from core.db import Broadcast, Channel, count_sends, new_id
+from core.flow import MessageContent
 from workflows.common import BULK_PRIORITY, search_attributes
 
 router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
@@ -28,18 +31,33 @@ class Segment(BaseModel):
     last_seen_within_hours: float | None = Field(None, gt=0, le=24 * 365)
 
 
-class BroadcastCreate(BaseModel):
-    model_config = {"extra": "forbid"}
+class BroadcastCreate(MessageContent):
+    """``text`` (may greet each recipient: ``{{contact.first_name | there}}``),
+    and ``quick_replies`` or ``buttons`` as in a flow's ``send_message`` step."""
+
     channel_id: str
     name: str = Field("", max_length=200)
-    text: str = Field(min_length=1, max_length=1000)
     segment: Segment = Field(default_factory=Segment)
+
+
+class QuickReplyPublic(BaseModel):
+    title: str
+    payload: str
+
+
+class ButtonPublic(BaseModel):
+    title: str
+    payload: str = ""
+    url: str = ""
 
 
 class BroadcastPublic(BaseModel):
     id: str
     channel_id: str
     name: str
+    text: str = Field(description="As written: placeholders are filled for each recipient when sent.")
+    quick_replies: list[QuickReplyPublic]
+    buttons: list[ButtonPublic]
     status: str
     sent: int
     failed: int
@@ -58,6 +76,9 @@ def public(b: Broadcast, live: BroadcastProgress | None = None) -> BroadcastPubl
         id=b.id,
         channel_id=b.channel_id,
         name=b.name,
+        text=b.text,
+        quick_replies=[QuickReplyPublic(**q) for q in b.quick_replies or []],
+        buttons=[ButtonPublic(**x) for x in b.buttons or []],
         status=live.status if live else b.status,
         sent=live.sent if live else b.sent,
         failed=live.failed if live else b.failed,
@@ -86,7 +107,10 @@ def get_owned(session, workspace_id: str, broadcast_id: str) -> Broadcast:
     summary="Send a message to a segment of a channel's contacts",
     description=(
         "Runs as a durable Broadcast workflow that respects the 24-hour window and the rate limits; "
-        "contacts that are restricted, handed to a human or outside the window are skipped and counted."
+        "contacts that are restricted, handed to a human or outside the window are skipped and counted. "
+        "`{{contact.*}}` placeholders in the text are filled for each recipient when their message is sent "
+        "(a broken or unknown placeholder is a 422); `quick_replies` or `buttons` (a button's payload "
+        "arrives as a postback, which can start an automation) as in a flow's send_message step."
     ),
 )
 async def create_broadcast(
@@ -97,12 +121,16 @@ async def create_broadcast(
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"no channel {body.channel_id!r} in this workspace")
     if channel.status != "active":
         raise HTTPException(status.HTTP_409_CONFLICT, "the channel is not active")
+    content = body.model_dump(include={"quick_replies", "buttons"})
+    quick_replies, buttons = flowrt.quick_replies(content), flowrt.buttons(content)
     b = Broadcast(
         id=new_id("bc"),
         workspace_id=workspace.id,
         channel_id=channel.id,
         name=body.name,
         text=body.text,
+        quick_replies=[asdict(q) for q in quick_replies],
+        buttons=[asdict(x) for x in buttons],
         segment=body.segment.model_dump(exclude_defaults=True),
     )
     session.add(b)
@@ -111,7 +139,13 @@ async def create_broadcast(
     await temporal.start_workflow(
         BROADCAST_WORKFLOW,
         BroadcastInput(
-            broadcast_id=b.id, workspace_id=workspace.id, channel_id=channel.id, text=b.text, segment=b.segment
+            broadcast_id=b.id,
+            workspace_id=workspace.id,
+            channel_id=channel.id,
+            text=b.text,
+            segment=b.segment,
+            quick_replies=quick_replies,
+            buttons=buttons,
         ),
         id=workflow_id(b),
         task_queue=settings.task_queue,

@@ -29,7 +29,10 @@ async def start_erasure(
     channel_ids: list[str] | None = None,
 ) -> tuple[ErasureJob, bool]:
     """Return (job, created). A target already being or having been erased
-    returns its existing job instead of starting another."""
+    returns its existing job instead of starting another; a job still
+    pending (its workflow never started: Temporal was unreachable when it was
+    asked for) has its workflow started now, so asking again after a 503
+    really erases."""
     existing = session.exec(
         select(ErasureJob)
         .where(
@@ -41,6 +44,8 @@ async def start_erasure(
         .order_by(col(ErasureJob.created_at).desc())
     ).first()
     if existing is not None:
+        if existing.status == "pending":
+            await _start(temporal, settings, existing, contact_id, channel_ids)
         return existing, False
     job = ErasureJob(
         id=f"er_{secrets.token_hex(10)}", workspace_id=workspace_id, scope=scope, target=target, source=source
@@ -48,18 +53,25 @@ async def start_erasure(
     session.add(job)
     audit(session, workspace_id, actor, f"{scope}.erase.requested", target=job.id, detail=f"source={source}")
     session.commit()
+    await _start(temporal, settings, job, contact_id, channel_ids)
+    return job, True
+
+
+async def _start(
+    temporal: Client, settings: Settings, job: ErasureJob, contact_id: str, channel_ids: list[str] | None
+) -> None:
+    """Start the job's workflow; one already running is left as it is."""
     await temporal.start_workflow(
-        ERASURE_WORKFLOWS[scope],
+        ERASURE_WORKFLOWS[job.scope],
         EraseInput(
             job_id=job.id,
-            workspace_id=workspace_id,
-            scope=scope,
+            workspace_id=job.workspace_id,
+            scope=job.scope,
             contact_id=contact_id,
             channel_ids=list(channel_ids or []),
         ),
         id=f"erase/{job.id}",
         task_queue=settings.task_queue,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-        search_attributes=search_attributes(workspace_id),
+        search_attributes=search_attributes(job.workspace_id),
     )
-    return job, True

@@ -6,9 +6,11 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
 from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.inbox import InboxState, InboxWriter, run_relay
 from api.routes import (
@@ -35,13 +37,18 @@ from core.temporal import connect
 
 log = logging.getLogger("vectory.api")
 
+# Temporal's answers that mean "not now" rather than "wrong request".
+TEMPORAL_UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED)
+RETRY_AFTER_SECONDS = 5
+
 DESCRIPTION = """
 Vectory automates direct messages on Instagram, Facebook Messenger and Telegram.
 Every automation run is a durable Temporal workflow.
 
 Authenticate with `Authorization: Bearer <workspace API key>`; only
 `POST /v1/workspaces` takes the admin token. Objects of another workspace
-answer 404.
+answer 404. A call that needs Temporal while it is unreachable answers 503
+with `Retry-After` and keeps nothing half done; ask again.
 """
 
 
@@ -99,6 +106,21 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             allow_headers=["Authorization", "Content-Type", "X-Namespace"],
             allow_credentials=True,
         )
+
+    @app.exception_handler(RPCError)
+    async def temporal_error(request: Request, exc: RPCError) -> JSONResponse:
+        # A route that starts, signals or queries a workflow while Temporal
+        # is unreachable answers 503 (retry later), not 500. Webhooks never
+        # get here: they keep their events in the inbox.
+        if exc.status in TEMPORAL_UNREACHABLE:
+            log.warning("%s %s: Temporal unreachable (%s)", request.method, request.url.path, exc.status.name)
+            return JSONResponse(
+                {"detail": "Temporal is not reachable; try again shortly"},
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )
+        log.error("%s %s: Temporal refused the call (%s)", request.method, request.url.path, exc.status.name)
+        return JSONResponse({"detail": "internal error"}, status_code=500)
 
     @app.get("/healthz", tags=["health"], operation_id="healthz", summary="Liveness")
     def healthz() -> dict:

@@ -70,17 +70,27 @@ def database_url(tmp_data: Path) -> str:
     return os.environ.get("VECTORY_DATABASE_URL") or f"sqlite:///{tmp_data / 'vectory.db'}"
 
 
-@pytest.fixture(scope="session")
-async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
-    env = await WorkflowEnvironment.start_local(
+SEARCH_ATTRIBUTES = [
+    SearchAttributeKey.for_keyword(name) for name in ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
+]
+
+
+async def start_dev_server(port: int | None = None, db_file: str | None = None) -> WorkflowEnvironment:
+    """A Temporal dev server with our search attributes (``port`` and
+    ``db_file`` for a test that stops and restarts its own)."""
+    return await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL_CLI),
-        search_attributes=[
-            SearchAttributeKey.for_keyword(name)
-            for name in ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
-        ],
+        port=port,
+        dev_server_database_filename=db_file,
+        search_attributes=SEARCH_ATTRIBUTES,
         dev_server_log_level="error",
         dev_server_extra_args=dev_server_args(),
     )
+
+
+@pytest.fixture(scope="session")
+async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
+    env = await start_dev_server()
     yield env
     await env.shutdown()
 

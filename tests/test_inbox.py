@@ -8,14 +8,12 @@ import asyncio
 import httpx
 from sqlmodel import Session, func, select
 from temporalio.client import Client
-from temporalio.common import SearchAttributeKey
-from temporalio.testing import WorkflowEnvironment
 
 from core.codec import data_converter
 from core.db import InboxEvent
 from sandbox import payloads
 
-from conftest import TEMPORAL_CLI, free_port, serve
+from conftest import free_port, serve, start_dev_server
 from helpers import (
     connect_instagram,
     create_automation,
@@ -26,20 +24,6 @@ from helpers import (
     send_dm,
     wait_for,
 )
-
-SEARCH_ATTRIBUTES = [
-    SearchAttributeKey.for_keyword(n) for n in ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")
-]
-
-
-async def start_server(port: int, db_file: str) -> WorkflowEnvironment:
-    return await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(TEMPORAL_CLI),
-        port=port,
-        dev_server_database_filename=db_file,
-        search_attributes=SEARCH_ATTRIBUTES,
-        dev_server_log_level="error",
-    )
 
 
 async def test_events_posted_while_temporal_is_down_are_handled_once_it_is_back(stack, tmp_path):
@@ -57,7 +41,7 @@ async def test_events_posted_while_temporal_is_down_are_handled_once_it_is_back(
     settings = stack.settings.model_copy(
         update={"temporal_address": f"127.0.0.1:{port}", "task_queue": f"{stack.settings.task_queue}-inbox"}
     )
-    env = await start_server(port, db_file)
+    env = await start_dev_server(port, db_file)
     client = await Client.connect(settings.temporal_address, data_converter=data_converter(stack.deps.keys))
     worker = build_worker(client, settings, stack.deps)
     worker_task = asyncio.create_task(worker.run())
@@ -87,7 +71,7 @@ async def test_events_posted_while_temporal_is_down_are_handled_once_it_is_back(
         assert stored == 100
 
         # Temporal is back (same persistence); a worker starts again.
-        env = await start_server(port, db_file)
+        env = await start_dev_server(port, db_file)
         client2 = await Client.connect(settings.temporal_address, data_converter=data_converter(stack.deps.keys))
         worker = build_worker(client2, settings, stack.deps)
         worker_task = asyncio.create_task(worker.run())

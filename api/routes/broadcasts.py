@@ -15,7 +15,7 @@ from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from core import flowrt
 from core.audit import audit
 from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress, broadcast_workflow_id
-from core.db import Broadcast, Channel, count_sends, new_id
+from core.db import Broadcast, Channel, count_sends, new_id, utcnow
 from core.flow import MessageContent
 from workflows.common import BULK_PRIORITY, search_attributes
 
@@ -136,22 +136,31 @@ async def create_broadcast(
     session.add(b)
     audit(session, workspace.id, "api_key", "broadcast.create", b.id)
     session.commit()
-    await temporal.start_workflow(
-        BROADCAST_WORKFLOW,
-        BroadcastInput(
-            broadcast_id=b.id,
-            workspace_id=workspace.id,
-            channel_id=channel.id,
-            text=b.text,
-            segment=b.segment,
-            quick_replies=quick_replies,
-            buttons=buttons,
-        ),
-        id=workflow_id(b),
-        task_queue=settings.task_queue,
-        search_attributes=search_attributes(workspace.id, channel.id, platform=channel.platform),
-        priority=BULK_PRIORITY,  # yields to conversations when tasks back up
-    )
+    try:
+        await temporal.start_workflow(
+            BROADCAST_WORKFLOW,
+            BroadcastInput(
+                broadcast_id=b.id,
+                workspace_id=workspace.id,
+                channel_id=channel.id,
+                text=b.text,
+                segment=b.segment,
+                quick_replies=quick_replies,
+                buttons=buttons,
+            ),
+            id=workflow_id(b),
+            task_queue=settings.task_queue,
+            search_attributes=search_attributes(workspace.id, channel.id, platform=channel.platform),
+            priority=BULK_PRIORITY,  # yields to conversations when tasks back up
+        )
+    except RPCError as err:
+        if err.status == RPCStatusCode.UNAVAILABLE:
+            # Temporal did not take it: shown failed (a workflow that did
+            # start after all records its own status over this one).
+            b.status, b.finished_at = "failed", utcnow()
+            session.add(b)
+            session.commit()
+        raise
     return public(b)
 
 

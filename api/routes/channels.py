@@ -10,6 +10,7 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field, SecretStr
 from sqlmodel import select
 from temporalio.common import WorkflowIDReusePolicy
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.common import token_context
 from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep, VaultDep
@@ -107,7 +108,7 @@ async def start_disconnect(temporal, task_queue: str, channel: Channel):
     description=(
         "Runs the ConnectChannel workflow: verifies the token with the platform and subscribes webhooks. "
         "201 when active; 202 when the platform is slow and the workflow is still retrying; 400 when the "
-        "platform rejects the token (nothing is kept)."
+        "platform rejects the token (nothing is kept); 503 when Temporal is unreachable (nothing is kept either)."
     ),
     responses={202: {"model": ChannelPublic}, 400: {"description": "token rejected"}},
 )
@@ -132,14 +133,22 @@ async def connect_channel(
     session.add(channel)
     audit(session, workspace.id, "api_key", "channel.connect", channel_id, body.platform)
     session.commit()
-    handle = await temporal.start_workflow(
-        CONNECT_CHANNEL_WORKFLOW,
-        ConnectChannelInput(workspace_id=workspace.id, channel_id=channel_id, platform=body.platform),
-        id=f"{workspace.id}/channel/{channel_id}/connect",
-        task_queue=settings.task_queue,
-        search_attributes=search_attributes(workspace.id, channel_id, platform=body.platform),
-        result_type=ConnectResult,
-    )
+    try:
+        handle = await temporal.start_workflow(
+            CONNECT_CHANNEL_WORKFLOW,
+            ConnectChannelInput(workspace_id=workspace.id, channel_id=channel_id, platform=body.platform),
+            id=f"{workspace.id}/channel/{channel_id}/connect",
+            task_queue=settings.task_queue,
+            search_attributes=search_attributes(workspace.id, channel_id, platform=body.platform),
+            result_type=ConnectResult,
+        )
+    except RPCError as err:
+        if err.status == RPCStatusCode.UNAVAILABLE:
+            # Temporal did not take it: nothing was connected, so nothing
+            # is kept (the token goes with the row); the answer is a 503.
+            session.delete(channel)
+            session.commit()
+        raise
     try:
         result = await asyncio.wait_for(handle.result(), WAIT_FOR_LIFECYCLE.total_seconds())
     except TimeoutError:

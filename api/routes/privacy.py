@@ -80,20 +80,23 @@ def _existing_job(session, workspace_id: str, scope: str, target: str) -> Erasur
     response_model=ErasureJobPublic,
     operation_id="erase_contact",
     summary="Erase a contact: stop their workflows and delete every row about them",
-    description="Idempotent: erasing a contact already being (or having been) erased returns the existing job.",
+    description=(
+        "Idempotent: erasing a contact already being (or having been) erased returns the existing job. "
+        "503 when Temporal is unreachable: the job is kept, and asking again starts it."
+    ),
 )
 async def erase_contact(
     contact_id: str, workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep, settings: SettingsDep
 ) -> ErasureJobPublic:
-    job = _existing_job(session, workspace.id, "contact", contact_id)
-    if job is None:
+    if _existing_job(session, workspace.id, "contact", contact_id) is None:
         contact = session.get(Contact, contact_id)
         if contact is None or contact.workspace_id != workspace.id:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "contact not found")
-        job, _ = await start_erasure(
-            temporal, settings, session, workspace_id=workspace.id, scope="contact", target=contact.id,
-            source="api", actor="api_key", contact_id=contact.id,
-        )
+    # Also for an existing job: one still pending has its workflow started.
+    job, _ = await start_erasure(
+        temporal, settings, session, workspace_id=workspace.id, scope="contact", target=contact_id,
+        source="api", actor="api_key", contact_id=contact_id,
+    )
     return job_public(job, settings.public_url)
 
 
@@ -103,20 +106,23 @@ async def erase_contact(
     response_model=ErasureJobPublic,
     operation_id="erase_workspace",
     summary="Erase the workspace: revoke every channel, delete all data, destroy its encryption keys",
-    description="The API key stops working when the erasure completes; follow `status_url` without it.",
+    description=(
+        "The API key stops working when the erasure completes; follow `status_url` without it. "
+        "503 when Temporal is unreachable: the job is kept, and asking again starts it."
+    ),
 )
 async def erase_workspace(
     workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep, settings: SettingsDep
 ) -> ErasureJobPublic:
-    job = _existing_job(session, workspace.id, "workspace", workspace.id)
-    if job is None:
+    if _existing_job(session, workspace.id, "workspace", workspace.id) is None:
         workspace.status = "erasing"
         session.add(workspace)
         session.commit()
-        job, _ = await start_erasure(
-            temporal, settings, session, workspace_id=workspace.id, scope="workspace", target=workspace.id,
-            source="api", actor="api_key",
-        )
+    # Also for an existing job: one still pending has its workflow started.
+    job, _ = await start_erasure(
+        temporal, settings, session, workspace_id=workspace.id, scope="workspace", target=workspace.id,
+        source="api", actor="api_key",
+    )
     return job_public(job, settings.public_url)
 
 

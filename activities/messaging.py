@@ -407,7 +407,9 @@ class MessagingActivities:
                 "contact_id": input.contact_id,
                 "direction": "out",
                 "kind": "message",
-                "text": input.text,
+                # PostgreSQL text cannot hold NUL (an AI reply may carry one):
+                # a failed write here would make every retry send again.
+                "text": input.text.replace("\x00", ""),
                 "payload": "",
                 "platform_event_id": message_id,
                 "run_id": input.run_id,

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from api.guard import ApiGuard
 from api.inbox import InboxState, InboxWriter, run_relay
 from api.routes import (
     automations,
@@ -97,6 +98,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops, broadcasts):
         app.include_router(module.router)
 
+    app.add_middleware(ApiGuard)  # /v1 bodies: size, NUL, NaN, depth (api/guard.py)
     if settings.codec_cors_origins:
         # The Temporal UI calls the codec endpoint from the operator's browser.
         app.add_middleware(

@@ -63,11 +63,13 @@ def _id(value: Any) -> str:
     """A platform id as a string, or "" when absent / not an id."""
     if value is None or isinstance(value, bool) or isinstance(value, dict | list):
         return ""
-    return str(value)
+    return str(value).replace("\x00", "")
 
 
 def _str(value: Any) -> str:
-    return value if isinstance(value, str) else ""
+    """A string field, without NUL characters (PostgreSQL text cannot hold
+    them: the event could not be recorded), or "" when not a string."""
+    return value.replace("\x00", "") if isinstance(value, str) else ""
 
 
 def _int(value: Any) -> int:

@@ -18,6 +18,7 @@ from helpers import (
     post_meta,
     sandbox_messages,
     send_dm,
+    wait_for,
     wait_for_messages,
 )
 
@@ -137,3 +138,90 @@ async def test_webhooks_follow_connect_and_disconnect_at_once(stack):
     assert r.status_code == 200 and r.json()["status"] == "disconnected"
     dm = payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, new_sender(), "hi")]})
     assert (await post_meta(stack, dm)).json() == {"received": 1, "dispatched": 0, "ignored": 1}
+
+
+async def test_bodies_that_would_break_storage_are_refused_before_anything_is_stored(stack):
+    """NUL characters (PostgreSQL text cannot hold them: the send went out,
+    its record failed, and each retry sent it again), NaN, JSON nested past
+    any use, oversized bodies and absurd offsets: a 4xx, nothing stored,
+    nothing sent."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    person = new_sender()
+    await send_dm(stack, account_id, person, "hello")
+    contacts = []
+
+    async def contact_recorded():
+        contacts[:] = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()["data"]
+        return bool(contacts)
+
+    assert await wait_for(contact_recorded, timeout=15)
+    contact_id = contacts[0]["id"]
+    json_headers = {**tenant.headers, "Content-Type": "application/json"}
+    refused = [
+        ("post", f"/v1/contacts/{contact_id}/messages", b'{"text": "hello\\u0000there"}', 422),
+        ("post", "/v1/automations", b'{"name": "x", "channel_id": "%s", "trigger": {"type": "api"}, '
+                                     b'"steps": [{"id": "a", "type": "send_message", "text": "a\\u0000b"}]}'
+                                     % channel["id"].encode(), 422),
+        ("patch", f"/v1/contacts/{contact_id}", b'{"first_name": "Ann\\u0000"}', 422),
+        ("patch", f"/v1/contacts/{contact_id}", b'{"fields": {"d": ' + b"[" * 300 + b"]" * 300 + b"}}", 422),
+        ("patch", f"/v1/contacts/{contact_id}", b'{"fields": {"score": NaN}}', 422),
+        ("patch", "/v1/workspace", b'{"retention_days": Infinity}', 422),
+        ("post", "/v1/broadcasts", b'{"channel_id": "%s", "text": "x", "segment": {"fields": {"a": "%s"}}}'
+                                   % (channel["id"].encode(), b"x" * 2_000_000), 413),
+        ("get", "/v1/channels/ch%00x", None, 422),
+        ("get", "/v1/automations?channel_id=a%00b", None, 422),
+        ("get", f"/v1/contacts/{contact_id}/messages?offset=9223372036854775808", None, 422),
+        ("post", "/v1/channels", b'{"platform": "telegram", "access_token": "1:AA", "nmae": "typo"}', 422),
+    ]
+    for method, url, body, expected in refused:
+        r = await stack.api.request(method, url, content=body, headers=json_headers)
+        assert r.status_code == expected, (method, url, r.status_code, r.text[:300])
+        assert isinstance(r.json()["detail"], list | str)
+    # Nothing stored, nothing sent, everything still readable.
+    contact = (await stack.api.get(f"/v1/contacts/{contact_id}", headers=tenant.headers)).json()
+    assert (contact["first_name"], contact["fields"]) == ("", {})
+    assert (await stack.api.get("/v1/contacts", headers=tenant.headers)).status_code == 200
+    assert (await stack.api.get("/v1/automations", headers=tenant.headers)).json()["count"] == 0
+    assert (await stack.api.get("/v1/broadcasts", headers=tenant.headers)).json()["count"] == 0
+    assert [c["id"] for c in (await stack.api.get("/v1/channels", headers=tenant.headers)).json()["data"]] == [
+        channel["id"]]
+    await asyncio.sleep(1.0)
+    assert await sandbox_messages(stack, person) == []
+
+
+async def test_a_nul_character_from_the_platform_is_dropped_and_the_message_answered_once(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["price"]},
+                            [{"id": "a", "type": "send_message", "text": "It is 10 EUR"}])
+    person = new_sender()
+    await send_dm(stack, account_id, person, "price\u0000 please")
+    await wait_for_messages(stack, person, 1)
+    await asyncio.sleep(1.0)
+    assert len(await sandbox_messages(stack, person)) == 1
+    contact = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()["data"][0]
+    log = (await stack.api.get(f"/v1/contacts/{contact['id']}/messages", headers=tenant.headers)).json()["data"]
+    assert "price please" in [m["text"] for m in log]
+
+
+async def test_an_automation_can_be_deleted_and_concurrent_updates_each_make_a_version(stack):
+    tenant = await create_tenant(stack)
+    other = await create_tenant(stack, "Other")
+    channel, _, _ = await connect_instagram(stack, tenant)
+    steps = [{"id": "s", "type": "send_message", "text": "v1"}]
+    automation = await create_automation(stack, tenant, channel["id"], {"type": "api"}, steps)
+    url = f"/v1/automations/{automation['id']}"
+    updates = await asyncio.gather(*(
+        stack.api.patch(url, json={"steps": [{"id": "s", "type": "send_message", "text": f"v{i + 2}"}]},
+                        headers=tenant.headers)
+        for i in range(8)
+    ))
+    assert [r.status_code for r in updates] == [200] * 8, [r.text for r in updates if r.status_code != 200]
+    assert sorted(r.json()["version"] for r in updates) == list(range(2, 10))
+    assert (await stack.api.get(url, headers=tenant.headers)).json()["version"] == 9
+    assert (await stack.api.delete(url, headers=other.headers)).status_code == 404
+    r = await stack.api.delete(url, headers=tenant.headers)
+    assert r.status_code == 204, r.text
+    assert (await stack.api.get(url, headers=tenant.headers)).status_code == 404
+    assert (await stack.api.get("/v1/automations", headers=tenant.headers)).json()["count"] == 0

@@ -7,13 +7,16 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, ValidationError
-from sqlmodel import select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import delete, select
 
 from api.deps import CurrentWorkspace, SessionDep
 from core.db import Automation, AutomationVersion, Channel, new_id, utcnow
 from core.flow import AutomationCreate, AutomationUpdate, definition_dict, merge_definition
 
 router = APIRouter(prefix="/v1/automations", tags=["automations"])
+# Tries of an update that meets concurrent ones (each then applies on top).
+UPDATE_ATTEMPTS = 5
 
 
 class AutomationPublic(BaseModel):
@@ -112,25 +115,34 @@ def get_automation(automation_id: str, workspace: CurrentWorkspace, session: Ses
 def update_automation(
     automation_id: str, body: AutomationUpdate, workspace: CurrentWorkspace, session: SessionDep
 ) -> AutomationPublic:
-    automation = get_owned(session, workspace.id, automation_id)
-    try:
-        definition = merge_definition(automation.definition, body)
-    except ValidationError as exc:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False, include_context=False)) from None
-    except ValueError as exc:
-        raise _unprocessable(["body"], str(exc)) from None
-    if body.name is not None:
-        automation.name = body.name
-    if body.status is not None:
-        automation.status = body.status
-    if definition != automation.definition:
-        automation.version += 1
-        automation.definition = definition
-        session.add(AutomationVersion(automation_id=automation.id, version=automation.version, definition=definition))
-    automation.updated_at = utcnow()
-    session.add(automation)
-    session.commit()
-    return public(automation)
+    for _ in range(UPDATE_ATTEMPTS):
+        automation = get_owned(session, workspace.id, automation_id)
+        try:
+            definition = merge_definition(automation.definition, body)
+        except ValidationError as exc:
+            raise HTTPException(
+                status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False, include_context=False)
+            ) from None
+        except ValueError as exc:
+            raise _unprocessable(["body"], str(exc)) from None
+        if body.name is not None:
+            automation.name = body.name
+        if body.status is not None:
+            automation.status = body.status
+        if definition != automation.definition:
+            automation.version += 1
+            automation.definition = definition
+            session.add(AutomationVersion(automation_id=automation.id, version=automation.version, definition=definition))
+        automation.updated_at = utcnow()
+        session.add(automation)
+        try:
+            session.commit()
+            return public(automation)
+        except IntegrityError:
+            # Another update took this version number first: apply this one
+            # on top of it (the unique (automation, version) row decides).
+            session.rollback()
+    raise HTTPException(status.HTTP_409_CONFLICT, "the automation is being changed by other requests; retry")
 
 
 @router.delete(
@@ -141,8 +153,8 @@ def update_automation(
 )
 def delete_automation(automation_id: str, workspace: CurrentWorkspace, session: SessionDep) -> Response:
     automation = get_owned(session, workspace.id, automation_id)
-    for version in session.exec(select(AutomationVersion).where(AutomationVersion.automation_id == automation.id)):
-        session.delete(version)
+    # Its versions first (they reference it; the unit of work does not know the order).
+    session.exec(delete(AutomationVersion).where(AutomationVersion.automation_id == automation.id))
     session.delete(automation)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

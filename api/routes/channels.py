@@ -32,6 +32,7 @@ WAIT_FOR_LIFECYCLE = timedelta(seconds=20)
 
 
 class ChannelCreate(BaseModel):
+    model_config = {"extra": "forbid"}
     platform: Literal["instagram", "messenger", "telegram"]
     access_token: SecretStr = Field(
         min_length=1,

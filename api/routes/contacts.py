@@ -24,6 +24,7 @@ from core.contracts import (
 from core.db import Channel, Contact, Message, Run, utcnow
 
 router = APIRouter(prefix="/v1/contacts", tags=["contacts"])
+MAX_OFFSET = 10_000_000  # past any real list; beyond it SQLite overflows (a 500)
 
 
 class ContactPublic(BaseModel):
@@ -108,7 +109,7 @@ def list_contacts(
     channel_id: str | None = None,
     tag: str | None = None,
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> ContactList:
     query = select(Contact).where(Contact.workspace_id == workspace.id)
     if channel_id:
@@ -193,7 +194,7 @@ def list_messages(
     workspace: CurrentWorkspace,
     session: SessionDep,
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> MessageList:
     contact = get_owned(session, workspace.id, contact_id)
     total = session.exec(select(func.count()).select_from(Message).where(Message.contact_id == contact.id)).one()

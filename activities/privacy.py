@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, delete, text, update
+from sqlalchemy import Engine, delete, or_, text, update
 from sqlmodel import Session, col, select
 from temporalio import activity
+from temporalio.api.common.v1 import WorkflowExecution
+from temporalio.api.workflowservice.v1 import DeleteWorkflowExecutionRequest
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -122,7 +124,47 @@ class PrivacyActivities:
             except RPCError as err:
                 if err.status != RPCStatusCode.NOT_FOUND:
                     raise
-        return StopWorkflowsResult(stopped=stopped)
+        deleted = 0
+        if input.scope in ("contact", "channels"):
+            deleted = await self._delete_histories(input, ids)
+        return StopWorkflowsResult(stopped=stopped, histories_deleted=deleted)
+
+    async def _delete_histories(self, input: EraseStepInput, stopped_ids: list[str]) -> int:
+        """Delete the subject's executions from Temporal: the ones just
+        stopped and every closed one (finished runs, a conversation's earlier
+        runs before continue-as-new, a channel's broadcasts). Their payloads
+        hold the person's messages, and the workspace's key still decodes
+        them: without this they stayed readable until the namespace's
+        retention. A workspace's histories are crypto-shredded instead
+        (``destroy_workspace_keys``)."""
+        assert self.temporal is not None
+        if input.scope == "contact":
+            query = f"ContactId = '{_quoted(input.contact_id)}'"
+        else:
+            query = " OR ".join(f"ChannelId = '{_quoted(c)}'" for c in input.channel_ids if c)
+        executions = {(workflow_id, "") for workflow_id in stopped_ids}
+        if query:
+            try:
+                async for wf in self.temporal.list_workflows(f"({query}) AND ExecutionStatus != 'Running'"):
+                    if not wf.id.startswith("erase/"):
+                        executions.add((wf.id, wf.run_id or ""))
+            except RPCError as err:  # visibility without our search attributes: the stopped ones still go
+                activity.logger.warning("visibility query failed: %s", err.status)
+        deleted = 0
+        for workflow_id, run_id in sorted(executions):
+            activity.heartbeat(deleted)
+            try:
+                await self.temporal.workflow_service.delete_workflow_execution(
+                    DeleteWorkflowExecutionRequest(
+                        namespace=self.temporal.namespace,
+                        workflow_execution=WorkflowExecution(workflow_id=workflow_id, run_id=run_id),
+                    )
+                )
+                deleted += 1
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+        return deleted
 
     # -- purge -----------------------------------------------------------------------
 
@@ -143,7 +185,11 @@ class PrivacyActivities:
             run("inbox", delete(InboxEvent).where(col(InboxEvent.contact_id).in_(contact_ids)))
             for contact_id in contact_ids:
                 if contact_id:
-                    run("send_records", delete(SendRecord).where(col(SendRecord.idempotency_key).contains(f"/{contact_id}/")))
+                    # A run's sends hold the contact id inside their key, a broadcast's at its end.
+                    key = col(SendRecord.idempotency_key)
+                    run("send_records", delete(SendRecord).where(
+                        or_(key.contains(f"/{contact_id}/", autoescape=True), key.endswith(f"/{contact_id}", autoescape=True))
+                    ))
             run("ai_usage_unlinked", update(AiUsage).where(col(AiUsage.run_id).in_(run_ids)).values(run_id=""))
             run("runs", delete(Run).where(col(Run.contact_id).in_(contact_ids)))
             run(
@@ -219,3 +265,8 @@ class PrivacyActivities:
                 result.runs_deleted += deleted.rowcount or 0
             db.commit()
         return result
+
+
+def _quoted(value: str) -> str:
+    """A value inside a single-quoted visibility query string."""
+    return value.replace("\\", "\\\\").replace("'", "\\'")

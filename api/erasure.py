@@ -27,12 +27,15 @@ async def start_erasure(
     actor: str,
     contact_id: str = "",
     channel_ids: list[str] | None = None,
+    holds_data: bool = False,
 ) -> tuple[ErasureJob, bool]:
     """Return (job, created). A target already being or having been erased
     returns its existing job instead of starting another; a job still
     pending (its workflow never started: Temporal was unreachable when it was
     asked for) has its workflow started now, so asking again after a 503
-    really erases."""
+    really erases. ``holds_data``: the target holds data now (a person who
+    wrote again after their erasure, a reconnected account): a completed
+    job does not answer for it, a new one erases it."""
     existing = session.exec(
         select(ErasureJob)
         .where(
@@ -43,7 +46,7 @@ async def start_erasure(
         )
         .order_by(col(ErasureJob.created_at).desc())
     ).first()
-    if existing is not None:
+    if existing is not None and not (existing.status == "completed" and holds_data):
         if existing.status == "pending":
             await _start(temporal, settings, existing, contact_id, channel_ids)
         return existing, False

@@ -7,6 +7,8 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from temporalio.client import Client
@@ -41,6 +43,30 @@ log = logging.getLogger("vectory.api")
 # Temporal's answers that mean "not now" rather than "wrong request".
 TEMPORAL_UNREACHABLE = (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED)
 RETRY_AFTER_SECONDS = 5
+# Request fields whose value a 422 never echoes back (FastAPI's errors carry
+# the input they refused: a token would end up in the client's and proxies' logs).
+SECRET_FIELDS = frozenset({"access_token", "token", "api_key", "secret", "app_secret", "password"})
+
+
+def _redacted(value):
+    if isinstance(value, dict):
+        return {k: "[redacted]" if str(k).lower() in SECRET_FIELDS else _redacted(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v) for v in value]
+    return value
+
+
+def without_secrets(errors) -> list:
+    """Validation errors with the secrets among their inputs redacted."""
+    out = []
+    for error in errors:
+        error = dict(error)
+        if "input" in error:
+            leaf = error.get("loc", ())[-1:] or ("",)
+            secret = str(leaf[0]).lower() in SECRET_FIELDS
+            error["input"] = "[redacted]" if secret else _redacted(error["input"])
+        out.append(error)
+    return out
 
 DESCRIPTION = """
 Vectory automates direct messages on Instagram, Facebook Messenger and Telegram.
@@ -108,6 +134,10 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             allow_headers=["Authorization", "Content-Type", "X-Namespace"],
             allow_credentials=True,
         )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": jsonable_encoder(without_secrets(exc.errors()))}, status_code=422)
 
     @app.exception_handler(RPCError)
     async def temporal_error(request: Request, exc: RPCError) -> JSONResponse:

@@ -416,7 +416,8 @@ class PurgeDataInput:
 
 @dataclass
 class StopWorkflowsResult:
-    stopped: int = 0
+    stopped: int = 0  # terminated
+    histories_deleted: int = 0  # a contact's or channel's executions deleted from Temporal
 
 
 @dataclass

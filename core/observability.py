@@ -165,6 +165,8 @@ _SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(?i)(\"(?:access_token|api_key|token)\"\s*:\s*\")[^\"]+"), rf"\1{REDACTED}"),
     # Telegram bot tokens, also inside https://api.telegram.org/bot<token>/...
     (re.compile(r"\d{6,}:[A-Za-z0-9_-]{30,}"), REDACTED),
+    # The codec token in the path the Temporal UI calls (uvicorn's access log).
+    (re.compile(r"(/codec/t/)[^/\s\"]+"), rf"\1{REDACTED}"),
 ]
 
 

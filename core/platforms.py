@@ -273,10 +273,13 @@ class GraphClient:
         params: dict[str, str] | None = None,
         json: dict[str, Any] | None = None,
         versioned: bool = True,
+        label: str | None = None,
     ) -> Any:
+        """``label``: what logs and errors call the path instead of the path
+        itself (one that holds a person's id)."""
         _check_token(token, "meta")
         url = f"{self._base}/{self._version}/{path}" if versioned else f"{self._base}/{path}"
-        action = f"graph {method} {path}"
+        action = f"graph {method} {label or path}"
         failure: PlatformError | None = None
         try:
             response = await self._http.request(
@@ -309,7 +312,7 @@ class GraphClient:
         self, user_id: str, token: str, fields: str = "name,first_name,last_name,username"
     ) -> dict[str, Any]:
         user_id = _check_segment(user_id, "user id", "meta")
-        body = await self._call("GET", user_id, token, params={"fields": fields})
+        body = await self._call("GET", user_id, token, params={"fields": fields}, label="<a person's profile>")
         return _expect_dict(body, "profile", "meta")
 
     async def subscribe_app(self, account_id: str, token: str, fields: list[str]) -> None:

@@ -130,6 +130,10 @@ def test_json_formatter_redacts_credentials_and_adds_no_extras():
     assert "access_token=[redacted]&x=1" in out["message"]
     assert "/bot[redacted]/sendMessage" in out["message"]
     assert "555" not in line and "body" not in out
+    # uvicorn's access line for the Temporal UI's codec calls (the token decodes every history).
+    access = JsonFormatter("api").format(_record('%s - "%s" %d', "127.0.0.1:5000",
+                                                 "POST /codec/t/codec-secret-9/decode HTTP/1.1", 200))
+    assert "codec-secret-9" not in access and "/codec/t/[redacted]/decode" in access
 
 
 def test_json_formatter_redacts_tracebacks_and_carries_temporal_context():
@@ -169,3 +173,30 @@ def test_configure_logging_writes_json_lines(monkeypatch):
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert lines[-1]["message"] == "token access_token=[redacted] used"
     assert lines[-1]["service"] == "api"
+
+
+async def test_a_failed_profile_lookup_logs_no_person_id_and_a_refused_token_is_not_echoed(stack, caplog):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["hello"]},
+                            [{"id": "hi", "type": "send_message", "text": "Hi {{contact.first_name | there}}!"}])
+    person = new_sender()
+    await stack.sandbox.post("/_sandbox/faults", json={
+        "service": "instagram", "method": "GET", "path_contains": person, "kind": "custom", "times": 5,
+        "status": 400, "body": {"error": {"message": "(#230) Requires pages_messaging permission", "code": 230,
+                                          "type": "OAuthException", "fbtrace_id": "Ab"}},
+    })
+    try:
+        with caplog.at_level(logging.INFO):
+            await post_meta(stack, payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, person,
+                                                                                                 "hello")]}))
+            [reply] = await wait_for_messages(stack, person, 1)
+    finally:
+        await stack.sandbox.delete("/_sandbox/faults")
+    assert reply["json"]["message"]["text"] == "Hi there!"
+    assert "profile" in caplog.text and person not in caplog.text
+    # A 422 names what is wrong without echoing the token it refused.
+    for body in ({"access_token": "IGAAsecret-echo-1"}, {"platform": "instagram", "access_token": "x" * 5000}):
+        r = await stack.api.post("/v1/channels", json=body, headers=tenant.headers)
+        assert r.status_code == 422 and r.json()["detail"]
+        assert "IGAAsecret-echo-1" not in r.text and "x" * 100 not in r.text

@@ -5,18 +5,20 @@ deletes old messages, the audit log records without content."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import inspect, text
 from sqlmodel import Session
+from temporalio.service import RPCError, RPCStatusCode
 
 from core.codec import EncryptionCodec, KeyDestroyedError, KeyStore
 from core.contracts import RETENTION_SWEEP_WORKFLOW, RetentionResult, RetentionSweepInput
 from core.db import Message, Workspace
 
-from conftest import ADMIN_TOKEN
+from conftest import ADMIN_TOKEN, CODEC_TOKEN
 from helpers import (
     connect_instagram,
     create_automation,
@@ -65,11 +67,17 @@ async def test_erasing_a_contact_deletes_every_row_about_them(stack):
     await stack.sandbox.post("/_sandbox/profiles", json={"user_id": person, "name": "Quincy Unicornfield"})
     await run_flow(stack, tenant, account_id, channel["id"], person)
     contact = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()["data"][0]
+    r = await stack.api.post("/v1/broadcasts", headers=tenant.headers,
+                             json={"channel_id": channel["id"], "text": "Lamps are back"})
+    assert r.status_code == 202, r.text
+    await wait_for_messages(stack, person, 2)
     assert rows_mentioning(stack.deps.engine, [person, "unicorn lamp", "Quincy"])
 
     other = await create_tenant(stack, "Other")
     assert (await stack.api.delete(f"/v1/contacts/{contact['id']}", headers=other.headers)).status_code == 404
 
+    executions = [(wf.id, wf.run_id) async for wf in stack.client.list_workflows(f"ContactId = '{contact['id']}'")]
+    assert len(executions) >= 2  # the conversation and the run
     r = await stack.api.delete(f"/v1/contacts/{contact['id']}", headers=tenant.headers)
     assert r.status_code == 202, r.text
     job = r.json()
@@ -79,7 +87,8 @@ async def test_erasing_a_contact_deletes_every_row_about_them(stack):
     assert "contacts=1" in done["detail"]
 
     assert rows_mentioning(stack.deps.engine, [person, "unicorn lamp", "Quincy"]) == []
-    # Only the erasure job itself (our pseudonymous id, for idempotency) remains.
+    # Only the erasure job itself (our pseudonymous id, for idempotency) remains
+    # (the broadcast's send record, whose key ends with the contact id, too is gone).
     assert [r.split(":")[0] for r in rows_mentioning(stack.deps.engine, [contact["id"]])] == ["erasurejob"]
     assert (await stack.api.get(f"/v1/contacts/{contact['id']}", headers=tenant.headers)).status_code == 404
     again = await stack.api.delete(f"/v1/contacts/{contact['id']}", headers=tenant.headers)
@@ -87,7 +96,33 @@ async def test_erasing_a_contact_deletes_every_row_about_them(stack):
     # The waiting run was stopped: a reply no longer reaches it.
     await send_dm(stack, account_id, person, "q@example.com")
     await asyncio.sleep(1.0)
-    assert len(await sandbox_messages(stack, person)) == 1
+    assert len(await sandbox_messages(stack, person)) == 2  # the flow's question, the broadcast
+    # The person wrote again (their contact is back): erasing them again is a
+    # new job that deletes what they wrote since, not the old job's answer.
+    async def back():
+        return (await stack.api.get(f"/v1/contacts/{contact['id']}", headers=tenant.headers)).status_code == 200
+
+    assert await wait_for(back, timeout=15)
+    r = await stack.api.delete(f"/v1/contacts/{contact['id']}", headers=tenant.headers)
+    assert r.status_code == 202 and r.json()["id"] != job["id"]
+    assert await wait_job(stack, tenant, r.json()["id"])
+    assert rows_mentioning(stack.deps.engine, [person, "q@example.com"]) == []
+    # The first erasure's workflow histories (the conversation, the run) are
+    # deleted from Temporal too, closed ones included: the workspace's key
+    # would still decode them. (The dev server deletes ~30 s after asked.)
+    assert "histories deleted" in done["detail"]
+
+    async def histories_gone():
+        for workflow_id, run_id in executions:
+            try:
+                await stack.client.get_workflow_handle(workflow_id, run_id=run_id).describe()
+                return False
+            except RPCError as err:
+                if err.status != RPCStatusCode.NOT_FOUND:
+                    raise
+        return True
+
+    assert await wait_for(histories_gone, timeout=90, interval=1.0)
 
 
 async def test_erasing_a_workspace_revokes_deletes_and_crypto_shreds_histories(stack):
@@ -105,6 +140,11 @@ async def test_erasing_a_workspace_revokes_deletes_and_crypto_shreds_histories(s
         for p in e.workflow_execution_started_event_attributes.input.payloads
     ]
     assert encrypted and encrypted[0].metadata["encoding"] == b"binary/encrypted"
+
+    codec_body = {"payloads": [{"metadata": {k: base64.b64encode(v).decode() for k, v in p.metadata.items()},
+                                "data": base64.b64encode(p.data).decode()} for p in encrypted]}
+    codec_auth = {"Authorization": f"Bearer {CODEC_TOKEN}"}
+    assert (await stack.api.post("/codec/decode", json=codec_body, headers=codec_auth)).status_code == 200
 
     r = await stack.api.delete("/v1/workspace", headers=tenant.headers)
     assert r.status_code == 202, r.text
@@ -127,10 +167,12 @@ async def test_erasing_a_workspace_revokes_deletes_and_crypto_shreds_histories(s
     assert rows_mentioning(stack.deps.engine, [person, "unicorn lamp"]) == []
     revokes = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": "/permissions"})).json()["calls"]
     assert any(c["method"] == "DELETE" for c in revokes)
-    # Its histories can no longer be decrypted by anyone.
+    # Its histories can no longer be decrypted by anyone, the API's codec
+    # endpoint included (its process had the key cached from the signals).
     fresh = EncryptionCodec(KeyStore(stack.deps.engine, stack.deps.vault))
     with pytest.raises(KeyDestroyedError, match="destroyed"):
         await fresh.decode(encrypted)
+    assert (await stack.api.post("/codec/decode", json=codec_body, headers=codec_auth)).status_code == 410
     running = [
         wf async for wf in stack.client.list_workflows(
             f"WorkspaceId = '{tenant.workspace_id}' AND ExecutionStatus = 'Running'"

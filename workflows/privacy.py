@@ -83,6 +83,8 @@ async def _erase(input: EraseInput) -> str:
         )
     summary = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if v)
     detail = f"stopped {stopped.stopped} workflows; deleted {summary or 'nothing'}"
+    if stopped.histories_deleted:
+        detail += f"; {stopped.histories_deleted} workflow histories deleted from Temporal"
     if notes:
         detail += "; " + "; ".join(notes)
     await _status(input.job_id, "completed", detail)

@@ -16,7 +16,7 @@ from fastapi import APIRouter, HTTPException, Request, status
 from pydantic import BaseModel, Field
 from temporalio.api.common.v1 import Payload
 
-from core.codec import EncryptionCodec, KeyDestroyedError, UnknownKeyError
+from core.codec import EncryptionCodec, KeyDestroyedError, KeyStore, UnknownKeyError
 from core.crypto import constant_time_equals
 
 router = APIRouter(tags=["codec"])
@@ -66,7 +66,11 @@ def _to_json(payloads: list[Payload]) -> Payloads:
 
 async def _run(request: Request, body: Payloads, op: str, token: str | None) -> Payloads:
     _authorize(request, token)
-    codec = EncryptionCodec(request.app.state.keys)
+    # Keys read from the database for each request, not the API's process-wide
+    # cache (its signals keep it warm): a workspace erased a moment ago, by
+    # whichever process, is undecodable here at once (410).
+    keys = request.app.state.keys
+    codec = EncryptionCodec(KeyStore(keys.engine, keys.vault))
     payloads = _to_proto(body.payloads)
     try:
         result = await (codec.encode(payloads) if op == "encode" else codec.decode(payloads))

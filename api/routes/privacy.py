@@ -81,21 +81,24 @@ def _existing_job(session, workspace_id: str, scope: str, target: str) -> Erasur
     operation_id="erase_contact",
     summary="Erase a contact: stop their workflows and delete every row about them",
     description=(
-        "Idempotent: erasing a contact already being (or having been) erased returns the existing job. "
+        "Idempotent: erasing a contact already being (or having been) erased returns the existing job; "
+        "a contact who wrote again after their erasure gets a new one. "
         "503 when Temporal is unreachable: the job is kept, and asking again starts it."
     ),
 )
 async def erase_contact(
     contact_id: str, workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep, settings: SettingsDep
 ) -> ErasureJobPublic:
-    if _existing_job(session, workspace.id, "contact", contact_id) is None:
-        contact = session.get(Contact, contact_id)
-        if contact is None or contact.workspace_id != workspace.id:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "contact not found")
-    # Also for an existing job: one still pending has its workflow started.
+    contact = session.get(Contact, contact_id)
+    if contact is not None and contact.workspace_id != workspace.id:
+        contact = None
+    if contact is None and _existing_job(session, workspace.id, "contact", contact_id) is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "contact not found")
+    # Also for an existing job: one still pending has its workflow started,
+    # and one completed before the person wrote again gives way to a new one.
     job, _ = await start_erasure(
         temporal, settings, session, workspace_id=workspace.id, scope="contact", target=contact_id,
-        source="api", actor="api_key", contact_id=contact_id,
+        source="api", actor="api_key", contact_id=contact_id, holds_data=contact is not None,
     )
     return job_public(job, settings.public_url)
 

@@ -270,6 +270,7 @@ async def meta_data_deletion(request: Request, session: SessionDep) -> dict[str,
                 source=SOURCE,
                 actor=ACTOR,
                 channel_ids=by_workspace[workspace_id],
+                holds_data=True,  # these channels are there now: a job done before does not answer for them
             )
         except RPCError as err:
             log.error("temporal unavailable while starting a Meta data deletion: %s", err.status)

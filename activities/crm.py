@@ -166,7 +166,7 @@ def record_inbound_event(
                     "platform_event_id": ev.event_id,
                     "run_id": "",
                     "recorded_by": input.recorder,
-                    "created_at": datetime.fromtimestamp(ev.timestamp_ms / 1000, UTC) if ev.timestamp_ms else now,
+                    "created_at": _event_time(ev.timestamp_ms, now),
                 },
             )
     except IntegrityError:
@@ -184,6 +184,17 @@ def record_inbound_event(
     if then is not None:
         then(result, channel, contact)
     return result
+
+
+def _event_time(timestamp_ms: int, now: datetime) -> datetime:
+    """When the person sent it, by the platform's clock (ours when it gave
+    none, or none that is a time: the event is still recorded)."""
+    if not timestamp_ms:
+        return now
+    try:
+        return datetime.fromtimestamp(timestamp_ms / 1000, UTC)
+    except (OverflowError, ValueError, OSError):
+        return now
 
 
 def _unnamed(contact) -> bool:

@@ -5,7 +5,8 @@
   had stored its row, before this guard).
 - A NUL character in the path, the query or any string of a JSON body:
   422. PostgreSQL text cannot hold one: the write failed after the platform
-  had the message, and every retry sent it again.
+  had the message, and every retry sent it again. A lone UTF-16 surrogate
+  (``"\\ud800"``) cannot be stored either: 422.
 - ``NaN`` / ``Infinity`` (not JSON, though Python's parser takes them) and
   JSON nested deeper than ``MAX_DEPTH``: 422. Either one stored made the
   contact unreadable, or made the validation error itself fail to render.
@@ -18,9 +19,11 @@ refused for its content), and ``/codec`` takes the Temporal UI's payloads.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 MAX_BODY_BYTES = 1024 * 1024
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_DEPTH = 32
 PREFIX = "/v1"
 
@@ -52,6 +55,8 @@ def body_problem(body: bytes) -> tuple[list[str | int], str] | None:
         if isinstance(value, str):
             if "\x00" in value:
                 return path, "NUL characters (\\u0000) are not allowed"
+            if _SURROGATE.search(value):
+                return path, "a lone UTF-16 surrogate (\\ud800-\\udfff) is not a character"
         elif isinstance(value, dict):
             for key, item in value.items():
                 if "\x00" in key:

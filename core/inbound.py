@@ -18,6 +18,8 @@ Telegram: one update per request; the event id is ``tg:<update_id>``.
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,17 +61,35 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+# Lone UTF-16 surrogates ("\\ud83d" alone in the JSON) cannot be encoded
+# for the database: the event could not be recorded, and each retry of its
+# conversation's task failed again.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Beyond this (year 3000) a timestamp is not a time: the recording would fail.
+MAX_TIMESTAMP_MS = 32_503_680_000_000
+
+
+def _clean(text: str) -> str:
+    """Text the database can store: no NUL (PostgreSQL text cannot hold
+    one), lone surrogates replaced by U+FFFD."""
+    if "\x00" in text:
+        text = text.replace("\x00", "")
+    if _SURROGATE.search(text):
+        text = _SURROGATE.sub("\ufffd", text)
+    return text
+
+
 def _id(value: Any) -> str:
     """A platform id as a string, or "" when absent / not an id."""
     if value is None or isinstance(value, bool) or isinstance(value, dict | list):
         return ""
-    return str(value).replace("\x00", "")
+    return _clean(str(value))
 
 
 def _str(value: Any) -> str:
-    """A string field, without NUL characters (PostgreSQL text cannot hold
-    them: the event could not be recorded), or "" when not a string."""
-    return value.replace("\x00", "") if isinstance(value, str) else ""
+    """A string field as the database can store it (``_clean``), or "" when
+    not a string."""
+    return _clean(value) if isinstance(value, str) else ""
 
 
 def _int(value: Any) -> int:
@@ -78,10 +98,16 @@ def _int(value: Any) -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, float):
-        return int(value)
+        return int(value) if math.isfinite(value) else 0
     if isinstance(value, str) and value.strip().isdigit():
         return int(value.strip())
     return 0
+
+
+def _time_ms(value: int) -> int:
+    """A timestamp in ms, or 0 (the recording then uses its own clock) when
+    it is not one (negative, or past the year 3000)."""
+    return value if 0 < value < MAX_TIMESTAMP_MS else 0
 
 
 # --------------------------------------------------------------------------- Meta
@@ -144,7 +170,7 @@ def _timestamp_ms(value: Any) -> int:
     number = _int(value)
     if 0 < number < 100_000_000_000:  # seconds (ms values are 13 digits since 1973)
         return number * 1000
-    return number
+    return _time_ms(number)
 
 
 def _meta_change(change: Any, platform: str, entry_id: str, entry_time: int) -> InboundEvent:
@@ -244,7 +270,7 @@ def _meta_messaging_item(item: Any, platform: str, entry_id: str) -> InboundEven
     account_id = entry_id or _id(_dict(item.get("recipient")).get("id"))
     if not account_id:
         raise _Skip(guess_id, "messaging item without entry id or recipient.id")
-    timestamp = _int(item.get("timestamp"))
+    timestamp = _time_ms(_int(item.get("timestamp")))
 
     def event(event_id: str, kind: str, **kwargs: Any) -> InboundEvent:
         return InboundEvent(
@@ -390,7 +416,7 @@ def _telegram_message(message: Any, event_id: str, bot_id: str) -> InboundEvent:
         kind="message",
         text=_str(message.get("text")) or _str(message.get("caption")),
         attachments=attachments,
-        timestamp_ms=_int(message.get("date")) * 1000,
+        timestamp_ms=_time_ms(_int(message.get("date")) * 1000),
         **_telegram_names(sender),
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 
 from api.routes.webhooks import WebhookAck
@@ -225,3 +226,41 @@ async def test_an_automation_can_be_deleted_and_concurrent_updates_each_make_a_v
     assert r.status_code == 204, r.text
     assert (await stack.api.get(url, headers=tenant.headers)).status_code == 404
     assert (await stack.api.get("/v1/automations", headers=tenant.headers)).json()["count"] == 0
+
+
+async def test_an_event_the_database_cannot_take_as_sent_is_cleaned_and_the_conversation_goes_on(stack):
+    """A timestamp that is no time (year 3170843) or a lone surrogate in the
+    text used to fail the recording at every retry: the person's
+    conversation was stuck and their later messages were never answered."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "any_message"},
+                            [{"id": "a", "type": "send_message", "text": "Hi"}])
+    far_future, surrogate = new_sender(), new_sender()
+    items = [payloads.instagram_dm(account_id, far_future, "hi", timestamp_ms=10**17)]
+    assert (await post_meta(stack, payloads.instagram_webhook({account_id: items}))).status_code == 200
+    body = payloads.instagram_webhook({account_id: [payloads.instagram_dm(account_id, surrogate, "LONE")]})
+    raw = json.dumps(body).replace("LONE", "hi \\ud83d").encode()
+    r = await stack.api.post("/webhooks/meta", content=raw,
+                             headers={"X-Hub-Signature-256": meta_signature(APP_SECRET, raw)})
+    assert r.status_code == 200, r.text
+    for person in (far_future, surrogate):
+        assert len(await wait_for_messages(stack, person, 1, timeout=20)) == 1
+        await send_dm(stack, account_id, person, "hello again")
+        assert len(await wait_for_messages(stack, person, 2, timeout=20)) == 2
+
+
+async def test_webhook_bodies_that_are_not_json_values_are_400(stack):
+    nested = b"[" * 100_000 + b"]" * 100_000
+    infinite = (b'{"object":"instagram","entry":[{"id":"1","time":1,"messaging":[{"sender":{"id":"5"},'
+                b'"recipient":{"id":"1"},"timestamp":Infinity,"message":{"mid":"m","text":"hi"}}]}]}')
+    for raw in (nested, infinite):
+        r = await stack.api.post("/webhooks/meta", content=raw,
+                                 headers={"X-Hub-Signature-256": meta_signature(APP_SECRET, raw)})
+        assert r.status_code == 400, r.text
+    tenant = await create_tenant(stack)
+    channel, _, _ = await connect_instagram(stack, tenant)
+    raw = (b'{"name": "x", "channel_id": "%s", "trigger": {"type": "api"}, '
+           b'"steps": [{"id": "a", "type": "send_message", "text": "a\\ud800b"}]}' % channel["id"].encode())
+    r = await stack.api.post("/v1/automations", content=raw, headers={**tenant.headers, "Content-Type": "application/json"})
+    assert r.status_code == 422 and "surrogate" in r.text

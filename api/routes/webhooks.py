@@ -116,11 +116,17 @@ async def read_limited_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
+def _not_json(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_json(body: bytes) -> object:
     try:
-        return json.loads(body)
+        return json.loads(body, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError) as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "malformed JSON: nested too deeply") from None
 
 
 def _active_channels(engine, platform: str, account_ids: set[str]) -> list[Channel]:

@@ -114,7 +114,7 @@ def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> 
     automation = None
     if event.kind != "comment" and not flowrt.held_from_triggers(event.kind, contact):
         automation = flowrt.select_automation(
-            record.automations, event, is_first_message=not record.has_previous_inbound
+            record.automations, event, is_first_message=not record.has_previous_inbound, matching=input.matching
         )
     record.automations = [automation] if automation is not None else []
     if automation is None:
@@ -193,7 +193,8 @@ class _FirstReply:
         event = self.input.event
         if channel.platform == "telegram" or not channel.token_ciphertext or event.kind == "comment":
             return
-        if flowrt.select_automation(automations, event, is_first_message=first_message) is None:
+        matching = self.input.matching
+        if flowrt.select_automation(automations, event, is_first_message=first_message, matching=matching) is None:
             return
         try:
             creds = credentials_of(channel, self.messaging.vault, self.input.channel_id, allow_statuses={"active"})

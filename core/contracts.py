@@ -186,6 +186,9 @@ class RecordInboundInput:
     # flow opens with a message, sends it (``RecordInboundResult.first_send``).
     first_reply: bool = False
     platform: str = ""
+    # The conversation's trigger-matching rules (core/flowrt.py ``MATCHING``):
+    # this activity's matching must pick the automation the workflow picks.
+    matching: int = 1
 
 
 @dataclass

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.flowrt import PLACEHOLDER_RE
+from core.flowrt import PLACEHOLDER_RE, runs_in_linear_time
 
 __all__ = [
     "SUPPORTED_TRIGGERS",
@@ -109,6 +109,11 @@ def _compile(pattern: str, what: str) -> str:
         re.compile(pattern)
     except re.error as exc:
         raise _fail(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
+    if not runs_in_linear_time(pattern):
+        raise _fail(
+            f"{what} {pattern!r} uses lookaround or backreferences: patterns run on RE2 (linear time, so no "
+            "message can stall the automations), which has neither"
+        )
     return pattern
 
 

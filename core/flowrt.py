@@ -1,19 +1,36 @@
 """Pure runtime helpers for interpreting an automation flow.
 
 Used inside Temporal workflow code, so this module must stay deterministic:
-standard library (re, unicodedata, math, dataclasses, typing) and
+standard library (re, unicodedata, math, dataclasses, typing), RE2 and
 ``core.contracts`` only. No pydantic, I/O, clocks, randomness or environment
 reads. Definitions arrive as plain dicts (the JSON that
 ``core.flow.definition_dict`` produces).
+
+Matching rules are versioned (``matching``): a workflow that started under
+version 1 keeps it until it continues as new, so its replay takes the same
+branches. Version 2 (``MATCHING``, what new workflows use):
+
+- customers' patterns (regex keywords, ``validate: regex``, ``matches``
+  conditions) run on RE2, in linear time: under Python's backtracking ``re``
+  a pattern like ``^(a+)+$`` and 30 characters of text held a worker, and
+  every tenant's conversations on it, for minutes. A pattern RE2 cannot run
+  (lookaround, backreferences: refused when saved since version 2) runs on
+  ``re`` as before;
+- a keyword in a script written without spaces between words (Chinese,
+  Japanese, Thai, Lao, Khmer, Burmese) matches anywhere in the text: the
+  whole-word rule never matched it inside a sentence.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
 import unicodedata
 from typing import Any
+
+import re2
 
 from core.contracts import (
     AutomationSnapshot,
@@ -38,6 +55,41 @@ _EMAIL_RE = re.compile(
     r"@(?P<domain>(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})$"
 )
 _NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:[.,]\d+)?|[.,]\d+)$")
+
+MATCHING = 2  # the matching rules new workflows use (module docstring)
+# Scripts written without spaces between words (Hangul is written with them).
+_UNSPACED_SCRIPT_RE = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+@functools.lru_cache(maxsize=512)
+def _re2_pattern(pattern: str):
+    """The pattern compiled by RE2, case-insensitive, or None when RE2
+    cannot run it."""
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error:
+        return None
+
+
+def runs_in_linear_time(pattern: str) -> bool:
+    """Can RE2 run this pattern (no lookaround, no backreferences)?"""
+    return _re2_pattern(pattern) is not None
+
+
+def pattern_search(pattern: str, text: str, matching: int = MATCHING) -> bool:
+    """Does a customer's pattern occur in ``text`` (case-insensitive)? A
+    pattern that does not compile matches nothing."""
+    if matching >= 2:
+        compiled = _re2_pattern(pattern)
+        if compiled is not None:
+            return compiled.search(text) is not None
+    try:
+        return re.search(pattern, text, re.IGNORECASE) is not None
+    except re.error:
+        return False
 _PHONE_STRIP_RE = re.compile(r"[\s\-.()]")
 
 
@@ -70,7 +122,7 @@ def _loose(text: str) -> str:
 # --- triggers -----------------------------------------------------------------------------------------
 
 
-def keyword_matches(trigger: dict, text: str) -> tuple[bool, int]:
+def keyword_matches(trigger: dict, text: str, matching: int = MATCHING) -> tuple[bool, int]:
     """Does a dm_keyword trigger match ``text``? Returns (matched, specificity).
 
     Specificity: exact = 3, contains / regex = 2, no match = 0.
@@ -88,16 +140,19 @@ def keyword_matches(trigger: dict, text: str) -> tuple[bool, int]:
         return False, 0
     if match == "regex":
         for keyword in keywords:
-            try:
-                if re.search(keyword, text, re.IGNORECASE) or re.search(keyword, norm_text, re.IGNORECASE):
-                    return True, 2
-            except re.error:
-                continue
+            if pattern_search(keyword, text, matching) or pattern_search(keyword, norm_text, matching):
+                return True, 2
         return False, 0
-    # contains: the keyword as whole word(s) inside the text.
+    # contains: the keyword as whole word(s) inside the text (anywhere in it
+    # for a script written without spaces).
     for keyword in keywords:
         norm_kw = normalize(keyword)
-        if norm_kw and re.search(r"(?<!\w)" + re.escape(norm_kw) + r"(?!\w)", norm_text):
+        if not norm_kw:
+            continue
+        if matching >= 2 and _UNSPACED_SCRIPT_RE.search(norm_kw):
+            if norm_kw in norm_text:
+                return True, 2
+        elif re.search(r"(?<!\w)" + re.escape(norm_kw) + r"(?!\w)", norm_text):
             return True, 2
     return False, 0
 
@@ -110,12 +165,12 @@ def _trigger(automation: AutomationSnapshot) -> dict | None:
     return trigger if isinstance(trigger, dict) else None
 
 
-def _keyword_score(trigger: dict, text: str) -> int:
+def _keyword_score(trigger: dict, text: str, matching: int) -> int:
     """Keyword filter of comment / story_reply triggers: no keywords = 1 (any text), else as dm_keyword."""
     keywords = [k for k in (trigger.get("keywords") or []) if isinstance(k, str) and k.strip()]
     if not keywords:
         return 1
-    matched, score = keyword_matches(trigger, text)
+    matched, score = keyword_matches(trigger, text, matching)
     return score if matched else 0
 
 
@@ -158,9 +213,10 @@ def _media_score(trigger: dict, media_id: str) -> int:
 
 
 def select_automation(
-    automations: list[AutomationSnapshot], event: InboundEvent, *, is_first_message: bool
+    automations: list[AutomationSnapshot], event: InboundEvent, *, is_first_message: bool, matching: int = MATCHING
 ) -> AutomationSnapshot | None:
-    """The automation an inbound event starts, or None.
+    """The automation an inbound event starts, or None (``matching``: the
+    rules' version, module docstring).
 
     - ``comment``: comment triggers only (post filter, only_top_level, keywords;
       exact beats contains/regex beats no keywords, then a trigger naming the post
@@ -182,7 +238,7 @@ def select_automation(
         scored = []
         for automation, trigger in of_type("comment"):
             media = _media_score(trigger, event.media_id or "")
-            keyword = _keyword_score(trigger, event.text)
+            keyword = _keyword_score(trigger, event.text, matching)
             if not media or not keyword:
                 continue
             if trigger.get("only_top_level", True) and not event.is_top_level_comment:
@@ -211,7 +267,7 @@ def select_automation(
                 return automation
 
     if event.kind == "message" and event.story_url:
-        found = _best([(a, _keyword_score(t, event.text)) for a, t in of_type("story_reply")])
+        found = _best([(a, _keyword_score(t, event.text, matching)) for a, t in of_type("story_reply")])
         if found is not None:
             return found
 
@@ -221,7 +277,7 @@ def select_automation(
         for automation, trigger in candidates:
             if trigger.get("type") != "dm_keyword":
                 continue
-            matched, score = keyword_matches(trigger, event.text)
+            matched, score = keyword_matches(trigger, event.text, matching)
             if matched and score > best_score:
                 best, best_score = automation, score
         if best is not None:
@@ -368,7 +424,7 @@ def _parse_number(value: Any) -> int | float | None:
     return int(text)
 
 
-def validate_reply(step: dict, text: str) -> tuple[bool, object]:
+def validate_reply(step: dict, text: str, matching: int = MATCHING) -> tuple[bool, object]:
     """Validate a reply for a wait_for_reply step: (True, value) or (False, None)."""
     stripped = (text or "").strip()
     if not stripped:
@@ -390,10 +446,7 @@ def validate_reply(step: dict, text: str) -> tuple[bool, object]:
         number = _parse_number(stripped)
         return (True, number) if number is not None else (False, None)
     if kind == "regex":
-        try:
-            ok = re.search(step.get("pattern") or "", stripped, re.IGNORECASE) is not None
-        except re.error:
-            ok = False
+        ok = pattern_search(step.get("pattern") or "", stripped, matching)
         return (True, stripped) if ok else (False, None)
     if kind == "choice":
         wanted = _loose(stripped)
@@ -431,7 +484,7 @@ def _contains(actual: Any, expected: Any) -> bool:
     return normalize(_as_text(expected)) in normalize(_as_text(actual))
 
 
-def _check(condition: dict, contact: ContactSnapshot, last_reply: str) -> bool:
+def _check(condition: dict, contact: ContactSnapshot, last_reply: str, matching: int) -> bool:
     subject = condition.get("subject")
     op = condition.get("op")
     expected = condition.get("value")
@@ -466,10 +519,7 @@ def _check(condition: dict, contact: ContactSnapshot, last_reply: str) -> bool:
     if op == "matches":
         if _is_empty(actual):
             return False
-        try:
-            return re.search(_as_text(expected), _as_text(actual), re.IGNORECASE) is not None
-        except re.error:
-            return False
+        return pattern_search(_as_text(expected), _as_text(actual), matching)
     if op in ("gt", "lt"):
         a_num, e_num = _parse_number(actual), _parse_number(expected)
         if a_num is None or e_num is None:
@@ -478,10 +528,10 @@ def _check(condition: dict, contact: ContactSnapshot, last_reply: str) -> bool:
     return False
 
 
-def evaluate_condition(step: dict, contact: ContactSnapshot, last_reply: str) -> bool:
+def evaluate_condition(step: dict, contact: ContactSnapshot, last_reply: str, matching: int = MATCHING) -> bool:
     """Evaluate a condition step's conditions (match "all" or "any")."""
     conditions = [c for c in (step.get("conditions") or []) if isinstance(c, dict)]
-    results = (_check(c, contact, last_reply) for c in conditions)
+    results = (_check(c, contact, last_reply, matching) for c in conditions)
     if step.get("match") == "any":
         return any(results)
     return all(results)

@@ -1179,10 +1179,13 @@ def test_buttons_and_quick_replies_from_json():
     assert buttons({}) == [] and quick_replies({}) == []
 
 
-def test_flowrt_imports_only_stdlib_and_contracts():
+def test_flowrt_imports_only_stdlib_re2_and_contracts():
     """flowrt runs inside Temporal workflows: it must stay deterministic and sandbox-safe."""
     tree = ast.parse(Path(flowrt.__file__).read_text())
-    allowed = {"__future__", "re", "unicodedata", "math", "hashlib", "dataclasses", "typing", "core.contracts"}
+    allowed = {
+        "__future__", "re", "re2", "unicodedata", "math", "hashlib", "functools", "dataclasses", "typing",
+        "core.contracts",
+    }
     imported = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -1190,3 +1193,33 @@ def test_flowrt_imports_only_stdlib_and_contracts():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module or "")
     assert imported <= allowed, imported - allowed
+
+
+def test_customer_patterns_run_in_linear_time_and_unspaced_scripts_match_inside_sentences():
+    # Python's backtracking re takes exponential time here (minutes for 30
+    # characters, and the worker's GIL with it); RE2 answers at once.
+    assert flowrt.pattern_search("^(a+)+$", "a" * 64 + "!") is False
+    assert flowrt.pattern_search("^(a+)+$", "a" * 64) is True
+    trigger = {"type": "dm_keyword", "match": "regex", "keywords": ["^(a+)+$"]}
+    assert flowrt.keyword_matches(trigger, "a" * 64 + "!") == (False, 0)
+    assert flowrt.validate_reply({"validate": "regex", "pattern": "^(a|aa)+$"}, "a" * 64 + "b") == (False, None)
+    assert flowrt.pattern_search("PRICE", "what is the price?") is True  # case-insensitive, as before
+    # A keyword in a script without spaces matches inside a sentence (version 2);
+    # a workflow that started under version 1 keeps its rules.
+    chinese = {"type": "dm_keyword", "keywords": ["价格"]}
+    assert flowrt.keyword_matches(chinese, "请问价格多少") == (True, 2)
+    assert flowrt.keyword_matches(chinese, "请问价格多少", matching=1) == (False, 0)
+    thai = {"type": "dm_keyword", "keywords": ["ราคา"]}
+    assert flowrt.keyword_matches(thai, "สินค้านี้ราคาเท่าไหร่") == (True, 2)
+    english = {"type": "dm_keyword", "keywords": ["price"]}
+    assert flowrt.keyword_matches(english, "priceless") == (False, 0)  # whole words where words have spaces
+
+
+def test_patterns_re2_cannot_run_are_refused_when_saved():
+    for trigger in (
+        {"type": "dm_keyword", "match": "regex", "keywords": ["(?<!not )interested"]},
+        {"type": "dm_keyword", "match": "regex", "keywords": [r"(\w)\1"]},
+    ):
+        with pytest.raises(ValidationError, match="RE2"):
+            AutomationCreate(name="x", channel_id="ch_1", trigger=trigger,
+                             steps=[{"id": "a", "type": "send_message", "text": "hi"}])

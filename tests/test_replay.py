@@ -35,6 +35,8 @@ REQUIRED = {
     "conversation_send_looks_up_profile_first",  # ... before it, the reply rendered with the name
     "conversation_current_one_message",  # inbound-records-and-replies: the reply sent by record_inbound
     "conversation_current_price_reply",  # ... and a run started, the answer forwarded to it
+    "conversation_current_price_reply_matching2",  # the same under matching rules 2 (RE2, unspaced scripts)
+    "run_price_reply_matching2",  # a run under matching rules 2
 }
 
 # The sandbox with its full runtime checks (workers/main.py workflow_runner).

@@ -169,3 +169,22 @@ async def test_each_events_history_carries_only_the_automation_it_starts(stack):
     assert results, "the two events were not recorded"
     assert [[a["id"] for a in r["automations"]] for r in results] == [[flows["price"]["id"]], []]
     assert len(await sandbox_messages(stack, person)) == 1
+
+
+async def test_a_crafted_message_against_a_customers_regex_does_not_stall_other_conversations(stack):
+    """``^(a+)+$`` against 40 characters: Python's backtracking re held the
+    worker (and every tenant's conversations on it) for hours; on RE2 it is
+    a non-match at once and the next person is answered as usual."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "match": "regex",
+                                                           "keywords": ["^(a+)+$"]},
+                            [{"id": "a", "type": "send_message", "text": "all a"}])
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["hello"]},
+                            [{"id": "a", "type": "send_message", "text": "Hi"}])
+    attacker, other = new_sender(), new_sender()
+    await send_dm(stack, account_id, attacker, "a" * 40 + "!")
+    await send_dm(stack, account_id, other, "hello")
+    assert [text_of(c) for c in await wait_for_messages(stack, other, 1, timeout=20)] == ["Hi"]
+    await send_dm(stack, account_id, attacker, "a" * 40)
+    assert [text_of(c) for c in await wait_for_messages(stack, attacker, 1, timeout=20)] == ["all a"]

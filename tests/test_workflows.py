@@ -763,11 +763,12 @@ async def test_a_one_message_flow_completes_inside_the_conversation(env, sent_by
 
     assert mocks.texts == ["Here is the menu"]
     assert [(call.is_local, call.activity_type) for call in mocks.send_calls] == [(True, sent_by)]
-    # The history an operator reads: one marker per local activity (and one
-    # for the code path), nothing else between the signal and the reply.
+    # The history an operator reads: one marker per local activity (and two
+    # for the code paths: records-and-replies, matching rules), nothing else
+    # between the signal and the reply.
     markers = [e.marker_recorded_event_attributes.marker_name for e in history.events
                if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED]
-    assert markers == ["core_patch", "core_local_activity"] + (["core_local_activity"] * (sent_by == "send_message"))
+    assert markers == ["core_patch"] * 2 + ["core_local_activity"] * (1 + (sent_by == "send_message"))
     (record,) = mocks.runs
     assert (record.run_id, record.status, record.automation_id) == (run_id, "completed", "auto_menu")
     assert [(t.step_id, t.type, t.status, t.detail) for t in record.trail] == [

@@ -78,6 +78,7 @@ class AutomationRunWorkflow:
         self._steps: list[dict] = list(input.automation.definition.get("steps", []))
         self._index = flowrt.step_index(self._steps)
         self._status = "running"
+        self._matching = 1  # flowrt's matching rules, decided when the run starts
         self._current = ""
         self._trail: list[TrailEntry] = []
         self._accepting = input.accepting_from_start
@@ -120,6 +121,8 @@ class AutomationRunWorkflow:
         # No awaits in ``finally`` blocks: on eviction from the worker cache
         # the SDK closes coroutines, and workflow calls there would fail.
         cancelled = False
+        # Matching rules version 2 (core/flowrt.py) for runs started since.
+        self._matching = flowrt.MATCHING if workflow.patched("matching-2") else 1
         try:
             # Inside the try: a run cancelled before its first step (its
             # contact restricted while it started) still records that.
@@ -206,7 +209,7 @@ class AutomationRunWorkflow:
             event = self._replies.popleft()
             answer = event.text or event.payload
             self._window_closed = False  # the person wrote: the messaging window is open
-            ok, value = flowrt.validate_reply(step, answer)
+            ok, value = flowrt.validate_reply(step, answer, self._matching)
             if ok:
                 self._last_reply = answer
                 if step.get("save_to_field"):
@@ -245,7 +248,7 @@ class AutomationRunWorkflow:
         return step.get("next")
 
     async def _step_condition(self, pos: int, step: dict) -> str | None:
-        result = flowrt.evaluate_condition(step, self._contact, self._last_reply)
+        result = flowrt.evaluate_condition(step, self._contact, self._last_reply, self._matching)
         self._note(step["id"], "condition", "done", "then" if result else "else")
         return step["then"] if result else step["else"]
 

@@ -80,6 +80,10 @@ EVENTS_BEFORE_CONTINUE_AS_NEW = 2000
 # the reply is sent by ``record_inbound`` itself, and a new run starts
 # before the one it supersedes is cancelled.
 CURRENT_PATH = "inbound-records-and-replies"
+# Matching rules version 2 (core/flowrt.py): customers' patterns on RE2, keywords
+# of unspaced scripts matched anywhere. A conversation that started before it
+# keeps version 1 until it continues as new.
+MATCHING_PATCH = "matching-2"
 
 
 class _Returned:
@@ -107,6 +111,7 @@ class ConversationWorkflow:
         self._handled = 0
         self._pending_acks: set[asyncio.Future] = set()
         self._current = False  # CURRENT_PATH, decided when the run starts
+        self._matching = 1  # flowrt's matching rules, decided when the run starts
 
     # -- signals and queries -------------------------------------------------
 
@@ -182,6 +187,7 @@ class ConversationWorkflow:
     @workflow.run
     async def run(self, input: ConversationInput) -> None:
         self._current = workflow.patched(CURRENT_PATH)
+        self._matching = flowrt.MATCHING if workflow.patched(MATCHING_PATCH) else 1
         while True:
             await workflow.wait_condition(
                 lambda: bool(self._queue) or self._should_continue_as_new()
@@ -273,6 +279,7 @@ class ConversationWorkflow:
                 recorder=f"{workflow.info().run_id}/{self._handled}",
                 first_reply=first_reply,
                 platform=self._input.platform,
+                matching=self._matching,
             ),
             result_type=RecordInboundResult,
             start_to_close_timeout=DB_TIMEOUT + SEND_TIMEOUT if first_reply else DB_TIMEOUT,
@@ -294,7 +301,7 @@ class ConversationWorkflow:
                 return
 
         automation = flowrt.select_automation(
-            record.automations, event, is_first_message=not record.has_previous_inbound
+            record.automations, event, is_first_message=not record.has_previous_inbound, matching=self._matching
         )
         if automation is None:
             return

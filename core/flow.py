@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.flowrt import PLACEHOLDER_RE, runs_in_linear_time
+from core.flowrt import PLACEHOLDER_RE, parse_number, runs_in_linear_time
 
 __all__ = [
     "SUPPORTED_TRIGGERS",
@@ -455,17 +455,10 @@ class Condition(_Model):
                 raise _fail("op 'matches' needs a regular expression string as 'value'")
             _compile(self.value, "condition pattern")
         if self.op in ("gt", "lt"):
-            number = self.value if not isinstance(self.value, str) else _number(self.value)
+            number = parse_number(self.value)
             if isinstance(self.value, bool) or number is None:
                 raise _fail(f"op {self.op!r} needs a number as 'value', got {self.value!r}")
         return self
-
-
-def _number(text: str) -> float | None:
-    try:
-        return float(text.strip().replace(",", "."))
-    except ValueError:
-        return None
 
 
 class ConditionStep(_Step):

@@ -406,7 +406,7 @@ def render(template: str, contact: ContactSnapshot, context: dict | None = None)
 # --- replies and conditions ---------------------------------------------------------------------------
 
 
-def _parse_number(value: Any) -> int | float | None:
+def parse_number(value: Any) -> int | float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int):
@@ -443,7 +443,7 @@ def validate_reply(step: dict, text: str, matching: int = MATCHING) -> tuple[boo
             return False, None
         return True, ("+" + digits) if plus else digits
     if kind == "number":
-        number = _parse_number(stripped)
+        number = parse_number(stripped)
         return (True, number) if number is not None else (False, None)
     if kind == "regex":
         ok = pattern_search(step.get("pattern") or "", stripped, matching)
@@ -470,7 +470,7 @@ def _is_empty(value: Any) -> bool:
 def _equals(actual: Any, expected: Any) -> bool:
     if isinstance(actual, list | tuple):
         return any(_equals(item, expected) for item in actual)
-    a_num, e_num = _parse_number(actual), _parse_number(expected)
+    a_num, e_num = parse_number(actual), parse_number(expected)
     if a_num is not None and e_num is not None:
         return a_num == e_num
     return normalize(_as_text(actual)) == normalize(_as_text(expected))
@@ -521,7 +521,7 @@ def _check(condition: dict, contact: ContactSnapshot, last_reply: str, matching:
             return False
         return pattern_search(_as_text(expected), _as_text(actual), matching)
     if op in ("gt", "lt"):
-        a_num, e_num = _parse_number(actual), _parse_number(expected)
+        a_num, e_num = parse_number(actual), parse_number(expected)
         if a_num is None or e_num is None:
             return False
         return a_num > e_num if op == "gt" else a_num < e_num

@@ -130,6 +130,12 @@ async def test_handoff_pauses_automations_until_resumed(stack):
 
     assert await wait_for(taken_over)
     await send_dm(stack, account_id, person, "menu")
+    # Nor does an API call start one while the person is with a human.
+    api_flow = await create_automation(stack, tenant, channel["id"], {"type": "api"},
+                                       [{"id": "p", "type": "send_message", "text": "Promo"}])
+    r = await stack.api.post(f"/v1/automations/{api_flow['id']}/runs", json={"contact_id": contact["id"]},
+                             headers=tenant.headers)
+    assert r.status_code == 409 and "human" in r.json()["detail"]
     await asyncio.sleep(1.0)
     assert [text_of(c) for c in await sandbox_messages(stack, person)] == ["Connecting you with a person."]
     r = await stack.api.post(f"/v1/contacts/{contact['id']}/resume", headers=tenant.headers)

@@ -1223,3 +1223,18 @@ def test_patterns_re2_cannot_run_are_refused_when_saved():
         with pytest.raises(ValidationError, match="RE2"):
             AutomationCreate(name="x", channel_id="ch_1", trigger=trigger,
                              steps=[{"id": "a", "type": "send_message", "text": "hi"}])
+
+
+def test_a_number_condition_takes_only_numbers_the_runtime_can_compare():
+    def condition(value):
+        return AutomationCreate(name="x", channel_id="ch_1", trigger={"type": "api"}, steps=[
+            {"id": "c", "type": "condition", "conditions": [{"subject": "field", "name": "age", "op": "lt", "value": value}],
+             "then": "a", "else": "a"},
+            {"id": "a", "type": "send_message", "text": "hi"},
+        ])
+
+    for value in ("18", "3,5", 18, 2.5):
+        condition(value)
+    for value in ("1e3", "inf", "nan", "1_000", "ten"):  # float() took these; the runtime never compares them
+        with pytest.raises(ValidationError, match="needs a number"):
+            condition(value)

@@ -188,3 +188,40 @@ async def test_a_crafted_message_against_a_customers_regex_does_not_stall_other_
     assert [text_of(c) for c in await wait_for_messages(stack, other, 1, timeout=20)] == ["Hi"]
     await send_dm(stack, account_id, attacker, "a" * 40)
     assert [text_of(c) for c in await wait_for_messages(stack, attacker, 1, timeout=20)] == ["all a"]
+
+
+async def test_a_comment_does_not_cancel_a_run_waiting_for_the_persons_reply_and_a_photo_answers_one(stack):
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["email"]}, [
+        {"id": "ask", "type": "send_message", "text": "Email?"},
+        {"id": "w", "type": "wait_for_reply", "validate": "email", "save_to_field": "email"},
+        {"id": "ok", "type": "send_message", "text": "Thanks {{contact.fields.email}}"},
+    ])
+    await create_automation(stack, tenant, channel["id"], {"type": "comment"},
+                            [{"id": "c", "type": "send_message", "text": "Thx for the comment"}])
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["receipt"]}, [
+        {"id": "ask", "type": "send_message", "text": "Send a photo of it"},
+        {"id": "w", "type": "wait_for_reply", "max_retries": 0, "save_to_field": "receipt", "on_invalid": "bad"},
+        {"id": "ok", "type": "send_message", "text": "Got it", "next": "end"},
+        {"id": "bad", "type": "send_message", "text": "Invalid reply"},
+    ])
+    person = new_sender()
+    await send_dm(stack, account_id, person, "email")
+    await wait_for_messages(stack, person, 1)
+    # A comment while the run waits for the email: not their answer, and the run keeps waiting.
+    r = await post_meta(stack, payloads.instagram_comment(account_id, person, "nice", media_id="m1"))
+    assert r.status_code == 200
+    await asyncio.sleep(1.5)
+    await send_dm(stack, account_id, person, "me@example.com")
+    calls = await wait_for_messages(stack, person, 2, timeout=15)
+    assert [text_of(c) for c in calls] == ["Email?", "Thanks me@example.com"]
+    # A photo answers a reply that asks for no particular format.
+    await send_dm(stack, account_id, person, "receipt")
+    await wait_for_messages(stack, person, 3)
+    item = payloads.instagram_dm(account_id, person, attachments=[("image", "https://cdn.example/r.jpg")])
+    assert (await post_meta(stack, payloads.instagram_webhook({account_id: [item]}))).status_code == 200
+    calls = await wait_for_messages(stack, person, 4, timeout=15)
+    assert text_of(calls[3]) == "Got it"
+    contact = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()["data"][0]
+    assert contact["fields"]["receipt"] == "https://cdn.example/r.jpg"

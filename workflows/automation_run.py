@@ -208,6 +208,10 @@ class AutomationRunWorkflow:
                 return step.get("on_timeout", "end")
             event = self._replies.popleft()
             answer = event.text or event.payload
+            if not answer and event.attachments and workflow.patched("attachment-replies"):
+                # A photo, voice note or file answers too ("send us a photo of
+                # your receipt"): its URL is the answer, saved to the field.
+                answer = " ".join(a.url for a in event.attachments if a.url) or event.attachments[0].type
             self._window_closed = False  # the person wrote: the messaging window is open
             ok, value = flowrt.validate_reply(step, answer, self._matching)
             if ok:

@@ -84,6 +84,10 @@ CURRENT_PATH = "inbound-records-and-replies"
 # of unspaced scripts matched anywhere. A conversation that started before it
 # keeps version 1 until it continues as new.
 MATCHING_PATCH = "matching-2"
+# A comment, story mention or referral while a run waits for the person's
+# reply starts nothing: it is not their answer, and superseding the run lost
+# the answer it was waiting for.
+KEEP_WAITING_RUN = "waiting-run-kept"
 
 
 class _Returned:
@@ -245,18 +249,29 @@ class ConversationWorkflow:
         # The reply can leave with the recording when nothing in this
         # workflow's state keeps it from matching triggers (a human owns the
         # conversation, a run waits for this answer).
+        waiting = self._active is not None and self._active.accepting_input
+        keep_waiting = (
+            waiting
+            and event.kind in TRIGGERING_KINDS
+            and event.kind not in REPLY_KINDS
+            and workflow.patched(KEEP_WAITING_RUN)
+        )
         first_reply = (
             self._current
             and event.kind in TRIGGERING_KINDS
             and event.kind != "comment"
             and not self._takeover
-            and not (event.kind in REPLY_KINDS and self._active is not None and self._active.accepting_input)
+            and not keep_waiting
+            and not (event.kind in REPLY_KINDS and waiting)
         )
         record = await self._contact_context("record_inbound", event, first_reply=first_reply)
         if record.duplicate or not record.channel_active or record.contact is None:
             return
         if event.callback_query_id:
             self._acknowledge(event.callback_query_id)
+        if keep_waiting:
+            workflow.logger.info("a %s while a run waits for a reply: the run keeps waiting", event.kind)
+            return
         await self._route(event, record, may_forward=True)
 
     async def _on_returned(self, event: InboundEvent) -> None:

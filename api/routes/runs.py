@@ -96,7 +96,10 @@ def _owned_run(session, workspace_id: str, run_id: str) -> Run:
     response_model=RunStarted,
     operation_id="start_run",
     summary="Start an automation for a contact",
-    description="The run is started by the contact's conversation workflow, so it is serialised with the contact's messages.",
+    description=(
+        "The run is started by the contact's conversation workflow, so it is serialised with the contact's messages. "
+        "409 when the contact is restricted, withdrew consent or is handed over to a human, or the channel is not active."
+    ),
 )
 async def start_run(
     automation_id: str,
@@ -114,8 +117,10 @@ async def start_run(
         raise HTTPException(status.HTTP_404_NOT_FOUND, "contact not found")
     if contact.channel_id != automation.channel_id:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the contact is on another channel than the automation")
-    if contact.processing_restricted:
+    if contact.processing_restricted or contact.consent_withdrawn:
         raise HTTPException(status.HTTP_409_CONFLICT, "processing is restricted for this contact")
+    if contact.human_takeover:
+        raise HTTPException(status.HTTP_409_CONFLICT, "a human has taken this conversation over; resume it first")
     channel = session.get(Channel, automation.channel_id)
     if channel is None or channel.status != "active":
         raise HTTPException(status.HTTP_409_CONFLICT, "the automation's channel is not active")

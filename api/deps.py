@@ -51,7 +51,7 @@ def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 
 
-def current_workspace(credentials: Credentials, session: SessionDep) -> Workspace:
+def current_workspace(credentials: Credentials, session: SessionDep, request: Request) -> Workspace:
     if credentials is None or not credentials.credentials:
         raise _unauthorized("missing API key: send 'Authorization: Bearer <api key>'")
     workspace = session.exec(
@@ -59,6 +59,11 @@ def current_workspace(credentials: Credentials, session: SessionDep) -> Workspac
     ).first()
     if workspace is None:
         raise _unauthorized("invalid API key")
+    if workspace.status == "erasing" and request.method not in ("GET", "HEAD", "DELETE"):
+        # Nothing new while its data is being deleted (a channel connected
+        # now could outlive the erasure); reading, exporting and asking for
+        # the erasure again still work.
+        raise HTTPException(status.HTTP_409_CONFLICT, "the workspace is being erased")
     return workspace
 
 

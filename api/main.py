@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from api import openapi
 from api.guard import ApiGuard
 from api.inbox import InboxState, InboxWriter, run_relay
 from api.routes import (
@@ -153,6 +154,8 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
             )
         log.error("%s %s: Temporal refused the call (%s)", request.method, request.url.path, exc.status.name)
         return JSONResponse({"detail": "internal error"}, status_code=500)
+
+    openapi.install(app)  # the /v1 routes' error answers (api/openapi.py)
 
     @app.get("/healthz", tags=["health"], operation_id="healthz", summary="Liveness")
     def healthz() -> dict:

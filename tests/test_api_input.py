@@ -6,11 +6,14 @@ import asyncio
 import json
 import secrets
 
+from sqlmodel import Session
+
 from api.routes.webhooks import WebhookAck
 from core.crypto import meta_signature
+from core.db import Workspace
 from sandbox import payloads
 
-from conftest import APP_SECRET, VERIFY_TOKEN
+from conftest import ADMIN_TOKEN, APP_SECRET, VERIFY_TOKEN
 from helpers import (
     connect_instagram,
     create_automation,
@@ -264,3 +267,64 @@ async def test_webhook_bodies_that_are_not_json_values_are_400(stack):
            b'"steps": [{"id": "a", "type": "send_message", "text": "a\\ud800b"}]}' % channel["id"].encode())
     r = await stack.api.post("/v1/automations", content=raw, headers={**tenant.headers, "Content-Type": "application/json"})
     assert r.status_code == 422 and "surrogate" in r.text
+
+
+async def test_openapi_documents_the_error_answers_the_routes_give(stack):
+    spec = (await stack.api.get("/openapi.json")).json()
+    ops = {}
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            ops[op["operationId"]] = op
+            if not path.startswith("/v1/"):
+                continue
+            codes = set(op["responses"])
+            assert {"401", "413", "422"} <= codes, (path, method, codes)
+            if "{" in path:
+                assert "404" in codes, (path, method)
+            if method in ("post", "put", "patch") and op["operationId"] != "create_workspace":
+                assert "409" in codes, (path, method)
+    for op_id, code in (("create_broadcast", "503"), ("start_run", "503"), ("erase_contact", "503"),
+                        ("send_human_message", "502"), ("start_run", "409")):
+        assert code in ops[op_id]["responses"], (op_id, code)
+
+
+async def test_lists_page_with_totals_and_a_workspace_being_erased_takes_no_writes(stack):
+    tenant = await create_tenant(stack)
+    channel, _, _ = await connect_instagram(stack, tenant)
+    automation = await create_automation(stack, tenant, channel["id"], {"type": "api"},
+                                         [{"id": "a", "type": "send_message", "text": "v1"}])
+    for i in range(3):
+        r = await stack.api.patch(f"/v1/automations/{automation['id']}", json={"name": f"n{i}"},
+                                  headers=tenant.headers)
+        assert r.status_code == 200
+    everything = (await stack.api.get("/v1/audit", headers=tenant.headers)).json()
+    page = (await stack.api.get("/v1/audit?limit=1&offset=1", headers=tenant.headers)).json()
+    assert page["count"] == everything["count"] >= 2 and page["data"] == everything["data"][1:2]
+    runs = (await stack.api.get("/v1/runs?limit=1&offset=5", headers=tenant.headers)).json()
+    assert (runs["count"], runs["data"]) == (0, [])
+    blank = await stack.api.post("/v1/workspaces", json={"name": "   ", "business_use_attestation": True},
+                                 headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert blank.status_code == 422
+
+    r = await stack.api.delete(f"/v1/channels/{channel['id']}", headers=tenant.headers)
+    assert r.status_code in (200, 202), r.text
+
+    async def disconnected():
+        got = await stack.api.get(f"/v1/channels/{channel['id']}", headers=tenant.headers)
+        return got.json()["status"] == "disconnected"
+
+    assert await wait_for(disconnected, timeout=20)
+    r = await stack.api.post("/v1/automations", headers=tenant.headers, json={
+        "name": "late", "channel_id": channel["id"], "trigger": {"type": "api"},
+        "steps": [{"id": "a", "type": "send_message", "text": "x"}]})
+    assert r.status_code == 409 and "disconnected" in r.text
+
+    with Session(stack.deps.engine) as db:  # the erasure has begun (its workflow is not needed here)
+        workspace = db.get(Workspace, tenant.workspace_id)
+        workspace.status = "erasing"
+        db.add(workspace)
+        db.commit()
+    r = await stack.api.post("/v1/channels", json={"platform": "telegram", "access_token": "1:AA"},
+                             headers=tenant.headers)
+    assert r.status_code == 409 and "erased" in r.text
+    assert (await stack.api.get("/v1/automations", headers=tenant.headers)).status_code == 200

@@ -67,12 +67,17 @@ def _unprocessable(loc: list, msg: str) -> HTTPException:
     response_model=AutomationPublic,
     operation_id="create_automation",
     summary="Create an automation",
-    description="The flow is validated as a whole: unknown step types, dangling targets and missing texts get 422.",
+    description=(
+        "The flow is validated as a whole: unknown step types, dangling targets and missing texts get 422. "
+        "409 when the channel is disconnected."
+    ),
 )
 def create_automation(body: AutomationCreate, workspace: CurrentWorkspace, session: SessionDep) -> AutomationPublic:
     channel = session.get(Channel, body.channel_id)
     if channel is None or channel.workspace_id != workspace.id:
         raise _unprocessable(["body", "channel_id"], f"no channel {body.channel_id!r} in this workspace")
+    if channel.status == "disconnected":
+        raise HTTPException(status.HTTP_409_CONFLICT, "the channel is disconnected: connect it again first")
     definition = definition_dict(body)
     automation = Automation(
         id=new_id("au"),

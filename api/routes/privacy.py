@@ -6,7 +6,7 @@ from datetime import datetime
 
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 
 from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from api.erasure import start_erasure
@@ -48,7 +48,7 @@ class AuditPublic(BaseModel):
 
 class AuditList(BaseModel):
     data: list[AuditPublic]
-    count: int
+    count: int = Field(description="All that match the filters; `data` is the page (`limit`, `offset`).")
 
 
 def job_public(job: ErasureJob, public_url: str) -> ErasureJobPublic:
@@ -158,15 +158,17 @@ def list_audit(
     session: SessionDep,
     action: str | None = None,
     limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, le=10_000_000),
 ) -> AuditList:
     query = select(AuditEntry).where(AuditEntry.workspace_id == workspace.id)
     if action:
         query = query.where(AuditEntry.action == action)
-    rows = session.exec(query.order_by(col(AuditEntry.id).desc()).limit(limit)).all()
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    rows = session.exec(query.order_by(col(AuditEntry.id).desc()).offset(offset).limit(limit)).all()
     return AuditList(
         data=[
             AuditPublic(id=r.id or 0, actor=r.actor, action=r.action, target=r.target, detail=r.detail, created_at=r.created_at)
             for r in rows
         ],
-        count=len(rows),
+        count=total,
     )

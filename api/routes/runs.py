@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
-from sqlmodel import col, select
+from sqlmodel import col, func, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -20,6 +20,7 @@ from core.db import Automation, Channel, Contact, Run
 from core.observability import RUNS_STARTED
 
 router = APIRouter(tags=["runs"])
+MAX_OFFSET = 10_000_000
 
 QUERY_TIMEOUT_SECONDS = 5.0
 
@@ -59,7 +60,7 @@ class RunPublic(BaseModel):
 
 class RunList(BaseModel):
     data: list[RunPublic]
-    count: int
+    count: int = Field(description="All that match the filters; `data` is the page (`limit`, `offset`).")
 
 
 class SignalBody(BaseModel):
@@ -151,6 +152,7 @@ def list_runs(
     automation_id: str | None = None,
     status_: str | None = Query(None, alias="status"),
     limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> RunList:
     query = select(Run).where(Run.workspace_id == workspace.id)
     if contact_id:
@@ -159,8 +161,9 @@ def list_runs(
         query = query.where(Run.automation_id == automation_id)
     if status_:
         query = query.where(Run.status == status_)
-    rows = session.exec(query.order_by(col(Run.started_at).desc()).limit(limit)).all()
-    return RunList(data=[_public(r) for r in rows], count=len(rows))
+    total = session.exec(select(func.count()).select_from(query.subquery())).one()
+    rows = session.exec(query.order_by(col(Run.started_at).desc(), col(Run.id)).offset(offset).limit(limit)).all()
+    return RunList(data=[_public(r) for r in rows], count=total)
 
 
 @router.post(

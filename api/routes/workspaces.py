@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
 from api.deps import AdminDep, CurrentWorkspace, SessionDep
 from core.audit import audit
@@ -19,7 +19,7 @@ router = APIRouter(tags=["workspaces"])
 
 class WorkspaceCreate(BaseModel):
     model_config = {"extra": "forbid"}
-    name: str = Field(min_length=1, max_length=200)
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     business_use_attestation: Literal[True] = Field(
         description="Must be true: the workspace automates a business account and is operated by adults (18+)."
     )

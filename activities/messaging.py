@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 from sqlalchemy import Connection, Engine, Row, bindparam, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError, StatementError
 from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -50,7 +50,7 @@ from core.contracts import (
 )
 from core.crypto import TokenVault
 from core.db import SendRecord, utcnow
-from core.observability import RUNS_STARTED
+from core.observability import EVENTS_UNRECORDABLE, RUNS_STARTED
 from core.platforms import (
     GraphClient,
     PlatformError,
@@ -66,6 +66,27 @@ SEND_RECORDS = SendRecord.__table__
 # Built once (see activities/crm.py CHANNEL_BY_ID).
 SENT_ID = select(SEND_RECORDS.c.platform_message_id).where(SEND_RECORDS.c.idempotency_key == bindparam("key"))
 INSERT_SEND_RECORD = SEND_RECORDS.insert()
+
+# Errors no retry of the recording can fix: the database refused the event's
+# content (a value out of range, text it cannot encode). The known causes are
+# cleaned when the webhook is parsed (core/inbound.py); another one must not
+# stop the person's conversation (each retry of its task failed again).
+def refused_content(err: BaseException) -> bool:
+    if isinstance(err, DataError):
+        return True
+    if isinstance(err, StatementError):  # a driver's error while binding the values
+        return isinstance(err.orig, UnicodeError | OverflowError | ValueError)
+    return isinstance(err, UnicodeError | OverflowError)
+
+
+def unrecordable(input: RecordInboundInput, err: BaseException) -> ApplicationError:
+    """The non-retryable failure the conversation skips the event on."""
+    EVENTS_UNRECORDABLE.inc()
+    log.warning("event %s not recordable (%s): skipped", input.event.event_id, type(err).__name__)
+    return ApplicationError(
+        f"the database refused this event ({type(err).__name__})", type="UnrecordableEvent", non_retryable=True
+    )
+
 
 STANDARD_WINDOW = timedelta(hours=24)
 HUMAN_AGENT_WINDOW = timedelta(days=7)
@@ -485,12 +506,17 @@ class MessagingActivities:
         (``is_new`` False, names saved), so neither the send nor the
         conversation looks it up again. A message that starts nothing brings
         no lookup."""
-        if not (input.first_reply and activity.info().attempt == 1):
-            return await asyncio.to_thread(record_inbound_event, self.engine, input)
-        first = _FirstReply(self, input)
-        record = await asyncio.to_thread(
-            record_inbound_event, self.engine, input, first.on_unnamed_contact, first.plan
-        )
+        try:
+            if not (input.first_reply and activity.info().attempt == 1):
+                return await asyncio.to_thread(record_inbound_event, self.engine, input)
+            first = _FirstReply(self, input)
+            record = await asyncio.to_thread(
+                record_inbound_event, self.engine, input, first.on_unnamed_contact, first.plan
+            )
+        except Exception as err:
+            if not refused_content(err):
+                raise
+            raise unrecordable(input, err) from None
         return await first.answer(record)
 
     async def _save_looked_up(self, record: RecordInboundResult, lookup: asyncio.Future[dict[str, str] | None]) -> None:

@@ -69,6 +69,10 @@ EVENTS_DEDUPLICATED = Counter(
     "vectory_events_deduplicated",
     "Inbound events recognised as platform redeliveries by the message log.",
 )
+EVENTS_UNRECORDABLE = Counter(
+    "vectory_events_unrecordable",
+    "Inbound events the database refused for their content (skipped: the person's conversation goes on).",
+)
 RUNS_STARTED = Counter(
     "vectory_runs_started",
     "Automation runs started: trigger=api for API starts, trigger=any for run rows the worker created.",

@@ -22,6 +22,7 @@ from helpers import (
     post_meta,
     sandbox_messages,
     send_dm,
+    text_of,
     wait_for,
     wait_for_messages,
 )
@@ -328,3 +329,39 @@ async def test_lists_page_with_totals_and_a_workspace_being_erased_takes_no_writ
                              headers=tenant.headers)
     assert r.status_code == 409 and "erased" in r.text
     assert (await stack.api.get("/v1/automations", headers=tenant.headers)).status_code == 200
+
+
+async def test_an_event_the_database_refuses_is_skipped_and_the_conversation_goes_on(stack, monkeypatch):
+    """Whatever else the database may refuse in an event's content (no retry
+    fixes that): the event is skipped and counted, and the person's next
+    message is answered by the same conversation. Before, the recording's
+    retries ran out, the conversation failed and the messages queued behind
+    the event were lost."""
+    from sqlalchemy.exc import DataError
+    from temporalio.client import WorkflowExecutionStatus
+
+    from activities import messaging
+    from core.contracts import contact_id_for, conversation_workflow_id
+    from core.observability import EVENTS_UNRECORDABLE
+
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["hello"]},
+                            [{"id": "a", "type": "send_message", "text": "Hi"}])
+    real = messaging.record_inbound_event
+
+    def refusing(engine, input, *args, **kwargs):
+        if input.event.text == "refused":
+            raise DataError("INSERT INTO message ...", {}, ValueError("value out of range"))
+        return real(engine, input, *args, **kwargs)
+
+    monkeypatch.setattr(messaging, "record_inbound_event", refusing)
+    skipped = EVENTS_UNRECORDABLE._value.get()
+    person = new_sender()
+    await send_dm(stack, account_id, person, "refused")
+    await send_dm(stack, account_id, person, "hello")
+    assert [text_of(c) for c in await wait_for_messages(stack, person, 1, timeout=20)] == ["Hi"]
+    assert EVENTS_UNRECORDABLE._value.get() == skipped + 1
+    conversation = conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_for(channel["id"], person))
+    description = await stack.client.get_workflow_handle(conversation).describe()
+    assert description.status == WorkflowExecutionStatus.RUNNING

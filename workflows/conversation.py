@@ -88,6 +88,9 @@ MATCHING_PATCH = "matching-2"
 # reply starts nothing: it is not their answer, and superseding the run lost
 # the answer it was waiting for.
 KEEP_WAITING_RUN = "waiting-run-kept"
+# An event the database refuses for its content is skipped; it failed the
+# conversation (and the events queued behind it) after its retries.
+SKIP_UNRECORDABLE = "unrecordable-event-skipped"
 
 
 class _Returned:
@@ -264,7 +267,15 @@ class ConversationWorkflow:
             and not keep_waiting
             and not (event.kind in REPLY_KINDS and waiting)
         )
-        record = await self._contact_context("record_inbound", event, first_reply=first_reply)
+        try:
+            record = await self._contact_context("record_inbound", event, first_reply=first_reply)
+        except ACTIVITY_FAILURES as err:
+            # The database refused the event's content (no retry fixes that):
+            # skipped, so the person's later messages are still answered.
+            if root_type(err) != "UnrecordableEvent" or not workflow.patched(SKIP_UNRECORDABLE):
+                raise
+            workflow.logger.warning("event %s could not be recorded: skipped", event.event_id)
+            return
         if record.duplicate or not record.channel_active or record.contact is None:
             return
         if event.callback_query_id:

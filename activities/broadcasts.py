@@ -35,6 +35,17 @@ def matches_segment(contact: Contact, segment: dict) -> bool:
     return all(fields.get(name) == value for name, value in (segment.get("fields") or {}).items())
 
 
+def held_back(contact) -> str:
+    """Why no broadcast reaches this contact now ("restricted",
+    "human_takeover"; "" when none): when its page is chosen, and again when
+    its batch sends (``send_broadcast_batch``)."""
+    if contact.processing_restricted or contact.consent_withdrawn:
+        return "restricted"
+    if contact.human_takeover:
+        return "human_takeover"
+    return ""
+
+
 class BroadcastActivities:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -72,12 +83,8 @@ class BroadcastActivities:
                         last = last.replace(tzinfo=UTC)
                     if seen_within and (last is None or now - last > timedelta(hours=float(seen_within))):
                         continue  # outside the segment, not a skip
-                    reason = ""
-                    if contact.processing_restricted or contact.consent_withdrawn:
-                        reason = "restricted"
-                    elif contact.human_takeover:
-                        reason = "human_takeover"
-                    elif windowed and (last is None or now - last > META_WINDOW):
+                    reason = held_back(contact)
+                    if not reason and windowed and (last is None or now - last > META_WINDOW):
                         reason = "outside_window"
                     if reason:
                         page.skipped[reason] = page.skipped.get(reason, 0) + 1

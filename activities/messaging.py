@@ -18,6 +18,7 @@ from sqlmodel import Session
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.broadcasts import held_back
 from activities.common import ChannelCredentials, credentials_of, load_credentials, to_application_error
 from activities.crm import (
     CHANNEL_BY_ID,
@@ -150,17 +151,6 @@ def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> 
         now_iso=datetime.now(UTC).isoformat(),
     )
     return Opening(run_id, step["id"], send)
-
-
-def _not_broadcast_to(contact: SimpleNamespace | None) -> str:
-    """Why a broadcast's page must now skip this contact ("" when it need not)."""
-    if contact is None:
-        return "deleted"
-    if contact.processing_restricted or contact.consent_withdrawn:
-        return "restricted"
-    if contact.human_takeover:
-        return "human_takeover"
-    return ""
 
 
 @dataclass
@@ -666,7 +656,7 @@ class MessagingActivities:
         personal = flowrt.uses_contact(input.text)
         for index, recipient in enumerate(pending, start):
             contact = contacts.get(recipient.contact_id)
-            reason = _not_broadcast_to(contact)
+            reason = "deleted" if contact is None else held_back(contact)
             if reason:
                 result.skipped[reason] = result.skipped.get(reason, 0) + 1
                 activity.heartbeat(index + 1, result.sent, result.failed, result.skipped)

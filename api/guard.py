@@ -19,11 +19,11 @@ refused for its content), and ``/codec`` takes the Temporal UI's payloads.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
+from core.inbound import SURROGATE_RE
+
 MAX_BODY_BYTES = 1024 * 1024
-_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_DEPTH = 32
 PREFIX = "/v1"
 
@@ -55,7 +55,7 @@ def body_problem(body: bytes) -> tuple[list[str | int], str] | None:
         if isinstance(value, str):
             if "\x00" in value:
                 return path, "NUL characters (\\u0000) are not allowed"
-            if _SURROGATE.search(value):
+            if SURROGATE_RE.search(value):
                 return path, "a lone UTF-16 surrogate (\\ud800-\\udfff) is not a character"
         elif isinstance(value, dict):
             for key, item in value.items():

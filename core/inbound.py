@@ -64,7 +64,7 @@ def _dict(value: Any) -> dict[str, Any]:
 # Lone UTF-16 surrogates ("\\ud83d" alone in the JSON) cannot be encoded
 # for the database: the event could not be recorded, and each retry of its
 # conversation's task failed again.
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
 # Beyond this (year 3000) a timestamp is not a time: the recording would fail.
 MAX_TIMESTAMP_MS = 32_503_680_000_000
 
@@ -74,8 +74,8 @@ def _clean(text: str) -> str:
     one), lone surrogates replaced by U+FFFD."""
     if "\x00" in text:
         text = text.replace("\x00", "")
-    if _SURROGATE.search(text):
-        text = _SURROGATE.sub("\ufffd", text)
+    if SURROGATE_RE.search(text):
+        text = SURROGATE_RE.sub("\ufffd", text)
     return text
 
 

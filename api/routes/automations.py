@@ -50,8 +50,10 @@ def public(a: Automation) -> AutomationPublic:
     )
 
 
-def get_owned(session, workspace_id: str, automation_id: str) -> Automation:
-    automation = session.get(Automation, automation_id)
+def get_owned(session, workspace_id: str, automation_id: str, *, for_update: bool = False) -> Automation:
+    """The workspace's automation (404 otherwise); ``for_update``: its row
+    locked until the transaction ends (PostgreSQL; SQLite writes one at a time)."""
+    automation = session.get(Automation, automation_id, with_for_update=for_update, populate_existing=for_update)
     if automation is None or automation.workspace_id != workspace_id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "automation not found")
     return automation
@@ -121,7 +123,9 @@ def update_automation(
     automation_id: str, body: AutomationUpdate, workspace: CurrentWorkspace, session: SessionDep
 ) -> AutomationPublic:
     for _ in range(UPDATE_ATTEMPTS):
-        automation = get_owned(session, workspace.id, automation_id)
+        # Concurrent updates wait for each other on the row's lock (PostgreSQL);
+        # on SQLite one that read a version another then took applies again.
+        automation = get_owned(session, workspace.id, automation_id, for_update=True)
         try:
             definition = merge_definition(automation.definition, body)
         except ValidationError as exc:

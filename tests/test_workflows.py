@@ -53,6 +53,7 @@ from core.contracts import (
     CONVERSATION_WORKFLOW,
     DISCONNECT_CHANNEL_WORKFLOW,
     AckCallbackInput,
+    Attachment,
     AutomationSnapshot,
     ChannelRef,
     ChannelStatusInput,
@@ -168,6 +169,7 @@ class Mocks:
         self.ai_finished = 0
         self.verify_error: Exception | None = None
         self.revoke_error: Exception | None = None
+        self.refused_text: str | None = None  # record_inbound refuses an event with this text (UnrecordableEvent)
 
     def look_up_profile(self, by: str) -> ContactSnapshot:
         self.profile_lookups.append(by)
@@ -185,6 +187,8 @@ class Mocks:
     def activities(self) -> list[Callable]:
         @activity.defn(name="record_inbound")
         async def record_inbound(input: RecordInboundInput) -> RecordInboundResult:
+            if self.refused_text is not None and input.event.text == self.refused_text:
+                raise ApplicationError("the database refused this event", type="UnrecordableEvent", non_retryable=True)
             self.inbound.append(input)
             record = RecordInboundResult(
                 duplicate=False,
@@ -1068,3 +1072,76 @@ def _dedupe(items: list) -> list:
         if not out or out[-1] != item:
             out.append(item)
     return out
+
+
+STORY_MENTION_FLOW = {
+    "trigger": {"type": "story_mention"},
+    "steps": [{"id": "thanks", "type": "send_message", "text": "Thanks for the mention!"}],
+}
+RECEIPT_FLOW = {
+    "trigger": {"type": "dm_keyword", "keywords": ["receipt"]},
+    "steps": [
+        {"id": "ask", "type": "send_message", "text": "Send a photo of it"},
+        {"id": "photo", "type": "wait_for_reply", "max_retries": 0, "save_to_field": "receipt", "on_invalid": "bad"},
+        {"id": "ok", "type": "send_message", "text": "Got it", "next": "end"},
+        {"id": "bad", "type": "send_message", "text": "Invalid reply"},
+    ],
+}
+
+
+async def test_a_story_mention_while_a_run_waits_leaves_the_run_waiting(env):
+    mocks = Mocks([automation("auto_price", PRICE_FLOW), automation("auto_story", STORY_MENTION_FLOW)])
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.1", "price?"))
+
+        async def accepting() -> bool:
+            return (await conversation_state(conv))["accepting_input"]
+
+        await until(accepting)
+        mention = InboundEvent(event_id="mid.2", platform="instagram", account_id=ACCOUNT, sender_id=SENDER,
+                               kind="story_mention", story_url="https://cdn.example/story")
+        await conv.signal("inbound", mention)
+        await settled(conv, 2)
+        await conv.signal("inbound", dm("mid.3", "a@b.co"))
+        await until(lambda: len(mocks.texts) == 2)
+        await settled(conv, 3)
+        await close_conversation(env.client, conv, "conversation_waiting_run_kept")
+    assert mocks.texts == [ASK, "Thanks! It is on its way to a@b.co."]
+    assert len(mocks.started_runs()) == 1
+
+
+async def test_a_photo_answers_a_reply_that_asks_for_no_format(env):
+    mocks = Mocks([automation("auto_receipt", RECEIPT_FLOW)])
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.1", "receipt"))
+        run_id = run_workflow_id(ws, "auto_receipt", CONTACT, "mid.1")
+
+        async def accepting() -> bool:
+            return (await conversation_state(conv))["accepting_input"]
+
+        await until(accepting)
+        photo = InboundEvent(event_id="mid.2", platform="instagram", account_id=ACCOUNT, sender_id=SENDER,
+                             kind="message", attachments=[Attachment(type="image", url="https://cdn.example/r.jpg")])
+        await conv.signal("inbound", photo)
+        result = await outcome(env.client.get_workflow_handle(run_id, result_type=RunResult))
+        await maybe_save_history(env.client, run_id, "run_attachment_reply")
+        await close_conversation(env.client, conv)
+    assert result.status == "completed"
+    assert mocks.texts == ["Send a photo of it", "Got it"]
+    assert [u.set_fields for u in mocks.updates] == [{"receipt": "https://cdn.example/r.jpg"}]
+
+
+async def test_an_event_the_database_refuses_is_skipped_and_the_next_one_answered(env):
+    mocks = Mocks([automation("auto_menu", MENU_FLOW)])
+    mocks.refused_text = "refused"
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.1", "refused"))
+        await conv.signal("inbound", dm("mid.2", "menu please"))
+        await until(lambda: mocks.texts == ["Here is the menu"])
+        state = await settled(conv, 2)
+        await close_conversation(env.client, conv, "conversation_unrecordable_skipped")
+    assert state["events_handled"] == 2
+    assert [i.event.event_id for i in mocks.inbound] == ["mid.2"]

@@ -7,16 +7,13 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response, status
 from pydantic import BaseModel, ValidationError
-from sqlalchemy.exc import IntegrityError
-from sqlmodel import delete, select
+from sqlmodel import col, delete, select, update
 
 from api.deps import CurrentWorkspace, SessionDep
 from core.db import Automation, AutomationVersion, Channel, new_id, utcnow
 from core.flow import AutomationCreate, AutomationUpdate, definition_dict, merge_definition
 
 router = APIRouter(prefix="/v1/automations", tags=["automations"])
-# Tries of an update that meets concurrent ones (each then applies on top).
-UPDATE_ATTEMPTS = 5
 
 
 class AutomationPublic(BaseModel):
@@ -50,10 +47,8 @@ def public(a: Automation) -> AutomationPublic:
     )
 
 
-def get_owned(session, workspace_id: str, automation_id: str, *, for_update: bool = False) -> Automation:
-    """The workspace's automation (404 otherwise); ``for_update``: its row
-    locked until the transaction ends (PostgreSQL; SQLite writes one at a time)."""
-    automation = session.get(Automation, automation_id, with_for_update=for_update, populate_existing=for_update)
+def get_owned(session, workspace_id: str, automation_id: str) -> Automation:
+    automation = session.get(Automation, automation_id)
     if automation is None or automation.workspace_id != workspace_id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "automation not found")
     return automation
@@ -122,36 +117,31 @@ def get_automation(automation_id: str, workspace: CurrentWorkspace, session: Ses
 def update_automation(
     automation_id: str, body: AutomationUpdate, workspace: CurrentWorkspace, session: SessionDep
 ) -> AutomationPublic:
-    for _ in range(UPDATE_ATTEMPTS):
-        # Concurrent updates wait for each other on the row's lock (PostgreSQL);
-        # on SQLite one that read a version another then took applies again.
-        automation = get_owned(session, workspace.id, automation_id, for_update=True)
-        try:
-            definition = merge_definition(automation.definition, body)
-        except ValidationError as exc:
-            raise HTTPException(
-                status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False, include_context=False)
-            ) from None
-        except ValueError as exc:
-            raise _unprocessable(["body"], str(exc)) from None
-        if body.name is not None:
-            automation.name = body.name
-        if body.status is not None:
-            automation.status = body.status
-        if definition != automation.definition:
-            automation.version += 1
-            automation.definition = definition
-            session.add(AutomationVersion(automation_id=automation.id, version=automation.version, definition=definition))
-        automation.updated_at = utcnow()
-        session.add(automation)
-        try:
-            session.commit()
-            return public(automation)
-        except IntegrityError:
-            # Another update took this version number first: apply this one
-            # on top of it (the unique (automation, version) row decides).
-            session.rollback()
-    raise HTTPException(status.HTTP_409_CONFLICT, "the automation is being changed by other requests; retry")
+    # Concurrent updates of one automation take their turns: touching its
+    # row first holds it (a row lock on PostgreSQL, the write lock on SQLite)
+    # until this one commits, so each reads the version the last one wrote.
+    session.exec(update(Automation).where(col(Automation.id) == automation_id).values(updated_at=Automation.updated_at))
+    automation = get_owned(session, workspace.id, automation_id)
+    try:
+        definition = merge_definition(automation.definition, body)
+    except ValidationError as exc:
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False, include_context=False)
+        ) from None
+    except ValueError as exc:
+        raise _unprocessable(["body"], str(exc)) from None
+    if body.name is not None:
+        automation.name = body.name
+    if body.status is not None:
+        automation.status = body.status
+    if definition != automation.definition:
+        automation.version += 1
+        automation.definition = definition
+        session.add(AutomationVersion(automation_id=automation.id, version=automation.version, definition=definition))
+    automation.updated_at = utcnow()
+    session.add(automation)
+    session.commit()
+    return public(automation)
 
 
 @router.delete(

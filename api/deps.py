@@ -42,6 +42,9 @@ async def get_vault(request: Request) -> TokenVault:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
+# Past any real list (beyond it SQLite overflows: a 500); list routes bound their offset with it.
+MAX_OFFSET = 10_000_000
+
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 VaultDep = Annotated[TokenVault, Depends(get_vault)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]

@@ -15,6 +15,20 @@ from core.settings import Settings
 from workflows.common import search_attributes
 
 
+def existing_job(session: Session, workspace_id: str, scope: str, target: str) -> ErasureJob | None:
+    """The latest erasure job of a target that did not fail, if any."""
+    return session.exec(
+        select(ErasureJob)
+        .where(
+            ErasureJob.workspace_id == workspace_id,
+            ErasureJob.scope == scope,
+            ErasureJob.target == target,
+            ErasureJob.status != "failed",
+        )
+        .order_by(col(ErasureJob.created_at).desc())
+    ).first()
+
+
 async def start_erasure(
     temporal: Client,
     settings: Settings,
@@ -36,16 +50,7 @@ async def start_erasure(
     really erases. ``holds_data``: the target holds data now (a person who
     wrote again after their erasure, a reconnected account): a completed
     job does not answer for it, a new one erases it."""
-    existing = session.exec(
-        select(ErasureJob)
-        .where(
-            ErasureJob.workspace_id == workspace_id,
-            ErasureJob.scope == scope,
-            ErasureJob.target == target,
-            ErasureJob.status != "failed",
-        )
-        .order_by(col(ErasureJob.created_at).desc())
-    ).first()
+    existing = existing_job(session, workspace_id, scope, target)
     if existing is not None and not (existing.status == "completed" and holds_data):
         if existing.status == "pending":
             await _start(temporal, settings, existing, contact_id, channel_ids)

@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import col, func, select
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from api.deps import MAX_OFFSET, CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from api.dispatch import conversation_start, signal_conversation
 from core.audit import audit
 from core.contracts import (
@@ -24,7 +24,6 @@ from core.contracts import (
 from core.db import Channel, Contact, Message, Run, utcnow
 
 router = APIRouter(prefix="/v1/contacts", tags=["contacts"])
-MAX_OFFSET = 10_000_000  # past any real list; beyond it SQLite overflows (a 500)
 
 
 class ContactPublic(BaseModel):

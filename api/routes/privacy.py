@@ -8,8 +8,8 @@ from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 from sqlmodel import col, func, select
 
-from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
-from api.erasure import start_erasure
+from api.deps import MAX_OFFSET, CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from api.erasure import existing_job, start_erasure
 from core.audit import audit
 from core.db import AuditEntry, Contact, ErasureJob
 
@@ -63,17 +63,6 @@ def job_public(job: ErasureJob, public_url: str) -> ErasureJobPublic:
     )
 
 
-def _existing_job(session, workspace_id: str, scope: str, target: str) -> ErasureJob | None:
-    return session.exec(
-        select(ErasureJob).where(
-            ErasureJob.workspace_id == workspace_id,
-            ErasureJob.scope == scope,
-            ErasureJob.target == target,
-            ErasureJob.status != "failed",
-        )
-    ).first()
-
-
 @router.delete(
     "/v1/contacts/{contact_id}",
     status_code=status.HTTP_202_ACCEPTED,
@@ -92,7 +81,7 @@ async def erase_contact(
     contact = session.get(Contact, contact_id)
     if contact is not None and contact.workspace_id != workspace.id:
         contact = None
-    if contact is None and _existing_job(session, workspace.id, "contact", contact_id) is None:
+    if contact is None and existing_job(session, workspace.id, "contact", contact_id) is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "contact not found")
     # Also for an existing job: one still pending has its workflow started,
     # and one completed before the person wrote again gives way to a new one.
@@ -117,7 +106,7 @@ async def erase_contact(
 async def erase_workspace(
     workspace: CurrentWorkspace, session: SessionDep, temporal: TemporalDep, settings: SettingsDep
 ) -> ErasureJobPublic:
-    if _existing_job(session, workspace.id, "workspace", workspace.id) is None:
+    if existing_job(session, workspace.id, "workspace", workspace.id) is None:
         workspace.status = "erasing"
         session.add(workspace)
         session.commit()
@@ -158,7 +147,7 @@ def list_audit(
     session: SessionDep,
     action: str | None = None,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0, le=10_000_000),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
 ) -> AuditList:
     query = select(AuditEntry).where(AuditEntry.workspace_id == workspace.id)
     if action:

@@ -13,14 +13,13 @@ from sqlmodel import col, func, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from api.deps import MAX_OFFSET, CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
 from api.dispatch import signal_conversation
 from core.contracts import AutomationSnapshot, ExternalEventSignal, RunStatus, StartAutomationSignal
 from core.db import Automation, Channel, Contact, Run
 from core.observability import RUNS_STARTED
 
 router = APIRouter(tags=["runs"])
-MAX_OFFSET = 10_000_000
 
 QUERY_TIMEOUT_SECONDS = 5.0
 

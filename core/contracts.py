@@ -100,6 +100,9 @@ class ConversationInput:
     active_run: ActiveRun | None = None
     human_takeover: bool = False
     events_handled: int = 0
+    # Events handed over with the start itself (an eager start: the API's
+    # ingress worker, api/ingress.py), handled before any signal.
+    first_events: list[InboundEvent] = field(default_factory=list)
 
 
 @dataclass

@@ -40,6 +40,7 @@ REQUIRED = {
     "conversation_waiting_run_kept",  # a story mention while a run waits: the run keeps waiting
     "run_attachment_reply",  # a photo answers a wait_for_reply
     "conversation_unrecordable_skipped",  # an event the database refuses is skipped
+    "conversation_first_events",  # started with its first message in its input (the API's eager start)
 }
 
 # The sandbox with its full runtime checks (workers/main.py workflow_runner).

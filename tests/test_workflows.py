@@ -728,6 +728,49 @@ async def test_a_first_send_that_fails_is_sent_by_the_run(env):
     assert trail_pairs(result) == [(step_id, "done")]
 
 
+async def test_a_conversation_started_with_its_first_message_needs_no_signal(env):
+    """The API's eager start (api/ingress.py) puts the first message in the
+    conversation's input: it is handled like a signalled one (the flow's
+    prompt, the run, the answer forwarded to it), and the same message
+    redelivered by signal is recognised as a duplicate."""
+    mocks = Mocks([automation("auto_price", PRICE_FLOW), automation("auto_catch_all", CATCH_ALL)])
+    ws = new_workspace()
+    first = dm("mid.e1", "What's the price?")
+    async with running_worker(env.client, mocks) as tq:
+        conv = await env.client.start_workflow(
+            CONVERSATION_WORKFLOW,
+            ConversationInput(
+                workspace_id=ws,
+                channel_id=CHANNEL,
+                platform="instagram",
+                contact_id=CONTACT,
+                contact_external_id=SENDER,
+                first_events=[first],
+            ),
+            id=conversation_workflow_id(ws, CHANNEL, CONTACT),
+            task_queue=tq,
+        )
+        run_id = run_workflow_id(ws, "auto_price", CONTACT, "mid.e1")
+        await until(lambda: mocks.texts == [ASK])
+        await conv.signal("inbound", first)  # a platform redelivery
+        await conv.signal("inbound", dm("mid.e2", "a@b.co"))
+        result = await outcome(env.client.get_workflow_handle(run_id, result_type=RunResult))
+        await settled(conv, 3)
+        history = await conv.fetch_history()
+        await close_conversation(env.client, conv, "conversation_first_events")
+
+    assert result.status == "completed"
+    assert mocks.texts == [ASK, "Thanks! It is on its way to a@b.co."]
+    assert mocks.started_runs() == [run_id]
+    assert len(mocks.inbound) == 2  # the redelivery never reached the database
+    inbound = [
+        e for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED
+        and e.workflow_execution_signaled_event_attributes.signal_name == "inbound"
+    ]
+    assert len(inbound) == 2  # the redelivery and the answer: the first message came with the start
+
+
 async def test_redelivered_event_starts_exactly_one_run(env):
     mocks = Mocks([automation("auto_menu", MENU_FLOW)])
     ws = new_workspace()

@@ -110,7 +110,9 @@ class ConversationWorkflow:
     @workflow.init
     def __init__(self, input: ConversationInput) -> None:
         self._input = input
-        self._queue: deque[InboundEvent | StartAutomationSignal | ResumeSignal | StopRunsSignal] = deque()
+        self._queue: deque[InboundEvent | StartAutomationSignal | ResumeSignal | StopRunsSignal] = deque(
+            input.first_events
+        )
         self._seen: deque[str] = deque(input.seen_event_ids[-MAX_SEEN_EVENT_IDS:])
         self._seen_set = set(self._seen)
         self._active: ActiveRun | None = input.active_run

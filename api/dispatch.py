@@ -1,13 +1,18 @@
 """Hand inbound events to Temporal: signal-with-start the contact's
-ConversationWorkflow. The webhook handlers never wait for an automation."""
+ConversationWorkflow, or start it eagerly on the API's own worker when the
+contact has none (api/ingress.py). The webhook handlers never wait for an
+automation."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import Priority, WorkflowIDConflictPolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from core.contracts import (
     CONVERSATION_WORKFLOW,
@@ -17,7 +22,11 @@ from core.contracts import (
     conversation_workflow_id,
 )
 from core.db import Channel
+from core.observability import CONVERSATIONS_STARTED_EAGERLY
 from workflows.common import BULK_PRIORITY, CONVERSATION_PRIORITY, search_attributes
+
+if TYPE_CHECKING:
+    from api.ingress import Ingress
 
 MAX_CONCURRENT_SIGNALS = 64
 SIGNAL_RPC_TIMEOUT = timedelta(seconds=3)
@@ -74,6 +83,33 @@ async def signal_conversation(
     return start["id"]
 
 
+async def start_eagerly(
+    client: Client, task_queue: str, channel: Channel, event: InboundEvent
+) -> str:
+    """Start the contact's conversation with ``event`` in its input, asking
+    Temporal to hand its first task straight back to the API's worker
+    (eager start). When the conversation runs already, the event goes to it
+    by signal-with-start instead. Returns the workflow id."""
+    start = _conversation_start(task_queue, channel, event.sender_id, priority_of(event))
+    try:
+        handle = await client.start_workflow(
+            start["workflow"],
+            replace(start["arg"], first_events=[event]),
+            id=start["id"],
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            search_attributes=start["search_attributes"],
+            priority=start["priority"],
+            request_eager_start=True,
+            rpc_timeout=SIGNAL_RPC_TIMEOUT,
+        )
+    except WorkflowAlreadyStartedError:
+        return await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
+    if getattr(handle, "__temporal_eagerly_started", False):
+        CONVERSATIONS_STARTED_EAGERLY.inc()
+    return start["id"]
+
+
 def conversation_start(task_queue: str, channel: Channel, contact_external_id: str) -> WithStartWorkflowOperation:
     """Start-if-missing operation for a contact's conversation (update-with-start)."""
     start = _conversation_start(task_queue, channel, contact_external_id)
@@ -81,12 +117,20 @@ def conversation_start(task_queue: str, channel: Channel, contact_external_id: s
 
 
 async def dispatch_events(
-    client: Client, task_queue: str, routed: list[tuple[Channel, InboundEvent]]
+    client: Client,
+    task_queue: str,
+    routed: list[tuple[Channel, InboundEvent]],
+    ingress: Ingress | None = None,
+    eager: bool = False,
 ) -> int:
     """Signal-with-start one conversation per event, concurrently (bounded).
 
     Events of one contact keep their order: they are sent to the same
-    workflow one after another.
+    workflow one after another. With ``ingress`` (the API's worker, when it
+    runs), the conversations dispatched to are remembered, and with
+    ``eager`` a message to a conversation the API does not know of starts
+    it eagerly (``start_eagerly``) while the worker has a free slot;
+    comments (bulk work) never.
     """
     by_contact: dict[tuple[str, str], list[tuple[Channel, InboundEvent]]] = {}
     for channel, event in routed:
@@ -96,7 +140,21 @@ async def dispatch_events(
     async def one_contact(items: list[tuple[Channel, InboundEvent]]) -> None:
         async with semaphore:
             for channel, event in items:
-                await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
+                workflow_id = conversation_workflow_id(
+                    channel.workspace_id, channel.id, contact_id_for(channel.id, event.sender_id)
+                )
+                if (
+                    eager
+                    and ingress is not None
+                    and priority_of(event) is CONVERSATION_PRIORITY
+                    and not ingress.known(workflow_id)
+                    and ingress.ready()
+                ):
+                    await start_eagerly(client, task_queue, channel, event)
+                else:
+                    await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
+                if ingress is not None:
+                    ingress.remember(workflow_id)
 
     await asyncio.gather(*(one_contact(items) for items in by_contact.values()))
     return len(routed)

@@ -17,6 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api import openapi
 from api.guard import ApiGuard
 from api.inbox import InboxState, InboxWriter, run_relay
+from api.ingress import Ingress, api_identity
 from api.routes import (
     automations,
     broadcasts,
@@ -91,21 +92,33 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         if app.state.temporal is None:
             # Start even when Temporal is down: webhooks then fill the inbox.
             tasks.append(asyncio.create_task(_connect(app)))
+        else:
+            tasks.append(asyncio.create_task(_run_ingress(app)))
         tasks.append(asyncio.create_task(run_relay(app)))
         freeze_startup_heap()
         yield
+        await app.state.ingress.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    async def _run_ingress(app: FastAPI) -> None:
+        # The API's worker for the conversations it starts (api/ingress.py).
+        if not settings.api_conversation_slots:
+            return
+        await app.state.ingress.run(app.state.temporal, app.state.engine, app.state.vault, app.state.keys)
+
     async def _connect(app: FastAPI) -> None:
         while app.state.temporal is None:
             try:
-                app.state.temporal = await connect(settings, data_converter(app.state.keys), attempts=1)
+                app.state.temporal = await connect(
+                    settings, data_converter(app.state.keys), attempts=1, identity=api_identity()
+                )
                 log.info("connected to Temporal at %s", settings.temporal_address)
             except RuntimeError as err:
                 log.warning("%s; webhooks are kept in the inbox until it answers", err)
                 await asyncio.sleep(2)
+        await _run_ingress(app)
 
     app = FastAPI(title="Vectory API", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
@@ -120,6 +133,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.inbox = InboxState()
     app.state.inbox_writer = InboxWriter(app.state.engine)
     app.state.channels = ChannelCache()
+    app.state.ingress = Ingress(settings)
     app.state.dispatching = 0  # webhooks waiting on Temporal right now
     app.state.signal_seconds = 0.0  # recent signal-with-start latency (moving average)
     for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops, broadcasts):

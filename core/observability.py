@@ -73,6 +73,10 @@ EVENTS_UNRECORDABLE = Counter(
     "vectory_events_unrecordable",
     "Inbound events the database refused for their content (skipped: the person's conversation goes on).",
 )
+CONVERSATIONS_STARTED_EAGERLY = Counter(
+    "vectory_conversations_started_eagerly",
+    "New conversations whose first task Temporal handed straight to the API's worker (api/ingress.py).",
+)
 RUNS_STARTED = Counter(
     "vectory_runs_started",
     "Automation runs started: trigger=api for API starts, trigger=any for run rows the worker created.",

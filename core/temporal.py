@@ -21,10 +21,13 @@ async def connect(
     attempts: int = 30,
     delay: float = 1.0,
     runtime: Runtime | None = None,
+    identity: str | None = None,
 ) -> Client:
     """Connect with the project's data converter (payload encryption),
     retrying while the server starts (compose, make run). ``runtime``
-    carries the worker's SDK metrics exporter (core.observability)."""
+    carries the worker's SDK metrics exporter (core.observability);
+    ``identity`` names the process in histories (the SDK's default:
+    ``pid@host``)."""
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
@@ -33,6 +36,7 @@ async def connect(
                 namespace=settings.temporal_namespace,
                 data_converter=data_converter,
                 runtime=runtime,
+                **({"identity": identity} if identity else {}),
             )
         except Exception as err:  # the server is not up yet
             last = err

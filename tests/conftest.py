@@ -133,6 +133,7 @@ class Stack:
 
 @pytest.fixture(scope="session")
 async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Path) -> AsyncIterator[Stack]:
+    from api.ingress import api_identity
     from api.main import create_app
     from core.codec import data_converter
     from core.db import migrate
@@ -175,7 +176,15 @@ async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Pa
         settings.temporal_address, namespace=settings.temporal_namespace, data_converter=data_converter(deps.keys)
     )
     sandbox_server, sandbox_task = await serve(create_sandbox(), sandbox_port)
-    api_app = create_app(settings, temporal=client)
+    # The API has its own client, as in its own process: its worker
+    # (api/ingress.py) and the suite's share a task queue.
+    api_client = await Client.connect(
+        settings.temporal_address,
+        namespace=settings.temporal_namespace,
+        data_converter=data_converter(deps.keys),
+        identity=api_identity(),
+    )
+    api_app = create_app(settings, temporal=api_client)
     api_server, api_task = await serve(api_app, api_port)
     s = Stack(
         client=client,

@@ -94,10 +94,16 @@ class WorkerDeps:
 def build_deps(settings: Settings) -> WorkerDeps:
     engine = engine_for(settings.database_url)
     vault = TokenVault(settings.keyring())
+    return worker_deps(settings, engine, vault, KeyStore(engine, vault))
+
+
+def worker_deps(settings: Settings, engine: Engine, vault: TokenVault, keys: KeyStore) -> WorkerDeps:
+    """A worker's dependencies around an existing database engine and keys
+    (the API's own worker shares the API's: api/ingress.py)."""
     return WorkerDeps(
         engine=engine,
         vault=vault,
-        keys=KeyStore(engine, vault),
+        keys=keys,
         # Keep-alive for as many connections as sends can be in flight (a
         # pool of 20 opened and closed a TCP, in production TLS, connection
         # per request beyond 20 concurrent calls).

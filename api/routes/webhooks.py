@@ -175,6 +175,10 @@ async def _dispatch(request: Request, routed) -> None:
     The wait is skipped while Temporal's recent signals (a moving average,
     ``state.signal_seconds``) took longer than it.
 
+    A new contact's first message may start their conversation on the
+    API's own worker (``api/ingress.py``), only while this is the one
+    webhook waiting on Temporal.
+
     Direct dispatch is skipped while Temporal failed or timed out recently
     (circuit breaker, BREAKER_SECONDS), while the inbox holds events not
     relayed yet (a contact's later event must not overtake an earlier stored
@@ -194,8 +198,16 @@ async def _dispatch(request: Request, routed) -> None:
     if direct:
         state.dispatching += 1
         started = time.monotonic()
+        # The API's worker takes a new conversation only while no other
+        # webhook waits on Temporal (api/ingress.py): a burst goes to the workers.
+        ingress = state.ingress if state.ingress.running else None
         signal = asyncio.ensure_future(
-            asyncio.wait_for(dispatch_events(temporal, state.settings.task_queue, routed), DISPATCH_TIMEOUT_SECONDS)
+            asyncio.wait_for(
+                dispatch_events(
+                    temporal, state.settings.task_queue, routed, ingress, eager=state.dispatching == 1
+                ),
+                DISPATCH_TIMEOUT_SECONDS,
+            )
         )
         signal.add_done_callback(lambda done: _signal_done(state, done, len(routed), started))
         wait = state.settings.webhook_ack_wait_ms / 1000

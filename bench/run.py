@@ -254,6 +254,14 @@ class Bench:
             raise StackError(f"webhook answered {status}: {data[:300]!r}")
         return status
 
+    async def eager_starts(self) -> float | None:
+        """The API's count of conversations it started eagerly (api/ingress.py)."""
+        status, data = await self.api.request("GET", "/metrics")
+        for line in data.decode().splitlines() if status == 200 else []:
+            if line.startswith("vectory_conversations_started_eagerly_total"):
+                return float(line.split()[-1])
+        return None
+
     async def try_post(self, body: bytes, headers: dict[str, str], deadline: float = 60.0) -> int:
         """The status, 0 on a connection error or no answer: load phases count failures and go on."""
         try:
@@ -372,11 +380,13 @@ class Bench:
                                            f"{KEYWORD} again please", 2)
         self.results["webhook_to_send"] = {"new_contact": new, "returning_contact": returning}
         say(f"webhook->send: new median {new['latency_ms'].get('median')} ms, "
-            f"returning median {returning['latency_ms'].get('median')} ms")
+            f"returning median {returning['latency_ms'].get('median')} ms "
+            f"(conversations the API started eagerly: {new['eager_starts']} of {s.seq})")
 
     async def _sequential(self, senders: list[str], text: str, nth: int) -> dict[str, Any]:
         rows = []
         missing = 0
+        eager_before = await self.eager_starts()
         for sender in senders:
             body, headers = self.dm(sender, text)
             t0 = time.time()
@@ -387,6 +397,7 @@ class Bench:
                 missing += 1
                 continue
             rows.append((sender, t0, ack))
+        eager_after = await self.eager_starts()
         lat = [self.watcher.sends[x][nth - 1] - t0 for x, t0, _ in rows]
         profile = [self.watcher.profiles[x][0] - t0 for x, t0, _ in rows if nth == 1 and self.watcher.profiles.get(x)]
         if rows:
@@ -399,6 +410,8 @@ class Bench:
             "ack_ms": summary_ms([a for _, _, a in rows]),
             "profile_lookup_at_ms": summary_ms(profile),
             "missing": missing,
+            # Conversations the API started eagerly meanwhile (None: not counted).
+            "eager_starts": None if eager_before is None or eager_after is None else int(eager_after - eager_before),
         }
 
     # -- 3. burst --------------------------------------------------------------
@@ -648,6 +661,8 @@ class Bench:
             "rss_kib_before": rss_before,
             "rss_kib_after": rss_after,
             "worker_rss_mb": round(worker_kib / 1024, 1),
+            # The API keeps the conversations it started (api/ingress.py) in memory too.
+            "api_rss_mb": round(rss_after["api"].get("VmRSS", 0) / 1024, 1),
             "worker_rss_per_waiting_kib": round((worker_kib - base_kib) / prompted, 2) if prompted else None,
             "worker_rss_mb_at_10k_estimate": rss_estimate_10k(progress, prompted, worker_kib),
             "answer_first_ms": round(first, 2) if first is not None else None,
@@ -857,6 +872,9 @@ def build_table(r: dict[str, Any]) -> list[list[str]]:
                  f"<= {TARGET_RSS_MB:g} at 10k", "-",
                  verdict(le(rss, TARGET_RSS_MB) if wait.get("complete") and wait.get("target", 0) >= 10_000
                          else None)])
+    if wait.get("api_rss_mb") is not None:
+        rows.append(["  API RSS at the end (its worker's conversations included) (MB)", _fmt(wait.get("api_rss_mb")),
+                     "-", "-", "-", "-", "-"])
     est = wait.get("worker_rss_mb_at_10k_estimate")
     rows.append(["  estimate at 10k (slope of the 2nd half) (MB)", _fmt(est), "-", "-", f"<= {TARGET_RSS_MB:g}", "-",
                  verdict(le(est, TARGET_RSS_MB)) + " (est.)" if est is not None else "-"])

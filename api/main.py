@@ -136,6 +136,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.ingress = Ingress(settings)
     app.state.dispatching = 0  # webhooks waiting on Temporal right now
     app.state.signal_seconds = 0.0  # recent signal-with-start latency (moving average)
+    app.state.webhook_rate, app.state.webhook_rate_at = 0.0, 0.0  # webhooks a second (moving average)
     for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops, broadcasts):
         app.include_router(module.router)
 

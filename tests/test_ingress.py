@@ -5,6 +5,7 @@ slots that keep every other task away from it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -59,6 +60,7 @@ async def test_a_new_contacts_first_message_is_answered_by_the_apis_worker(stack
     channel, account_id, _ = await connect_instagram(stack, tenant)
     await create_automation(stack, tenant, channel["id"], *HELLO)
     person = new_sender()
+    stack.api_app.state.webhook_rate = 0.0  # a quiet API (earlier tests posted fast)
     before = await _eager_starts(stack)
 
     await send_dm(stack, account_id, person, "hello")
@@ -89,26 +91,38 @@ async def test_a_running_conversation_the_api_did_not_know_gets_the_message_by_s
                              sender_id=person, kind="message", text="hello")
     await signal_conversation(stack.client, stack.settings.task_queue, row, person, "inbound", elsewhere)
     await wait_for_messages(stack, person, 1)
+    stack.api_app.state.webhook_rate = 0.0  # a quiet API: it tries the eager start
+    before = await _eager_starts(stack)
 
     await send_dm(stack, account_id, person, "hello from the webhook")
     await wait_for_messages(stack, person, 2)
     await asyncio.sleep(0.5)  # nothing more arrives
     assert [text_of(c) for c in await sandbox_messages(stack, person)] == ["Hi there!", "Hi there!"]
     assert _signals(await _history(stack, tenant, channel, person)) == 2
+    assert await _eager_starts(stack) == before
 
 
-async def test_while_another_webhook_waits_on_temporal_the_workers_take_the_new_conversation(stack):
+@pytest.mark.parametrize("load", ["another webhook in flight", "webhooks arriving fast"])
+async def test_under_load_the_workers_take_the_new_conversation(stack, load):
+    """The API's CPU goes to answering webhooks: a burst (another webhook
+    waits on Temporal) or a high rate leaves new conversations to the
+    worker processes."""
     tenant = await create_tenant(stack)
     channel, account_id, _ = await connect_instagram(stack, tenant)
     await create_automation(stack, tenant, channel["id"], *HELLO)
     person = new_sender()
     state = stack.api_app.state
-    state.dispatching += 1  # another webhook in flight
+    busy = load == "another webhook in flight"
+    if busy:
+        state.dispatching += 1
+    else:
+        state.webhook_rate, state.webhook_rate_at = 500.0, time.monotonic()
     try:
         await send_dm(stack, account_id, person, "hello")
         await wait_for_messages(stack, person, 1)
     finally:
-        state.dispatching -= 1
+        if busy:
+            state.dispatching -= 1
     events = await _history(stack, tenant, channel, person)
     assert _signals(events) == 1
     assert not _first_task_identity(events).endswith("/api")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 
 from fastapi import APIRouter, HTTPException, Query, Request, status
@@ -38,6 +39,10 @@ BREAKER_SECONDS = 5.0
 # Weight of the newest signal in the moving average of signal latency (the
 # average follows a change within ~10 signals).
 SIGNAL_LATENCY_WEIGHT = 0.2
+# Above this many webhooks a second (a moving average over about a second),
+# the API's worker takes no new conversation (api/ingress.py): the API's CPU
+# goes to answering webhooks, the worker processes to the conversations.
+EAGER_MAX_WEBHOOKS_PER_SECOND = 100.0
 
 
 CHANNEL_CACHE_SECONDS = 2.0
@@ -177,7 +182,8 @@ async def _dispatch(request: Request, routed) -> None:
 
     A new contact's first message may start their conversation on the
     API's own worker (``api/ingress.py``), only while this is the one
-    webhook waiting on Temporal.
+    webhook waiting on Temporal and webhooks arrive at most
+    EAGER_MAX_WEBHOOKS_PER_SECOND a second.
 
     Direct dispatch is skipped while Temporal failed or timed out recently
     (circuit breaker, BREAKER_SECONDS), while the inbox holds events not
@@ -188,6 +194,9 @@ async def _dispatch(request: Request, routed) -> None:
     state = request.app.state
     temporal = state.temporal
     inbox = state.inbox
+    now = time.monotonic()
+    state.webhook_rate = state.webhook_rate * math.exp(state.webhook_rate_at - now) + 1.0
+    state.webhook_rate_at = now
     direct = (
         temporal is not None
         and time.monotonic() >= getattr(state, "temporal_down_until", 0.0)
@@ -199,13 +208,13 @@ async def _dispatch(request: Request, routed) -> None:
         state.dispatching += 1
         started = time.monotonic()
         # The API's worker takes a new conversation only while no other
-        # webhook waits on Temporal (api/ingress.py): a burst goes to the workers.
+        # webhook waits on Temporal and webhooks come slowly (api/ingress.py):
+        # a burst and a high rate go to the worker processes.
         ingress = state.ingress if state.ingress.running else None
+        eager = state.dispatching == 1 and state.webhook_rate <= EAGER_MAX_WEBHOOKS_PER_SECOND
         signal = asyncio.ensure_future(
             asyncio.wait_for(
-                dispatch_events(
-                    temporal, state.settings.task_queue, routed, ingress, eager=state.dispatching == 1
-                ),
+                dispatch_events(temporal, state.settings.task_queue, routed, ingress, eager=eager),
                 DISPATCH_TIMEOUT_SECONDS,
             )
         )

@@ -3,17 +3,18 @@
 A new contact's first message normally reaches its conversation by
 signal-with-start: Temporal writes the new execution, hands the workflow
 task to a worker process through its matching service and records the
-task's start: two writes and a hop before any of our code runs (on the
-benchmark's machines, more than the whole bare-Temporal floor's margin).
-Eager workflow start skips the hop: the start's answer carries the first
-workflow task to a worker in the process that asked. Only a worker sharing
-the API's client can take it, so the API runs one, with few slots:
+task's start, two writes and a hop before any of our code runs. Eager
+workflow start skips the hop: the start's answer carries the first workflow
+task to a worker in the process that asked. Only a worker sharing the API's
+client can take it, so with ``api_conversation_slots`` > 0 (off by default;
+bench/README.md has what it buys and costs) the API runs one:
 
 - the API starts a contact's conversation eagerly (the message in the
   workflow's input, ``ConversationInput.first_events``) when the contact has
-  no conversation it knows of, one of ``api_conversation_slots`` is free and
-  no other webhook waits on Temporal (``api/routes/webhooks.py``): a burst
-  goes to the worker processes as before;
+  no conversation it knows of, one of ``api_conversation_slots`` is free, no
+  other webhook waits on Temporal and webhooks come slowly
+  (``api/routes/webhooks.py``): a burst goes to the worker processes as
+  before;
 - the worker takes only those tasks and the later tasks of the
   conversations it started (their sticky queue): ``IngressSlots`` never
   grants a slot to a poll of the shared task queue, so it takes no other
@@ -27,8 +28,8 @@ A contact the API did not know of whose conversation runs (after a restart
 of the API, or another API replica started it) costs one refused start
 before the signal-with-start (``WorkflowAlreadyStartedError``).
 
-``api_conversation_slots=0`` turns all of it off: the API then runs no
-workflow code and every event is a signal-with-start.
+With ``api_conversation_slots=0`` (the default) the API runs no workflow
+code and every event is a signal-with-start.
 """
 
 from __future__ import annotations

@@ -62,13 +62,14 @@ class Settings(BaseSettings):
     # Temporal is busy; while its recent signals (a moving average) took
     # longer than this, the webhook does not wait at all.
     webhook_ack_wait_ms: int = Field(10, ge=0)
-    # Eager start (api/ingress.py): the API starts a new contact's
-    # conversation with their first message in its input and runs it in its
-    # own small worker, so the first reply skips Temporal's task matching.
-    # At most this many such workflow tasks at once, and only while no other
-    # webhook waits on Temporal; otherwise the worker processes take the
-    # conversation as usual. 0: the API runs no workflow (it only signals).
-    api_conversation_slots: int = Field(2, ge=0)
+    # Eager start (api/ingress.py), off by default: the API starts a new
+    # contact's conversation with their first message in its input and runs
+    # its first task in its own small worker, skipping Temporal's task
+    # matching (a new contact's first reply a few ms sooner on our 2-core
+    # machines), at the cost of workflow work and memory in the API process
+    # (bench/README.md). At most this many such tasks at once, only while no
+    # other webhook waits on Temporal and webhooks come slowly.
+    api_conversation_slots: int = Field(0, ge=0)
     # Conversations the API's worker keeps in memory (it keeps serving the
     # ones it started; evicted ones are replayed from their history).
     api_max_cached_conversations: int = Field(500, ge=1)

@@ -1,6 +1,6 @@
-"""The API's own worker (api/ingress.py): a new contact's conversation
-started eagerly in the API, the fall-backs to signal-with-start, and the
-slots that keep every other task away from it."""
+"""The API's own worker (api/ingress.py, off by default): a new contact's
+conversation started eagerly in the API, the fall-backs to
+signal-with-start, and the slots that keep every other task away from it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from temporalio.api.enums.v1 import EventType
 
 from api.dispatch import signal_conversation
-from api.ingress import IngressSlots
+from api.ingress import Ingress, IngressSlots
 from core.contracts import InboundEvent, contact_id_for, conversation_workflow_id
 from core.db import Channel
 
@@ -24,8 +24,28 @@ from helpers import (
     sandbox_messages,
     send_dm,
     text_of,
+    wait_for,
     wait_for_messages,
 )
+
+
+@pytest.fixture
+async def api_worker(stack):
+    """The session API with its own worker on (VECTORY_API_CONVERSATION_SLOTS=2),
+    quiet (earlier tests posted fast), for one test."""
+    state = stack.api_app.state
+    ingress = Ingress(stack.settings.model_copy(update={"api_conversation_slots": 2}))
+    task = asyncio.create_task(ingress.run(state.temporal, state.engine, state.vault, state.keys))
+    async def running() -> bool:
+        return ingress.running
+
+    assert await wait_for(running)
+    state.ingress, state.webhook_rate, off = ingress, 0.0, state.ingress
+    yield ingress
+    state.ingress = off
+    await ingress.stop()
+    await task
+
 
 HELLO = ({"type": "dm_keyword", "keywords": ["hello"]}, [{"id": "hi", "type": "send_message", "text": "Hi there!"}])
 
@@ -52,7 +72,7 @@ async def _eager_starts(stack) -> float:
     return float(line.split()[-1])
 
 
-async def test_a_new_contacts_first_message_is_answered_by_the_apis_worker(stack):
+async def test_a_new_contacts_first_message_is_answered_by_the_apis_worker(stack, api_worker):
     """The first message starts the conversation with the message in its
     input, its first task run by the API's worker (no signal, no trip
     through Temporal's matching); the next message is a signal to it."""
@@ -60,7 +80,6 @@ async def test_a_new_contacts_first_message_is_answered_by_the_apis_worker(stack
     channel, account_id, _ = await connect_instagram(stack, tenant)
     await create_automation(stack, tenant, channel["id"], *HELLO)
     person = new_sender()
-    stack.api_app.state.webhook_rate = 0.0  # a quiet API (earlier tests posted fast)
     before = await _eager_starts(stack)
 
     await send_dm(stack, account_id, person, "hello")
@@ -78,7 +97,7 @@ async def test_a_new_contacts_first_message_is_answered_by_the_apis_worker(stack
     assert await _eager_starts(stack) == before + 1
 
 
-async def test_a_running_conversation_the_api_did_not_know_gets_the_message_by_signal(stack):
+async def test_a_running_conversation_the_api_did_not_know_gets_the_message_by_signal(stack, api_worker):
     """A conversation started elsewhere (another API replica, before a
     restart): the eager start is refused and the message is signalled to
     it, handled once."""
@@ -91,7 +110,6 @@ async def test_a_running_conversation_the_api_did_not_know_gets_the_message_by_s
                              sender_id=person, kind="message", text="hello")
     await signal_conversation(stack.client, stack.settings.task_queue, row, person, "inbound", elsewhere)
     await wait_for_messages(stack, person, 1)
-    stack.api_app.state.webhook_rate = 0.0  # a quiet API: it tries the eager start
     before = await _eager_starts(stack)
 
     await send_dm(stack, account_id, person, "hello from the webhook")
@@ -103,7 +121,7 @@ async def test_a_running_conversation_the_api_did_not_know_gets_the_message_by_s
 
 
 @pytest.mark.parametrize("load", ["another webhook in flight", "webhooks arriving fast"])
-async def test_under_load_the_workers_take_the_new_conversation(stack, load):
+async def test_under_load_the_workers_take_the_new_conversation(stack, api_worker, load):
     """The API's CPU goes to answering webhooks: a burst (another webhook
     waits on Temporal) or a high rate leaves new conversations to the
     worker processes."""

@@ -430,14 +430,11 @@ async def test_telegram_bot_sends_at_most_30_per_second(stack):
     ["within budget", "Hi {{contact.first_name | there}}, within budget"],
     ids=["plain", "greeting-after-profile-lookup"],
 )
-async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(stack, text, monkeypatch):
+async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(stack, text):
     """Each send takes one cell of the hourly budget, also a greeting whose
     send looks the profile up first (its cells are booked after the lookup)."""
     from workers.main import build_worker
 
-    # The budget is the worker's below; the API's own worker has the suite's
-    # settings (no budget), so it takes no conversation here.
-    monkeypatch.setattr(stack.api_app.state.ingress.slots, "slots", 0)
     low = stack.settings.model_copy(update={"automated_dm_per_hour": 6})  # 3 at once, then 1 per 1200 s
     await stack.stop_worker()
     stack.worker = build_worker(stack.client, low, stack.deps)

@@ -41,6 +41,7 @@ import socket
 import threading
 from collections import OrderedDict
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from temporalio.client import Client
 from temporalio.worker import (
@@ -57,6 +58,9 @@ from temporalio.worker import (
 
 from core.settings import Settings
 
+if TYPE_CHECKING:
+    from workers.main import WorkerDeps
+
 log = logging.getLogger("vectory.ingress")
 
 
@@ -64,6 +68,7 @@ def api_identity() -> str:
     """The API's Temporal identity, ``pid@host/api``: a workflow task it ran
     (an eager start) shows it in the history."""
     return f"{os.getpid()}@{socket.gethostname()}/api"
+
 
 # Local activities (record_inbound and its send) the API runs at once.
 LOCAL_ACTIVITY_SLOTS = 20
@@ -140,6 +145,7 @@ class Ingress:
         self.settings = settings
         self.slots = IngressSlots(settings.api_conversation_slots)
         self.worker: Worker | None = None
+        self._deps: WorkerDeps | None = None
         self._known: OrderedDict[str, None] = OrderedDict()
 
     @property
@@ -159,7 +165,7 @@ class Ingress:
         if len(self._known) > KNOWN_CONVERSATIONS:
             self._known.popitem(last=False)
 
-    def build(self, client: Client, engine, vault, keys) -> Worker:
+    def _build(self, client: Client, engine, vault, keys) -> Worker:
         """The worker: every workflow (a conversation it serves may start a
         run or continue as new), every activity registered but only local
         ones run here (``no_remote_activities``)."""
@@ -190,7 +196,7 @@ class Ingress:
         """Build the worker and run it until ``stop``. If it cannot run,
         every event goes by signal-with-start to the worker processes."""
         try:
-            worker = self.build(client, engine, vault, keys)
+            worker = self._build(client, engine, vault, keys)
         except Exception:
             log.exception("the API's worker cannot start: new conversations start on the worker processes")
             return
@@ -201,7 +207,8 @@ class Ingress:
             log.exception("the API's worker stopped: new conversations start on the worker processes")
         finally:
             self.worker = None
-            await self._deps.http.aclose()
+            if self._deps is not None:
+                await self._deps.http.aclose()
 
     async def stop(self) -> None:
         """Finish the tasks in hand; Temporal then gives this worker's

@@ -91,17 +91,14 @@ async def start_eagerly(
     (eager start). When the conversation runs already, the event goes to it
     by signal-with-start instead. Returns the workflow id."""
     start = _conversation_start(task_queue, channel, event.sender_id, priority_of(event))
+    start["id_conflict_policy"] = WorkflowIDConflictPolicy.FAIL
     try:
         handle = await client.start_workflow(
-            start["workflow"],
-            replace(start["arg"], first_events=[event]),
-            id=start["id"],
-            task_queue=task_queue,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=start["search_attributes"],
-            priority=start["priority"],
+            start.pop("workflow"),
+            replace(start.pop("arg"), first_events=[event]),
             request_eager_start=True,
             rpc_timeout=SIGNAL_RPC_TIMEOUT,
+            **start,
         )
     except WorkflowAlreadyStartedError:
         return await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
@@ -140,12 +137,14 @@ async def dispatch_events(
     async def one_contact(items: list[tuple[Channel, InboundEvent]]) -> None:
         async with semaphore:
             for channel, event in items:
+                if ingress is None:
+                    await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
+                    continue
                 workflow_id = conversation_workflow_id(
                     channel.workspace_id, channel.id, contact_id_for(channel.id, event.sender_id)
                 )
                 if (
                     eager
-                    and ingress is not None
                     and priority_of(event) is CONVERSATION_PRIORITY
                     and not ingress.known(workflow_id)
                     and ingress.ready()
@@ -153,8 +152,7 @@ async def dispatch_events(
                     await start_eagerly(client, task_queue, channel, event)
                 else:
                     await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
-                if ingress is not None:
-                    ingress.remember(workflow_id)
+                ingress.remember(workflow_id)
 
     await asyncio.gather(*(one_contact(items) for items in by_contact.values()))
     return len(routed)

@@ -46,8 +46,7 @@ async def test_events_posted_while_temporal_is_down_are_handled_once_it_is_back(
     worker = build_worker(client, settings, stack.deps)
     worker_task = asyncio.create_task(worker.run())
     api_port = free_port()
-    api_client = await Client.connect(settings.temporal_address, data_converter=data_converter(stack.deps.keys))
-    server, server_task = await serve(create_app(settings, temporal=api_client), api_port)
+    server, server_task = await serve(create_app(settings, temporal=client), api_port)
     api = httpx.AsyncClient(base_url=f"http://127.0.0.1:{api_port}", timeout=30)
     # The session API shares the database and would relay the inbox through
     # its own (healthy) Temporal: pause it so this test sees its own outage.

@@ -199,14 +199,14 @@ async def _dispatch(request: Request, routed) -> None:
     state.webhook_rate_at = now
     direct = (
         temporal is not None
-        and time.monotonic() >= getattr(state, "temporal_down_until", 0.0)
+        and now >= getattr(state, "temporal_down_until", 0.0)
         and not inbox.backlog
         and state.dispatching < state.settings.webhook_max_inflight_dispatches
     )
     signal = None
     if direct:
         state.dispatching += 1
-        started = time.monotonic()
+        started = now
         # The API's worker takes a new conversation only while no other
         # webhook waits on Temporal and webhooks come slowly (api/ingress.py):
         # a burst and a high rate go to the worker processes.

@@ -36,6 +36,7 @@ async def api_worker(stack):
     state = stack.api_app.state
     ingress = Ingress(stack.settings.model_copy(update={"api_conversation_slots": 2}))
     task = asyncio.create_task(ingress.run(state.temporal, state.engine, state.vault, state.keys))
+
     async def running() -> bool:
         return ingress.running
 

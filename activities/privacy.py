@@ -8,7 +8,7 @@ no-op.
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine, delete, or_, text, update
 from sqlmodel import Session, col, select
@@ -21,7 +21,9 @@ from temporalio.service import RPCError, RPCStatusCode
 from core.audit import audit
 from core.codec import KeyStore
 from core.contracts import (
+    CONVERSATION_WORKFLOW,
     EraseStepInput,
+    ExpireHistorySignal,
     JobStatusInput,
     RetentionInput,
     RetentionResult,
@@ -150,8 +152,14 @@ class PrivacyActivities:
                         executions.add((wf.id, wf.run_id or ""))
             except RPCError as err:  # visibility without our search attributes: the stopped ones still go
                 activity.logger.warning("visibility query failed: %s", err.status)
+        return await self._delete_executions(sorted(executions))
+
+    async def _delete_executions(self, executions: list[tuple[str, str]]) -> int:
+        """Delete executions (workflow id, run id; an empty run id: the
+        latest run) from Temporal; ones already gone count for nothing."""
+        assert self.temporal is not None
         deleted = 0
-        for workflow_id, run_id in sorted(executions):
+        for workflow_id, run_id in executions:
             activity.heartbeat(deleted)
             try:
                 await self.temporal.workflow_service.delete_workflow_execution(
@@ -265,6 +273,58 @@ class PrivacyActivities:
                 result.runs_deleted += deleted.rowcount or 0
             db.commit()
         return result
+
+    @activity.defn(name="expire_histories")
+    async def expire_histories(self, input: RetentionInput) -> RetentionResult:
+        """Temporal's part of retention: a history holds the messages of its
+        run, so per workspace, conversations whose run started before the
+        cutoff are asked to continue as new (``ExpireHistorySignal``), and
+        closed executions that started before it (conversations' earlier
+        runs, automation runs, broadcasts) are deleted, whatever the
+        namespace's own retention. Other executions still running since
+        before the cutoff (a flow waiting longer than the period) are
+        counted: they keep their input until they end."""
+        if self.temporal is None:
+            raise RuntimeError("no Temporal client configured")
+        now = datetime.fromisoformat(input.now_iso)
+        with Session(self.engine) as db:
+            periods = db.exec(select(Workspace.id, Workspace.retention_days)).all()
+        result = RetentionResult()
+        for workspace_id, days in periods:
+            cutoff = now - timedelta(days=days)
+            scope = f"WorkspaceId = '{_quoted(workspace_id)}' AND StartTime < '{_rfc3339(cutoff)}'"
+            signal = ExpireHistorySignal(cutoff_iso=cutoff.isoformat())
+            try:
+                async for wf in self.temporal.list_workflows(f"{scope} AND ExecutionStatus = 'Running'"):
+                    activity.heartbeat(result.conversations_rotated)
+                    if wf.workflow_type != CONVERSATION_WORKFLOW:
+                        result.running_past_period += 1
+                        continue
+                    try:
+                        await self.temporal.get_workflow_handle(wf.id, run_id=wf.run_id).signal(
+                            "expire_history", signal
+                        )
+                        result.conversations_rotated += 1
+                    except RPCError as err:
+                        if err.status != RPCStatusCode.NOT_FOUND:  # closed meanwhile: the next round deletes it
+                            raise
+                closed = [
+                    (wf.id, wf.run_id or "")
+                    async for wf in self.temporal.list_workflows(f"{scope} AND ExecutionStatus != 'Running'")
+                ]
+            except RPCError as err:
+                if err.status != RPCStatusCode.INVALID_ARGUMENT:
+                    raise
+                # Visibility without our search attributes: nothing to select by.
+                activity.logger.warning("visibility query failed: %s", err.status)
+                return result
+            result.histories_deleted += await self._delete_executions(closed)
+        return result
+
+
+def _rfc3339(moment: datetime) -> str:
+    """A time in a visibility query."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _quoted(value: str) -> str:

@@ -147,6 +147,16 @@ class StopRunsSignal:
 
 
 @dataclass
+class ExpireHistorySignal:
+    """From the retention sweep: a conversation whose run started before the
+    cutoff continues as new, so the run holding the person's older messages
+    closes and the sweep can delete it. Ignored by a run that started after
+    the cutoff (a redelivered or late signal)."""
+
+    cutoff_iso: str
+
+
+@dataclass
 class AutomationSnapshot:
     """An automation pinned at one version; a run interprets only this."""
 
@@ -493,6 +503,8 @@ class JobStatusInput:
 class RetentionSweepInput:
     """Input of the daily RetentionSweep workflow (fields may be added)."""
 
+    now_iso: str = ""  # empty: the workflow's clock (tests and operators set a time)
+
 
 @dataclass
 class RetentionInput:
@@ -503,6 +515,12 @@ class RetentionInput:
 class RetentionResult:
     messages_deleted: int = 0
     runs_deleted: int = 0
+    # Temporal: conversations asked to continue as new, closed executions
+    # deleted, and other executions still running that started before the
+    # cutoff (their history keeps their input until they end).
+    conversations_rotated: int = 0
+    histories_deleted: int = 0
+    running_past_period: int = 0
 
 
 @dataclass

@@ -22,16 +22,16 @@ def recording() -> bool:
     return os.environ.get("VECTORY_RECORD_HISTORIES") == "1"
 
 
-async def save_history(client: Client, workflow_id: str, name: str) -> Path:
-    history = await client.get_workflow_handle(workflow_id).fetch_history()
+async def save_history(client: Client, workflow_id: str, name: str, run_id: str | None = None) -> Path:
+    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
     HISTORIES.mkdir(parents=True, exist_ok=True)
     path = HISTORIES / f"{name}.json"
     path.write_text(history.to_json())
     return path
 
 
-async def maybe_save_history(client: Client, workflow_id: str, name: str) -> Path | None:
-    """Save only when ``VECTORY_RECORD_HISTORIES=1``."""
+async def maybe_save_history(client: Client, workflow_id: str, name: str, run_id: str | None = None) -> Path | None:
+    """Save only when ``VECTORY_RECORD_HISTORIES=1`` (the latest run, or ``run_id``)."""
     if not recording():
         return None
-    return await save_history(client, workflow_id, name)
+    return await save_history(client, workflow_id, name, run_id)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import inspect, text
 from sqlmodel import Session
+from temporalio.api.common.v1 import Payload
 from temporalio.service import RPCError, RPCStatusCode
 
 from core.codec import EncryptionCodec, KeyDestroyedError, KeyStore
@@ -231,6 +232,97 @@ async def test_retention_sweep_deletes_only_messages_older_than_the_period(stack
     assert f"old-{short.workspace_id}" not in texts
     assert f"new-{short.workspace_id}" in texts
     assert {f"old-{long_.workspace_id}", f"new-{long_.workspace_id}"} <= texts
+
+
+async def decoded_history(stack, workflow_id: str, run_id: str) -> str:
+    """Every payload of one run's history, decrypted and joined."""
+    history = await stack.client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    payloads: list[Payload] = []
+
+    def walk(node) -> None:
+        if isinstance(node, dict):
+            if "data" in node and isinstance(node.get("metadata"), dict):
+                payloads.append(Payload(
+                    metadata={k: base64.b64decode(v) for k, v in node["metadata"].items()},
+                    data=base64.b64decode(node["data"]),
+                ))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(json.loads(history.to_json()))
+    codec = EncryptionCodec(KeyStore(stack.deps.engine, stack.deps.vault))
+    return " ".join(p.data.decode(errors="replace") for p in await codec.decode(payloads))
+
+
+async def test_retention_sweep_expires_workflow_histories_older_than_the_period(stack):
+    tenant = await create_tenant(stack, "One-day retention")
+    assert (await stack.api.patch("/v1/workspace", json={"retention_days": 1}, headers=tenant.headers)).status_code == 200
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(
+        stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["price"]},
+        [{"id": "a", "type": "send_message", "text": "The lamp is 40 EUR"},
+         {"id": "b", "type": "send_message", "text": "Shipping is free"}],
+    )
+    person = new_sender()
+    first = await send_dm(stack, account_id, person, "price of the velvet lamp")
+    await wait_for_messages(stack, person, 2)
+    keeper = await create_tenant(stack, "Default retention")
+    keeper_channel, keeper_account, _ = await connect_instagram(stack, keeper)
+    await create_automation(stack, keeper, keeper_channel["id"], {"type": "dm_keyword", "keywords": ["price"]},
+                            [{"id": "a", "type": "send_message", "text": "Ask us"}])
+    await send_dm(stack, keeper_account, new_sender(), "price of the brass lamp")
+
+    async def executions(tenant_, workflow_type=None, status=None):
+        query = f"WorkspaceId = '{tenant_.workspace_id}'"
+        return {
+            (wf.workflow_type, wf.id, wf.run_id) async for wf in stack.client.list_workflows(query)
+            if workflow_type in (None, wf.workflow_type) and status in (None, wf.status.name)
+        }
+
+    assert await wait_for(lambda: executions(tenant, "AutomationRun", "COMPLETED"))
+    assert await wait_for(lambda: executions(keeper, "ConversationWorkflow"))
+    before = await executions(tenant)
+    conversation = next((i, r) for t, i, r in before if t == "ConversationWorkflow")
+    assert "velvet lamp" in await decoded_history(stack, *conversation)
+    kept = await executions(keeper, "ConversationWorkflow")
+
+    # Two days on, the one-day workspace's histories hold expired messages.
+    later = datetime.now(UTC) + timedelta(days=2)
+    result = await stack.client.execute_workflow(
+        RETENTION_SWEEP_WORKFLOW, RetentionSweepInput(now_iso=later.isoformat()),
+        id=f"retention-histories-{tenant.workspace_id}", task_queue=stack.settings.task_queue,
+        result_type=RetentionResult,
+    )
+    assert result.conversations_rotated >= 1 and result.histories_deleted >= 3  # connect, run, old conversation run
+    # The conversation continued as new: its running run carries its state
+    # but none of the person's messages; the run and the old run are gone.
+    handle = stack.client.get_workflow_handle(conversation[0])
+    current = await handle.describe()
+    assert current.run_id != conversation[1] and current.status.name == "RUNNING"
+    assert "velvet lamp" not in await decoded_history(stack, conversation[0], current.run_id)
+
+    async def gone():
+        for _, workflow_id, run_id in before:
+            try:
+                await stack.client.get_workflow_handle(workflow_id, run_id=run_id).describe()
+                return False
+            except RPCError as err:
+                assert err.status == RPCStatusCode.NOT_FOUND
+        return True
+
+    assert await wait_for(gone, timeout=90, interval=1.0)
+    # The other workspace (90 days) kept its conversation's run.
+    assert await executions(keeper, "ConversationWorkflow") == kept
+    # The new run answers the person, and still knows their first message
+    # (a platform's redelivery of it is not answered again).
+    await send_dm(stack, account_id, person, "price again")
+    assert len(await wait_for_messages(stack, person, 4)) == 4
+    await send_dm(stack, account_id, person, "price of the velvet lamp", mid=first["message"]["mid"])
+    await asyncio.sleep(1.0)
+    assert len(await sandbox_messages(stack, person)) == 4
 
 
 async def test_audit_log_records_actions_without_content_and_attestation_is_required(stack):

@@ -41,6 +41,7 @@ REQUIRED = {
     "run_attachment_reply",  # a photo answers a wait_for_reply
     "conversation_unrecordable_skipped",  # an event the database refuses is skipped
     "conversation_first_events",  # started with its first message in its input (the API's eager start)
+    "conversation_expired_history",  # the retention sweep's signal: continued as new with a run waiting
 }
 
 # The sandbox with its full runtime checks (workers/main.py workflow_runner).

@@ -64,6 +64,7 @@ from core.contracts import (
     ContactSnapshot,
     ConversationInput,
     DisconnectResult,
+    ExpireHistorySignal,
     FirstSend,
     GenerateReplyInput,
     GenerateReplyResult,
@@ -769,6 +770,59 @@ async def test_a_conversation_started_with_its_first_message_needs_no_signal(env
         and e.workflow_execution_signaled_event_attributes.signal_name == "inbound"
     ]
     assert len(inbound) == 2  # the redelivery and the answer: the first message came with the start
+
+
+async def test_an_expired_conversation_continues_as_new_and_its_waiting_run_still_gets_the_answer(dev_server):
+    """The retention sweep's signal: the run that holds the person's messages
+    closes (continued as new, nothing of theirs in the new run's input) while
+    a run waits for their answer; the answer still reaches that run, and a
+    redelivery of their first message is still a duplicate. (On the dev
+    server: on the time-skipping server, the tests after this one waited for
+    their timers in real time.)"""
+    env = dev_server
+    mocks = Mocks([automation("auto_price", PRICE_FLOW), automation("auto_catch_all", CATCH_ALL)])
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        first = dm("mid.x1", "What's the price?")
+        conv = await start_conversation(env.client, tq, ws, first)
+        run_id = run_workflow_id(ws, "auto_price", CONTACT, "mid.x1")
+        await until(lambda: mocks.texts == [ASK])
+        await until(lambda: _accepting(conv))
+        old_run = (await conv.describe()).run_id
+        await conv.signal("expire_history", ExpireHistorySignal(cutoff_iso="2000-01-01T00:00:00+00:00"))  # too old
+        await conv.signal("expire_history", ExpireHistorySignal(cutoff_iso="not a time"))  # ignored
+        await settled(conv, 1)
+        assert (await conv.describe()).run_id == old_run
+        await conv.signal("expire_history", ExpireHistorySignal(cutoff_iso="2999-01-01T00:00:00+00:00"))
+
+        async def continued() -> bool:
+            return (await conv.describe()).run_id != old_run
+
+        await until(continued)
+        new_input = await started_input(env.client, conv.id, None)
+        await conv.signal("inbound", first)  # a platform redelivery
+        await conv.signal("inbound", dm("mid.x2", "a@b.co"))
+        result = await outcome(env.client.get_workflow_handle(run_id, result_type=RunResult))
+        await maybe_save_history(env.client, conv.id, "conversation_expired_history", run_id=old_run)
+        await close_conversation(env.client, conv)
+
+    assert new_input.first_events == [] and new_input.seen_event_ids == ["mid.x1"]
+    assert new_input.active_run is not None and new_input.active_run.workflow_id == run_id
+    assert result.status == "completed"
+    assert mocks.texts == [ASK, "Thanks! It is on its way to a@b.co."]
+    assert len(mocks.inbound) == 2  # the redelivery never reached the database
+
+
+async def _accepting(handle: WorkflowHandle) -> bool:
+    return (await conversation_state(handle))["accepting_input"]
+
+
+async def started_input(client: Client, workflow_id: str, run_id: str | None) -> ConversationInput:
+    """The decoded input of a conversation run (its first history event)."""
+    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    payloads = history.events[0].workflow_execution_started_event_attributes.input.payloads
+    [decoded] = await client.data_converter.decode(payloads, [ConversationInput])
+    return decoded
 
 
 async def test_redelivered_event_starts_exactly_one_run(env):

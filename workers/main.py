@@ -135,6 +135,7 @@ def activities_for(settings: Settings, deps: WorkerDeps, client: Client) -> list
         privacy.purge_subject,
         privacy.destroy_workspace_keys,
         privacy.retention_sweep,
+        privacy.expire_histories,
         messaging.record_inbound,
         crm.load_contact,
         crm.load_match_context,

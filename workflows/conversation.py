@@ -16,12 +16,18 @@ its result, a marker in this workflow's history, says what it sent);
 otherwise a ``send_message`` local activity does. A flow that is only that
 message is complete after the send: its run is recorded with it and no
 child starts (``GET /v1/runs/{id}`` has its trail).
+
+A run continues as new every 2,000 events, when Temporal suggests it, and
+when the retention sweep finds it started before the workspace's period
+(``expire_history``): the new run carries state, never a message, and the
+sweep deletes the closed one.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from datetime import UTC, datetime
 
 from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
@@ -39,6 +45,7 @@ with workflow.unsafe.imports_passed_through():
         ContactRef,
         ContactSnapshot,
         ConversationInput,
+        ExpireHistorySignal,
         FirstSend,
         HumanMessageInput,
         HumanMessageResult,
@@ -121,6 +128,7 @@ class ConversationWorkflow:
         self._pending_acks: set[asyncio.Future] = set()
         self._current = False  # CURRENT_PATH, decided when the run starts
         self._matching = 1  # flowrt's matching rules, decided when the run starts
+        self._expired = False  # the retention sweep asked for a new run
 
     # -- signals and queries -------------------------------------------------
 
@@ -139,6 +147,19 @@ class ConversationWorkflow:
     @workflow.signal(name="stop_runs")
     def stop_runs(self, signal: StopRunsSignal) -> None:
         self._queue.append(signal)
+
+    @workflow.signal(name="expire_history")
+    def expire_history(self, signal: ExpireHistorySignal) -> None:
+        """The retention sweep: this run holds messages older than the
+        workspace's period, so it continues as new (carrying no message) and
+        the sweep deletes it once closed."""
+        try:
+            cutoff = datetime.fromisoformat(signal.cutoff_iso)
+        except ValueError:
+            workflow.logger.warning("expire_history with an unreadable cutoff: ignored")
+            return
+        if workflow.info().workflow_start_time < cutoff.replace(tzinfo=cutoff.tzinfo or UTC):
+            self._expired = True
 
     @workflow.signal(name="run_state")
     def run_state(self, signal: RunStateSignal) -> None:
@@ -234,7 +255,11 @@ class ConversationWorkflow:
                     )
 
     def _should_continue_as_new(self) -> bool:
-        return workflow.info().is_continue_as_new_suggested() or self._handled >= EVENTS_BEFORE_CONTINUE_AS_NEW
+        return (
+            self._expired
+            or workflow.info().is_continue_as_new_suggested()
+            or self._handled >= EVENTS_BEFORE_CONTINUE_AS_NEW
+        )
 
     # -- handlers --------------------------------------------------------------
 

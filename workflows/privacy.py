@@ -119,16 +119,47 @@ class EraseWorkspaceWorkflow:
         return await _erase(input)
 
 
+# Workflow histories are swept too (patch): conversations older than the
+# period continue as new and closed executions older than it are deleted.
+HISTORIES_PATCH = "retention-histories"
+# Rounds of ``expire_histories``: the first asks conversations to continue as
+# new, the next ones (ROUND_PAUSE later) delete the runs they closed.
+EXPIRE_ROUNDS = 4
+ROUND_PAUSE = timedelta(seconds=5)
+
+
 @workflow.defn(name=RETENTION_SWEEP_WORKFLOW)
 class RetentionSweepWorkflow:
-    """Started daily by the ``retention-sweep`` schedule."""
+    """Started daily by the ``retention-sweep`` schedule: the database's
+    messaging log, then the Temporal histories that hold messages older than
+    each workspace's period."""
 
     @workflow.run
     async def run(self, input: RetentionSweepInput) -> RetentionResult:
-        return await workflow.execute_activity(
+        now = RetentionInput(now_iso=input.now_iso or workflow.now().isoformat())
+        result: RetentionResult = await workflow.execute_activity(
             "retention_sweep",
-            RetentionInput(now_iso=workflow.now().isoformat()),
+            now,
             result_type=RetentionResult,
             start_to_close_timeout=timedelta(minutes=30),
             retry_policy=RetryPolicy(maximum_attempts=5),
         )
+        if not workflow.patched(HISTORIES_PATCH):
+            return result
+        for round_ in range(EXPIRE_ROUNDS):
+            if round_:
+                await workflow.sleep(ROUND_PAUSE)
+            histories: RetentionResult = await workflow.execute_activity(
+                "expire_histories",
+                now,
+                result_type=RetentionResult,
+                start_to_close_timeout=timedelta(hours=2),
+                heartbeat_timeout=timedelta(minutes=2),
+                retry_policy=RetryPolicy(maximum_attempts=5),
+            )
+            result.conversations_rotated += histories.conversations_rotated
+            result.histories_deleted += histories.histories_deleted
+            result.running_past_period = histories.running_past_period
+            if not histories.conversations_rotated:
+                break
+        return result

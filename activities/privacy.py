@@ -110,7 +110,7 @@ class PrivacyActivities:
             raise RuntimeError("no Temporal client configured")
         ids = await asyncio.to_thread(self._workflow_ids, input)
         if input.scope == "workspace":
-            query = f"WorkspaceId = '{input.workspace_id}' AND ExecutionStatus = 'Running'"
+            query = f"WorkspaceId = '{_quoted(input.workspace_id)}' AND ExecutionStatus = 'Running'"
             try:
                 async for wf in self.temporal.list_workflows(query):
                     if not wf.id.startswith("erase/") and wf.id not in ids:

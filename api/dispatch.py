@@ -37,7 +37,7 @@ def _conversation_start(
 ) -> dict:
     """Arguments that start a contact's conversation if it is not running
     (with ``priority``: workflows/common.py)."""
-    contact_id = contact_id_for(channel.id, contact_external_id)
+    contact_id = contact_id_for(channel.id, contact_external_id, key=channel.contact_key)
     return {
         "workflow": CONVERSATION_WORKFLOW,
         "arg": ConversationInput(
@@ -141,7 +141,7 @@ async def dispatch_events(
                     await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
                     continue
                 workflow_id = conversation_workflow_id(
-                    channel.workspace_id, channel.id, contact_id_for(channel.id, event.sender_id)
+                    channel.workspace_id, channel.id, contact_id_for(channel.id, event.sender_id, key=channel.contact_key)
                 )
                 if (
                     eager

@@ -55,7 +55,7 @@ def _rows(routed: list[tuple[Channel, InboundEvent]]) -> list[dict]:
     return [
         {
             "channel_id": channel.id,
-            "contact_id": contact_id_for(channel.id, event.sender_id),
+            "contact_id": contact_id_for(channel.id, event.sender_id, key=channel.contact_key),
             "event_id": event.event_id,
             "event": asdict(event),
             "created_at": now,

@@ -41,10 +41,12 @@ def insert_contacts(database_url: str, workspace_id: str, channel_id: str, n: in
     """Contacts who wrote recently (inside the window), inserted directly."""
     path = database_url.split("///", 1)[1]
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    with sqlite3.connect(path) as db:
+        (key,) = db.execute("select contact_key from channel where id = ?", (channel_id,)).fetchone()
     rows = []
     for i in range(n):
         chat = str(700_000_000 + i)
-        rows.append((contact_id_for(channel_id, chat), workspace_id, channel_id, chat, "", "", "", "[]", "{}",
+        rows.append((contact_id_for(channel_id, chat, key=key), workspace_id, channel_id, chat, "", "", "", "[]", "{}",
                      0, 0, 0, now, now, now))
     with sqlite3.connect(path) as db:
         db.executemany(

@@ -237,6 +237,7 @@ class Bench:
         self.client: Client | None = None
         self.samples: dict[str, tuple[str, float]] = {}  # name -> (sender, t0) for history timelines
         self.ack_recorded = 0  # ack-phase events the worker recorded so far
+        self._contact_key: str | None = None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -269,6 +270,12 @@ class Bench:
         except (OSError, asyncio.IncompleteReadError, HttpError):
             return 0
         return status
+
+    def contact_id(self, sender: str) -> str:
+        """The id the API gives the seeded channel's contact (its key is in the database)."""
+        if self._contact_key is None:
+            [(self._contact_key,)] = self.query("SELECT contact_key FROM channel WHERE id = ?", (self.seed.channel_id,))
+        return contact_id_for(self.seed.channel_id, sender, key=self._contact_key)
 
     def query(self, sql: str, params: tuple = ()) -> list[tuple]:
         """A read-only query on the product database (SQLite in the data dir,
@@ -436,7 +443,7 @@ class Bench:
         senders = [str(base + i) for i in range(s.burst)]
         bodies = [self.dm(x, f"{KEYWORD} price please") for x in senders]
         await self.api.warm(concurrency)
-        contacts = [contact_id_for(self.seed.channel_id, x) for x in senders]
+        contacts = [self.contact_id(x) for x in senders]
         in_contacts = f"contact_id IN ({','.join('?' * len(contacts))})"
         say(f"burst: {s.burst} keyword DMs from new contacts at concurrency {concurrency}")
         t0s: dict[str, float] = {}
@@ -679,7 +686,7 @@ class Bench:
         assert self.client is not None
         out: dict[str, Any] = {}
         for name, (sender, t0) in self.samples.items():
-            contact_id = contact_id_for(self.seed.channel_id, sender)
+            contact_id = self.contact_id(sender)
             conv_id = conversation_workflow_id(self.seed.workspace_id, self.seed.channel_id, contact_id)
             runs = [r[0] for r in self.query(
                 "SELECT id FROM run WHERE contact_id = ? ORDER BY started_at", (contact_id,))]

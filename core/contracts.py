@@ -9,6 +9,7 @@ holds configuration.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,13 +32,21 @@ ERASURE_WORKFLOWS = {
 }
 
 
-def contact_id_for(channel_id: str, platform_user_id: str) -> str:
+def contact_id_for(channel_id: str, platform_user_id: str, *, key: str) -> str:
     """The contact's id: a stable digest of channel + platform user id.
 
-    Webhook handlers derive it without a database read, and it carries no
-    personal data into workflow ids or the Temporal UI.
+    Webhook handlers derive it without a database read (the channel's
+    ``contact_key`` comes with its routing), and it carries no personal data
+    into workflow ids or the Temporal UI: keyed (HMAC-SHA256 with the
+    channel's key), a short platform id (a Telegram chat id) cannot be found
+    by trying every value. An empty key gives the unkeyed digest of channels
+    connected before keyed ids.
     """
-    digest = hashlib.sha256(f"{channel_id}\x00{platform_user_id}".encode()).hexdigest()
+    message = f"{channel_id}\x00{platform_user_id}".encode()
+    if key:
+        digest = hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+    else:
+        digest = hashlib.sha256(message).hexdigest()
     return f"ct_{digest[:20]}"
 
 

@@ -54,6 +54,11 @@ class Channel(SQLModel, table=True):
     webhook_secret_ciphertext: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     # Instagram Login long-lived tokens expire after 60 days; refreshed before.
     token_expires_at: datetime | None = None
+    # The key of this channel's contact ids (core.contracts.contact_id_for), so
+    # nobody who sees workflow ids without the database can try platform user
+    # ids against them. Empty for channels connected before (migration 0008):
+    # their contacts keep their unkeyed ids.
+    contact_key: str = Field(default_factory=lambda: secrets.token_hex(16))
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 

@@ -8,6 +8,10 @@ import secrets
 import time
 from dataclasses import dataclass
 
+from sqlmodel import Session
+
+from core.contracts import contact_id_for
+from core.db import Channel
 from sandbox import payloads
 
 from conftest import ADMIN_TOKEN, APP_SECRET, Stack
@@ -129,3 +133,12 @@ async def wait_for(predicate, timeout: float = 15.0, interval: float = 0.1):
 
 def new_sender() -> str:
     return str(10**15 + secrets.randbelow(10**15))
+
+
+def contact_id_of(stack: Stack, channel_id: str, platform_user_id: str) -> str:
+    """The id the API gives a person who writes to a connected channel (keyed
+    with the channel's ``contact_key``, which only the database holds)."""
+    with Session(stack.deps.engine) as db:
+        channel = db.get(Channel, channel_id)
+        assert channel is not None
+        return contact_id_for(channel_id, platform_user_id, key=channel.contact_key)

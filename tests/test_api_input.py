@@ -16,6 +16,7 @@ from sandbox import payloads
 from conftest import ADMIN_TOKEN, APP_SECRET, VERIFY_TOKEN
 from helpers import (
     connect_instagram,
+    contact_id_of,
     create_automation,
     create_tenant,
     new_sender,
@@ -341,7 +342,7 @@ async def test_an_event_the_database_refuses_is_skipped_and_the_conversation_goe
     from temporalio.client import WorkflowExecutionStatus
 
     from activities import messaging
-    from core.contracts import contact_id_for, conversation_workflow_id
+    from core.contracts import conversation_workflow_id
     from core.observability import EVENTS_UNRECORDABLE
 
     tenant = await create_tenant(stack)
@@ -362,6 +363,6 @@ async def test_an_event_the_database_refuses_is_skipped_and_the_conversation_goe
     await send_dm(stack, account_id, person, "hello")
     assert [text_of(c) for c in await wait_for_messages(stack, person, 1, timeout=20)] == ["Hi"]
     assert EVENTS_UNRECORDABLE._value.get() == skipped + 1
-    conversation = conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_for(channel["id"], person))
+    conversation = conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_of(stack, channel["id"], person))
     description = await stack.client.get_workflow_handle(conversation).describe()
     assert description.status == WorkflowExecutionStatus.RUNNING

@@ -8,12 +8,12 @@ from datetime import UTC, datetime, timedelta
 from sqlmodel import Session, select
 from temporalio.client import WorkflowExecutionStatus
 
-from core.contracts import contact_id_for
 from core.db import Contact
 from sandbox import payloads
 
 from helpers import (
     connect_instagram,
+    contact_id_of,
     create_automation,
     create_tenant,
     post_meta,
@@ -29,7 +29,7 @@ def add_contacts(stack, tenant, channel_id, n, *, tags=(), ago=timedelta(hours=1
     with Session(stack.deps.engine) as db:
         for _ in range(n):
             external = str(10**15 + secrets.randbelow(10**15))
-            db.add(Contact(id=contact_id_for(channel_id, external), workspace_id=tenant.workspace_id,
+            db.add(Contact(id=contact_id_of(stack, channel_id, external), workspace_id=tenant.workspace_id,
                            channel_id=channel_id, external_id=external, tags=list(tags),
                            last_inbound_at=datetime.now(UTC) - ago, **flags))
             ids.append(external)
@@ -157,7 +157,7 @@ async def test_a_retried_batch_resumes_from_its_heartbeat_and_counts_each_send_o
     tenant = await create_tenant(stack)
     channel, account_id, _ = await connect_instagram(stack, tenant)
     people = add_contacts(stack, tenant, channel["id"], 5)
-    recipients = [Recipient(contact_id=contact_id_for(channel["id"], p), external_id=p) for p in people]
+    recipients = [Recipient(contact_id=contact_id_of(stack, channel["id"], p), external_id=p) for p in people]
     batch = next(a for a in activities_for(stack.settings, stack.deps, stack.client)
                  if getattr(a, "__name__", "") == "send_broadcast_batch")
     prefix = f"{tenant.workspace_id}/broadcast/bc_resume"
@@ -215,7 +215,7 @@ async def test_broadcast_greets_each_recipient_by_name_and_its_button_starts_an_
     assert [(x["type"], x["title"], x.get("payload"), x.get("url")) for x in buttons] == [
         ("postback", "Claim it", "CLAIM_20", None), ("web_url", "Shop", None, "https://shop.example")]
     # The person's log shows what they were sent, their name filled in.
-    contact_id = contact_id_for(channel["id"], ana)
+    contact_id = contact_id_of(stack, channel["id"], ana)
     log = (await stack.api.get(f"/v1/contacts/{contact_id}/messages", headers=tenant.headers)).json()
     assert "Hi Ana! 20% off for you today." in [m["text"] for m in log["data"]]
     # Ana taps "Claim it".
@@ -238,7 +238,7 @@ async def test_a_batch_skips_contacts_deleted_restricted_or_taken_over_since_the
     tenant = await create_tenant(stack)
     channel, _, _ = await connect_instagram(stack, tenant)
     people = add_contacts(stack, tenant, channel["id"], 4, first_name="Bo")
-    ids = [contact_id_for(channel["id"], p) for p in people]
+    ids = [contact_id_of(stack, channel["id"], p) for p in people]
     with Session(stack.deps.engine) as db:
         db.delete(db.get(Contact, ids[1]))
         db.get(Contact, ids[2]).processing_restricted = True

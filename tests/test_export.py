@@ -32,7 +32,7 @@ CONTACT_EXPORT_ALLOWED_GAPS: dict[str, str] = {
 
 # Columns whose names look secret but hold no credential.
 NOT_SECRET = {("aiusage", "prompt_tokens"), ("aiusage", "completion_tokens"), ("channel", "token_expires_at")}
-SECRET_MARKERS = ("token", "secret", "api_key", "ciphertext", "password", "wrapped")
+SECRET_MARKERS = ("token", "secret", "_key", "ciphertext", "password", "wrapped")
 
 
 def test_every_table_with_personal_or_workspace_data_is_exported():
@@ -62,7 +62,7 @@ def test_no_exported_column_is_a_credential():
                 continue
             assert not any(marker in column for marker in SECRET_MARKERS), f"{name}.{column} is exported"
         assert "api_key_hash" not in spec.columns()
-    assert EXPORTED_TABLES["channel"].excluded >= {"token_ciphertext", "webhook_secret_ciphertext"}
+    assert EXPORTED_TABLES["channel"].excluded >= {"token_ciphertext", "webhook_secret_ciphertext", "contact_key"}
     assert "api_key_hash" in EXPORTED_TABLES["workspace"].excluded
 
 
@@ -142,7 +142,8 @@ async def test_contact_and_workspace_export_end_to_end(stack):
     assert [c["id"] for c in channels] == [channel["id"]]
     for row in channels:
         assert not any(
-            ("token" in key and key != "token_expires_at") or "ciphertext" in key or "secret" in key for key in row
+            ("token" in key and key != "token_expires_at") or "ciphertext" in key or "secret" in key
+            or key == "contact_key" for key in row
         )
     workspaces = [json.loads(line) for line in files["workspace.jsonl"].splitlines()]
     assert [w["id"] for w in workspaces] == [tenant.workspace_id]

@@ -9,15 +9,17 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from sqlmodel import Session
 from temporalio.api.enums.v1 import EventType
 
 from api.dispatch import signal_conversation
 from api.ingress import Ingress, IngressSlots
-from core.contracts import InboundEvent, contact_id_for, conversation_workflow_id
+from core.contracts import InboundEvent, conversation_workflow_id
 from core.db import Channel
 
 from helpers import (
     connect_instagram,
+    contact_id_of,
     create_automation,
     create_tenant,
     new_sender,
@@ -53,7 +55,7 @@ HELLO = ({"type": "dm_keyword", "keywords": ["hello"]}, [{"id": "hi", "type": "s
 
 async def _history(stack, tenant, channel, person):
     handle = stack.client.get_workflow_handle(
-        conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_for(channel["id"], person))
+        conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_of(stack, channel["id"], person))
     )
     return (await handle.fetch_history()).events
 
@@ -106,7 +108,8 @@ async def test_a_running_conversation_the_api_did_not_know_gets_the_message_by_s
     channel, account_id, _ = await connect_instagram(stack, tenant)
     await create_automation(stack, tenant, channel["id"], *HELLO)
     person = new_sender()
-    row = Channel(id=channel["id"], workspace_id=tenant.workspace_id, platform="instagram", external_id=account_id)
+    with Session(stack.deps.engine, expire_on_commit=False) as db:
+        row = db.get(Channel, channel["id"])
     elsewhere = InboundEvent(event_id=f"m_{person}_0", platform="instagram", account_id=account_id,
                              sender_id=person, kind="message", text="hello")
     await signal_conversation(stack.client, stack.settings.task_queue, row, person, "inbound", elsewhere)

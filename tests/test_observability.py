@@ -13,12 +13,13 @@ import sys
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from core.contracts import contact_id_for, conversation_workflow_id
+from core.contracts import conversation_workflow_id
 from core.observability import JsonFormatter, configure_logging, redact
 from sandbox import payloads
 
 from helpers import (
     connect_instagram,
+    contact_id_of,
     create_automation,
     create_tenant,
     new_sender,
@@ -87,7 +88,7 @@ async def test_redelivery_caught_by_the_message_log_is_counted(stack):
     # (not counted: workflow code never touches metrics). Lose that memory by
     # terminating the conversation, so the redelivery reaches record_inbound
     # and the unique message row catches it.
-    conversation = conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_for(channel["id"], person))
+    conversation = conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_of(stack, channel["id"], person))
     await stack.client.get_workflow_handle(conversation).terminate("test: lose the in-memory dedupe set")
     assert (await post_meta(stack, webhook)).status_code == 200
 

@@ -16,8 +16,14 @@ from temporalio.api.common.v1 import Payload
 from temporalio.service import RPCError, RPCStatusCode
 
 from core.codec import EncryptionCodec, KeyDestroyedError, KeyStore
-from core.contracts import RETENTION_SWEEP_WORKFLOW, RetentionResult, RetentionSweepInput
-from core.db import Message, Workspace
+from core.contracts import (
+    RETENTION_SWEEP_WORKFLOW,
+    RetentionResult,
+    RetentionSweepInput,
+    contact_id_for,
+    conversation_workflow_id,
+)
+from core.db import Channel, Message, Workspace
 
 from conftest import ADMIN_TOKEN, CODEC_TOKEN
 from helpers import (
@@ -323,6 +329,44 @@ async def test_retention_sweep_expires_workflow_histories_older_than_the_period(
     await send_dm(stack, account_id, person, "price of the velvet lamp", mid=first["message"]["mid"])
     await asyncio.sleep(1.0)
     assert len(await sandbox_messages(stack, person)) == 4
+
+
+async def test_contact_ids_are_keyed_per_channel_and_older_channels_keep_theirs(stack):
+    """Workflow ids and the ContactId search attribute show a contact id:
+    keyed with the channel's own key, it cannot be matched by trying platform
+    user ids (a Telegram chat id is short). A channel connected before keyed
+    ids (its key empty after migration 0008) keeps its contacts' ids."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    legacy, legacy_account, _ = await connect_instagram(stack, tenant)
+    with Session(stack.deps.engine) as db:
+        row = db.get(Channel, legacy["id"])
+        key = db.get(Channel, channel["id"]).contact_key
+        row.contact_key = ""
+        db.add(row)
+        db.commit()
+    assert len(key) == 32
+    person = new_sender()
+    for account in (account_id, legacy_account):
+        await send_dm(stack, account, person, "hello")
+
+    async def contacts():
+        r = await stack.api.get("/v1/contacts", headers=tenant.headers)
+        data = r.json()["data"]
+        return len(data) == 2 and {c["channel_id"]: c["id"] for c in data}
+
+    ids = await wait_for(contacts)
+    assert ids, "both contacts recorded"
+    unkeyed = contact_id_for(channel["id"], person, key="")
+    assert ids[channel["id"]] == contact_id_for(channel["id"], person, key=key) != unkeyed
+    assert ids[legacy["id"]] == contact_id_for(legacy["id"], person, key="")
+    ws = tenant.workspace_id
+    for channel_id, contact_id in ids.items():
+        conversation = stack.client.get_workflow_handle(conversation_workflow_id(ws, channel_id, contact_id))
+        assert (await conversation.describe()).status.name == "RUNNING"
+    assert unkeyed not in str([wf.id async for wf in stack.client.list_workflows(f"WorkspaceId = '{ws}'")])
+    listing = await stack.api.get("/v1/channels", headers=tenant.headers)
+    assert listing.status_code == 200 and key not in listing.text
 
 
 async def test_audit_log_records_actions_without_content_and_attestation_is_required(stack):

@@ -8,6 +8,7 @@ from sandbox import payloads
 
 from helpers import (
     connect_instagram,
+    contact_id_of,
     create_automation,
     create_tenant,
     new_sender,
@@ -100,7 +101,7 @@ async def test_a_commenters_conversation_yields_to_a_dm_senders_when_tasks_back_
     activities, which inherit it) runs at bulk priority, one a DM starts at
     the conversational one, so a post drawing thousands of comments does not
     hold up other people's DMs in Temporal's queues."""
-    from core.contracts import contact_id_for, conversation_workflow_id
+    from core.contracts import conversation_workflow_id
     from workflows.common import BULK_PRIORITY, CONVERSATION_PRIORITY
 
     tenant = await create_tenant(stack)
@@ -115,14 +116,14 @@ async def test_a_commenters_conversation_yields_to_a_dm_senders_when_tasks_back_
     await send_dm(stack, account_id, writer, "hello")
 
     async def priority_of(person: str) -> int:
-        contact = contact_id_for(channel["id"], person)
+        contact = contact_id_of(stack, channel["id"], person)
         handle = stack.client.get_workflow_handle(conversation_workflow_id(tenant.workspace_id, channel["id"], contact))
         return (await handle.describe()).raw_description.workflow_execution_info.priority.priority_key
 
     assert await wait_for(lambda: private_replies(stack, "c_p1"))  # the comment's run answered
     assert await priority_of(commenter) == BULK_PRIORITY.priority_key == 4
     assert await priority_of(writer) == CONVERSATION_PRIORITY.priority_key == 2
-    run = [wf async for wf in stack.client.list_workflows(f"ContactId = '{contact_id_for(channel['id'], commenter)}'"
+    run = [wf async for wf in stack.client.list_workflows(f"ContactId = '{contact_id_of(stack, channel['id'], commenter)}'"
                                                            " AND WorkflowType = 'AutomationRun'")]
     assert run and (await stack.client.get_workflow_handle(run[0].id).describe()
                     ).raw_description.workflow_execution_info.priority.priority_key == 4  # inherited
@@ -135,7 +136,7 @@ async def test_each_events_history_carries_only_the_automation_it_starts(stack):
     each conversation's history (and the Temporal store) by all of them."""
     from temporalio.api.enums.v1 import EventType
 
-    from core.contracts import contact_id_for, conversation_workflow_id
+    from core.contracts import conversation_workflow_id
 
     tenant = await create_tenant(stack)
     channel, account_id, _ = await connect_instagram(stack, tenant)
@@ -150,7 +151,7 @@ async def test_each_events_history_carries_only_the_automation_it_starts(stack):
     assert text_of((await wait_for_messages(stack, person, 1))[0]) == "About price"
     await send_dm(stack, account_id, person, "thanks, bye")
     handle = stack.client.get_workflow_handle(
-        conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_for(channel["id"], person))
+        conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_of(stack, channel["id"], person))
     )
 
     async def recorded():

@@ -99,7 +99,7 @@ RESULT_TIMEOUT = 30  # seconds of real time
 CHANNEL = "ch_test"
 ACCOUNT = "17841400000000001"
 SENDER = "igsid-1001"
-CONTACT = contact_id_for(CHANNEL, SENDER)
+CONTACT = contact_id_for(CHANNEL, SENDER, key="")
 
 PRICE_FLOW = {
     "trigger": {"type": "dm_keyword", "keywords": ["price", "cost"], "match": "contains"},

@@ -79,7 +79,7 @@ class TableExport:
 EXPORTED_TABLES: dict[str, TableExport] = {
     "workspace": TableExport(Workspace, "id", excluded=frozenset({"api_key_hash"})),
     "channel": TableExport(
-        Channel, "workspace_id", excluded=frozenset({"token_ciphertext", "webhook_secret_ciphertext"})
+        Channel, "workspace_id", excluded=frozenset({"token_ciphertext", "webhook_secret_ciphertext", "contact_key"})
     ),
     "automation": TableExport(Automation, "workspace_id"),
     "automationversion": TableExport(AutomationVersion, "automation_id"),

@@ -137,8 +137,13 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.dispatching = 0  # webhooks waiting on Temporal right now
     app.state.signal_seconds = 0.0  # recent signal-with-start latency (moving average)
     app.state.webhook_rate, app.state.webhook_rate_at = 0.0, 0.0  # webhooks a second (moving average)
-    for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export, privacy_callbacks, ops, broadcasts):
-        app.include_router(module.router)
+    routers = [
+        module.router
+        for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export,
+                       privacy_callbacks, ops, broadcasts)
+    ]
+    for router in routers:
+        app.include_router(router)
 
     app.add_middleware(ApiGuard)  # /v1 bodies: size, NUL, NaN, depth (api/guard.py)
     if settings.codec_cors_origins:
@@ -170,7 +175,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
         log.error("%s %s: Temporal refused the call (%s)", request.method, request.url.path, exc.status.name)
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
-    openapi.install(app)  # the /v1 routes' error answers (api/openapi.py)
+    openapi.install(app, routers)  # the /v1 routes' error answers (api/openapi.py)
 
     @app.get("/healthz", tags=["health"], operation_id="healthz", summary="Liveness")
     def healthz() -> dict:

@@ -3,10 +3,15 @@ in one place (the routes raise them; this keeps the document saying so)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from fastapi.dependencies.models import Dependant
 from fastapi.openapi.utils import get_openapi
+from fastapi.routing import APIRoute
+
+from api.deps import get_temporal
 
 ERROR_SCHEMA = {
     "type": "object",
@@ -22,13 +27,8 @@ COMMON = {
 }
 # A /v1 route whose path names an object.
 BY_ID = {"404": "No such object in this workspace (another workspace's ids answer 404 too)."}
-# Routes that call Temporal.
+# Routes that call Temporal (those that depend on ``api.deps.get_temporal``).
 TEMPORAL = {"503": "Temporal is not reachable: nothing was done; retry after `Retry-After` seconds."}
-TEMPORAL_OPERATIONS = {
-    "create_broadcast", "get_broadcast", "cancel_broadcast", "connect_channel", "disconnect_channel",
-    "update_contact", "send_human_message", "resume_contact", "erase_contact", "erase_workspace",
-    "start_run", "signal_run", "get_run",
-}
 # Every write (POST, PUT, PATCH): while the workspace is being erased, and
 # where the object's state forbids it (a disconnected channel, a contact
 # handed over to a human...).
@@ -43,8 +43,24 @@ def _error(description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": ERROR_SCHEMA}}}
 
 
-def install(app: FastAPI) -> None:
-    """Have ``app.openapi()`` document the error answers above."""
+def _calls_temporal(dependant: Dependant) -> bool:
+    return any(d.call is get_temporal or _calls_temporal(d) for d in dependant.dependencies)
+
+
+def temporal_operations(routers: Iterable[APIRouter]) -> set[str]:
+    """Operation ids of the routes that take a Temporal client."""
+    return {
+        route.operation_id
+        for router in routers
+        for route in router.routes
+        if isinstance(route, APIRoute) and route.operation_id and _calls_temporal(route.dependant)
+    }
+
+
+def install(app: FastAPI, routers: Iterable[APIRouter]) -> None:
+    """Have ``app.openapi()`` document the error answers above for the
+    routes of ``routers`` (the ones ``app`` includes)."""
+    calls_temporal = temporal_operations(routers)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -58,7 +74,7 @@ def install(app: FastAPI) -> None:
                 if "{" in path:
                     codes |= BY_ID
                 op = operation.get("operationId", "")
-                if op in TEMPORAL_OPERATIONS:
+                if op in calls_temporal:
                     codes |= TEMPORAL
                 if method in WRITES and op != "create_workspace":
                     codes |= CONFLICTS

@@ -293,7 +293,7 @@ class PrivacyActivities:
         for workspace_id, days in periods:
             cutoff = now - timedelta(days=days)
             scope = f"WorkspaceId = '{_quoted(workspace_id)}' AND StartTime < '{_rfc3339(cutoff)}'"
-            signal = ExpireHistorySignal(cutoff_iso=cutoff.isoformat())
+            signal = ExpireHistorySignal(cutoff_epoch_seconds=cutoff.timestamp())
             try:
                 async for wf in self.temporal.list_workflows(f"{scope} AND ExecutionStatus = 'Running'"):
                     activity.heartbeat(result.conversations_rotated)

@@ -162,7 +162,7 @@ class ExpireHistorySignal:
     closes and the sweep can delete it. Ignored by a run that started after
     the cutoff (a redelivered or late signal)."""
 
-    cutoff_iso: str
+    cutoff_epoch_seconds: float
 
 
 @dataclass

@@ -789,11 +789,12 @@ async def test_an_expired_conversation_continues_as_new_and_its_waiting_run_stil
         await until(lambda: mocks.texts == [ASK])
         await until(lambda: _accepting(conv))
         old_run = (await conv.describe()).run_id
-        await conv.signal("expire_history", ExpireHistorySignal(cutoff_iso="2000-01-01T00:00:00+00:00"))  # too old
-        await conv.signal("expire_history", ExpireHistorySignal(cutoff_iso="not a time"))  # ignored
-        await settled(conv, 1)
+        started = (await conv.describe()).start_time.timestamp()
+        # The run started after this cutoff (a late or repeated signal): ignored.
+        await conv.signal("expire_history", ExpireHistorySignal(cutoff_epoch_seconds=started - 1))
+        await until(lambda: signal_taken(conv))
         assert (await conv.describe()).run_id == old_run
-        await conv.signal("expire_history", ExpireHistorySignal(cutoff_iso="2999-01-01T00:00:00+00:00"))
+        await conv.signal("expire_history", ExpireHistorySignal(cutoff_epoch_seconds=started + 1))
 
         async def continued() -> bool:
             return (await conv.describe()).run_id != old_run
@@ -811,6 +812,17 @@ async def test_an_expired_conversation_continues_as_new_and_its_waiting_run_stil
     assert result.status == "completed"
     assert mocks.texts == [ASK, "Thanks! It is on its way to a@b.co."]
     assert len(mocks.inbound) == 2  # the redelivery never reached the database
+
+
+async def signal_taken(handle: WorkflowHandle) -> bool:
+    """A workflow task completed after the last signal (it ran the handler)."""
+    events = (await handle.fetch_history()).events
+    last_signal = max(
+        (e.event_id for e in events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED), default=0
+    )
+    return any(
+        e.event_id > last_signal for e in events if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED
+    )
 
 
 async def _accepting(handle: WorkflowHandle) -> bool:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from datetime import UTC, datetime
 
 from temporalio import workflow
 from temporalio.common import WorkflowIDReusePolicy
@@ -153,12 +152,7 @@ class ConversationWorkflow:
         """The retention sweep: this run holds messages older than the
         workspace's period, so it continues as new (carrying no message) and
         the sweep deletes it once closed."""
-        try:
-            cutoff = datetime.fromisoformat(signal.cutoff_iso)
-        except ValueError:
-            workflow.logger.warning("expire_history with an unreadable cutoff: ignored")
-            return
-        if workflow.info().workflow_start_time < cutoff.replace(tzinfo=cutoff.tzinfo or UTC):
+        if workflow.info().workflow_start_time.timestamp() < signal.cutoff_epoch_seconds:
             self._expired = True
 
     @workflow.signal(name="run_state")

@@ -6,7 +6,7 @@ task to a worker process through its matching service and records the
 task's start, two writes and a hop before any of our code runs. Eager
 workflow start skips the hop: the start's answer carries the first workflow
 task to a worker in the process that asked. Only a worker sharing the API's
-client can take it, so with ``api_conversation_slots`` > 0 (off by default;
+client can take it, so with ``api_conversation_slots`` > 0 (2 by default;
 bench/README.md has what it buys and costs) the API runs one:
 
 - the API starts a contact's conversation eagerly (the message in the
@@ -28,8 +28,8 @@ A contact the API did not know of whose conversation runs (after a restart
 of the API, or another API replica started it) costs one refused start
 before the signal-with-start (``WorkflowAlreadyStartedError``).
 
-With ``api_conversation_slots=0`` (the default) the API runs no workflow
-code and every event is a signal-with-start.
+With ``api_conversation_slots=0`` the API runs no workflow code and every
+event is a signal-with-start.
 """
 
 from __future__ import annotations

@@ -62,14 +62,15 @@ class Settings(BaseSettings):
     # Temporal is busy; while its recent signals (a moving average) took
     # longer than this, the webhook does not wait at all.
     webhook_ack_wait_ms: int = Field(10, ge=0)
-    # Eager start (api/ingress.py), off by default: the API starts a new
-    # contact's conversation with their first message in its input and runs
-    # its first task in its own small worker, skipping Temporal's task
-    # matching (a new contact's first reply a few ms sooner on our 2-core
-    # machines), at the cost of workflow work and memory in the API process
-    # (bench/README.md). At most this many such tasks at once, only while no
-    # other webhook waits on Temporal and webhooks come slowly.
-    api_conversation_slots: int = Field(0, ge=0)
+    # Eager start (api/ingress.py): the API starts a new contact's
+    # conversation with their first message in its input and runs its first
+    # task in its own small worker, skipping Temporal's task matching (a new
+    # contact's first reply at the bare-Temporal floor instead of 1.3x it on
+    # our 2-core machines), at the cost of workflow work and memory in the
+    # API process (bench/README.md). At most this many such tasks at once,
+    # only while no other webhook waits on Temporal and webhooks come slowly;
+    # 0 turns it off (the API then only signals).
+    api_conversation_slots: int = Field(2, ge=0)
     # Conversations the API's worker keeps in memory (it keeps serving the
     # ones it started; evicted ones are replayed from their history).
     api_max_cached_conversations: int = Field(500, ge=1)

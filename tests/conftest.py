@@ -131,6 +131,20 @@ class Stack:
             self.worker = None
 
 
+@pytest.fixture
+def api_worker_off(stack):
+    """The API without its own worker (api/ingress.py) for one test: every
+    event goes by signal-with-start to the suite's worker. For a test that
+    runs that worker with settings other than the API's (the API's worker
+    would answer a new contact's first message with the API's)."""
+    from api.ingress import Ingress
+
+    state = stack.api_app.state
+    running, state.ingress = state.ingress, Ingress(stack.settings)
+    yield
+    state.ingress = running
+
+
 @pytest.fixture(scope="session")
 async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Path) -> AsyncIterator[Stack]:
     from api.ingress import api_identity

@@ -1,4 +1,4 @@
-"""The API's own worker (api/ingress.py, off by default): a new contact's
+"""The API's own worker (api/ingress.py, on by default): a new contact's
 conversation started eagerly in the API, the fall-backs to
 signal-with-start, and the slots that keep every other task away from it."""
 
@@ -13,7 +13,7 @@ from sqlmodel import Session
 from temporalio.api.enums.v1 import EventType
 
 from api.dispatch import signal_conversation
-from api.ingress import Ingress, IngressSlots
+from api.ingress import IngressSlots
 from core.contracts import InboundEvent, conversation_workflow_id
 from core.db import Channel
 
@@ -33,21 +33,16 @@ from helpers import (
 
 @pytest.fixture
 async def api_worker(stack):
-    """The session API with its own worker on (VECTORY_API_CONVERSATION_SLOTS=2),
-    quiet (earlier tests posted fast), for one test."""
+    """The session API's own worker (on by default: 2 slots), quiet (earlier
+    tests posted fast), for one test."""
     state = stack.api_app.state
-    ingress = Ingress(stack.settings.model_copy(update={"api_conversation_slots": 2}))
-    task = asyncio.create_task(ingress.run(state.temporal, state.engine, state.vault, state.keys))
 
     async def running() -> bool:
-        return ingress.running
+        return state.ingress.running
 
     assert await wait_for(running)
-    state.ingress, state.webhook_rate, off = ingress, 0.0, state.ingress
-    yield ingress
-    state.ingress = off
-    await ingress.stop()
-    await task
+    state.webhook_rate = 0.0
+    return state.ingress
 
 
 HELLO = ({"type": "dm_keyword", "keywords": ["hello"]}, [{"id": "hi", "type": "send_message", "text": "Hi there!"}])

@@ -430,7 +430,7 @@ async def test_telegram_bot_sends_at_most_30_per_second(stack):
     ["within budget", "Hi {{contact.first_name | there}}, within budget"],
     ids=["plain", "greeting-after-profile-lookup"],
 )
-async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(stack, text):
+async def test_instagram_hourly_budget_delays_sends_instead_of_dropping_them(stack, api_worker_off, text):
     """Each send takes one cell of the hourly budget, also a greeting whose
     send looks the profile up first (its cells are booked after the lookup)."""
     from workers.main import build_worker

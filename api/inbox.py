@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 
 from sqlalchemy import Engine
@@ -140,7 +141,13 @@ def _event(data: dict) -> InboundEvent:
     return InboundEvent(**fields)
 
 
-async def relay_once(engine: Engine, client, task_queue: str, in_flight: set[int] | frozenset = frozenset()) -> int:
+async def relay_once(
+    engine: Engine,
+    client,
+    task_queue: str,
+    in_flight: set[int] | frozenset = frozenset(),
+    remember: Callable[[str], None] | None = None,
+) -> int:
     """Hand stored events to Temporal; returns how many were relayed.
 
     Contacts in parallel (at most RELAY_CONTACTS_IN_PARALLEL), each
@@ -148,7 +155,8 @@ async def relay_once(engine: Engine, client, task_queue: str, in_flight: set[int
     were signalled. A failure leaves that contact's rows for the next round
     (re-signalled ones are deduplicated) and is raised after the others.
     Rows whose webhook's own signal is still on its way (``in_flight``) are
-    left to it."""
+    left to it. ``remember`` is told each conversation signalled (the API's
+    worker then knows it runs: no eager start is tried for it)."""
     rows = [r for r in await asyncio.to_thread(_load, engine, in_flight) if r.id not in in_flight]
     if not rows:
         return 0
@@ -165,7 +173,11 @@ async def relay_once(engine: Engine, client, task_queue: str, in_flight: set[int
                 if channel is not None and channel.status == "active":
                     await _after_webhooks()
                     event = _event(row.event)
-                    await signal_conversation(client, task_queue, channel, event.sender_id, "inbound", event)
+                    workflow_id = await signal_conversation(
+                        client, task_queue, channel, event.sender_id, "inbound", event
+                    )
+                    if remember is not None:
+                        remember(workflow_id)
             await asyncio.to_thread(_delete, engine, [r.id for r in contact_rows])
             return len(contact_rows)
 
@@ -290,7 +302,11 @@ async def run_relay(app) -> None:
         try:
             while True:
                 seen = inbox.stored
-                relayed = await relay_once(engine, client, app.state.settings.task_queue, inbox.in_flight)
+                ingress = getattr(app.state, "ingress", None)
+                relayed = await relay_once(
+                    engine, client, app.state.settings.task_queue, inbox.in_flight,
+                    remember=ingress.remember if ingress is not None and ingress.running else None,
+                )
                 if relayed:
                     app.state.temporal_down_until = 0.0  # Temporal answers again
                     log.info("relayed %d inbox events to Temporal", relayed)

@@ -12,6 +12,7 @@ import pytest
 from sqlmodel import Session
 from temporalio.api.enums.v1 import EventType
 
+from api import inbox
 from api.dispatch import signal_conversation
 from api.ingress import IngressSlots
 from core.contracts import InboundEvent, conversation_workflow_id
@@ -115,6 +116,35 @@ async def test_a_running_conversation_the_api_did_not_know_gets_the_message_by_s
     await wait_for_messages(stack, person, 2)
     await asyncio.sleep(0.5)  # nothing more arrives
     assert [text_of(c) for c in await sandbox_messages(stack, person)] == ["Hi there!", "Hi there!"]
+    assert _signals(await _history(stack, tenant, channel, person)) == 2
+    assert await _eager_starts(stack) == before
+
+
+async def test_a_conversation_the_inbox_relayed_is_known_to_the_apis_worker(stack, api_worker):
+    """An event kept in the durable inbox reaches its new conversation by the
+    relay's signal-with-start; the API's worker then knows the conversation
+    runs, so the contact's next webhook is a signal, not a refused start."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], *HELLO)
+    person = new_sender()
+    with Session(stack.deps.engine, expire_on_commit=False) as db:
+        row = db.get(Channel, channel["id"])
+    held = InboundEvent(event_id=f"m_{person}_0", platform="instagram", account_id=account_id,
+                        sender_id=person, kind="message", text="hello")
+    inbox.store(stack.deps.engine, [(row, held)])
+    stack.api_app.state.inbox.wakeup.set()
+    await wait_for_messages(stack, person, 1)
+    workflow_id = conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_of(stack, channel["id"], person))
+
+    async def known() -> bool:
+        return api_worker.known(workflow_id)
+
+    assert await wait_for(known)
+    before = await _eager_starts(stack)
+
+    await send_dm(stack, account_id, person, "hello from the webhook")
+    assert len(await wait_for_messages(stack, person, 2)) == 2
     assert _signals(await _history(stack, tenant, channel, person)) == 2
     assert await _eager_starts(stack) == before
 

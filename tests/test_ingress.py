@@ -71,6 +71,20 @@ async def _eager_starts(stack) -> float:
     return float(line.split()[-1])
 
 
+async def _hello_channel_and_first_message(stack):
+    """A channel whose automation answers "hello", its row, a new person and
+    their first message (not posted: the test hands it over its own way)."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], *HELLO)
+    person = new_sender()
+    with Session(stack.deps.engine, expire_on_commit=False) as db:
+        row = db.get(Channel, channel["id"])
+    first = InboundEvent(event_id=f"m_{person}_0", platform="instagram", account_id=account_id,
+                         sender_id=person, kind="message", text="hello")
+    return tenant, channel, account_id, row, person, first
+
+
 async def test_a_new_contacts_first_message_is_answered_by_the_apis_worker(stack, api_worker):
     """The first message starts the conversation with the message in its
     input, its first task run by the API's worker (no signal, no trip
@@ -100,14 +114,7 @@ async def test_a_running_conversation_the_api_did_not_know_gets_the_message_by_s
     """A conversation started elsewhere (another API replica, before a
     restart): the eager start is refused and the message is signalled to
     it, handled once."""
-    tenant = await create_tenant(stack)
-    channel, account_id, _ = await connect_instagram(stack, tenant)
-    await create_automation(stack, tenant, channel["id"], *HELLO)
-    person = new_sender()
-    with Session(stack.deps.engine, expire_on_commit=False) as db:
-        row = db.get(Channel, channel["id"])
-    elsewhere = InboundEvent(event_id=f"m_{person}_0", platform="instagram", account_id=account_id,
-                             sender_id=person, kind="message", text="hello")
+    tenant, channel, account_id, row, person, elsewhere = await _hello_channel_and_first_message(stack)
     await signal_conversation(stack.client, stack.settings.task_queue, row, person, "inbound", elsewhere)
     await wait_for_messages(stack, person, 1)
     before = await _eager_starts(stack)
@@ -124,14 +131,7 @@ async def test_a_conversation_the_inbox_relayed_is_known_to_the_apis_worker(stac
     """An event kept in the durable inbox reaches its new conversation by the
     relay's signal-with-start; the API's worker then knows the conversation
     runs, so the contact's next webhook is a signal, not a refused start."""
-    tenant = await create_tenant(stack)
-    channel, account_id, _ = await connect_instagram(stack, tenant)
-    await create_automation(stack, tenant, channel["id"], *HELLO)
-    person = new_sender()
-    with Session(stack.deps.engine, expire_on_commit=False) as db:
-        row = db.get(Channel, channel["id"])
-    held = InboundEvent(event_id=f"m_{person}_0", platform="instagram", account_id=account_id,
-                        sender_id=person, kind="message", text="hello")
+    tenant, channel, account_id, row, person, held = await _hello_channel_and_first_message(stack)
     inbox.store(stack.deps.engine, [(row, held)])
     stack.api_app.state.inbox.wakeup.set()
     await wait_for_messages(stack, person, 1)

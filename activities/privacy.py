@@ -250,6 +250,10 @@ class PrivacyActivities:
 
     # -- retention -------------------------------------------------------------------
 
+    def _retention_periods(self) -> list[tuple[str, int]]:
+        with Session(self.engine) as db:
+            return [(w, d) for w, d in db.exec(select(Workspace.id, Workspace.retention_days)).all()]
+
     @activity.defn(name="retention_sweep")
     def retention_sweep(self, input: RetentionInput) -> RetentionResult:
         """Delete messages and closed-run records older than each workspace's
@@ -257,7 +261,7 @@ class PrivacyActivities:
         now = datetime.fromisoformat(input.now_iso)
         result = RetentionResult()
         with Session(self.engine) as db:
-            for workspace_id, days in db.exec(select(Workspace.id, Workspace.retention_days)).all():
+            for workspace_id, days in self._retention_periods():
                 cutoff = now - timedelta(days=days)
                 deleted = db.exec(  # type: ignore[call-overload]
                     delete(Message).where(Message.workspace_id == workspace_id, col(Message.created_at) < cutoff)
@@ -287,10 +291,8 @@ class PrivacyActivities:
         if self.temporal is None:
             raise RuntimeError("no Temporal client configured")
         now = datetime.fromisoformat(input.now_iso)
-        with Session(self.engine) as db:
-            periods = db.exec(select(Workspace.id, Workspace.retention_days)).all()
         result = RetentionResult()
-        for workspace_id, days in periods:
+        for workspace_id, days in await asyncio.to_thread(self._retention_periods):
             cutoff = now - timedelta(days=days)
             scope = f"WorkspaceId = '{_quoted(workspace_id)}' AND StartTime < '{_rfc3339(cutoff)}'"
             signal = ExpireHistorySignal(cutoff_epoch_seconds=cutoff.timestamp())

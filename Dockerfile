@@ -13,13 +13,14 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 WORKDIR /build
 
-# Only [project].dependencies (no dev extras), read from pyproject.toml so this
-# layer is rebuilt when the dependencies change, not on every code change. The
+# Only [project].dependencies (no dev extras), read from pyproject.toml and held
+# to the versions of requirements.lock, so this layer is rebuilt when the
+# dependencies change, not on every code change. The
 # application itself is not pip-installed: its sources live in /app, where
 # core/db.py finds alembic.ini next to them.
-COPY pyproject.toml ./
+COPY pyproject.toml requirements.lock ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
-    && /opt/venv/bin/pip install -r requirements.txt
+    && /opt/venv/bin/pip install -c requirements.lock -r requirements.txt
 
 # --- runtime -----------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime

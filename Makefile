@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help venv run migrate test lint bench clean
+.PHONY: help venv run migrate test lint bench lock clean
 
 help: ## List the targets
 	@echo "Vectory make targets:"
@@ -18,11 +18,12 @@ help: ## List the targets
 venv: $(STAMP) ## Create .venv and install the project with its dev extras
 $(VENV): $(STAMP)
 
-# Re-installs whenever pyproject.toml is newer than the stamp.
+# Re-installs whenever pyproject.toml or the lock is newer than the stamp; the
+# lock's constraints make every machine install the versions CI tested.
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
 
 run: $(STAMP) ## Start Temporal, the sandbox, the worker and the API, and seed a demo
@@ -41,6 +42,14 @@ bench: $(STAMP) ## Benchmarks on their own stacks: latency vs the bare-Temporal 
 
 lint: $(STAMP) ## ruff check
 	$(BIN)/ruff check .
+
+lock: ## Resolve pyproject.toml's dependencies afresh and pin them in requirements.lock (then review the diff)
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install -e '.[dev]'
+	{ echo "# Exact versions CI tested (Python 3.11, Linux). Regenerate deliberately with 'make lock'."; \
+	  .lock-venv/bin/pip freeze --exclude-editable; } > requirements.lock
+	rm -rf .lock-venv
 
 clean: ## Delete local dev data (.data: SQLite, Temporal history, demo credentials)
 	rm -rf .data

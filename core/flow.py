@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.flowrt import PLACEHOLDER_RE, parse_number, runs_in_linear_time
+from core.flowrt import PLACEHOLDER_RE, parse_number, re2_refusal
 
 __all__ = [
     "SUPPORTED_TRIGGERS",
@@ -105,14 +105,17 @@ def _not_blank(value: str, what: str) -> str:
 def _compile(pattern: str, what: str) -> str:
     if len(pattern) > MAX_REGEX:
         raise _fail(f"{what} is {len(pattern)} characters long; the limit is {MAX_REGEX}")
+    # Compiled by Python's re too: a conversation that started under matching
+    # rules 1 runs it there (core/flowrt.py).
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
         raise _fail(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
-    if not runs_in_linear_time(pattern):
+    refusal = re2_refusal(pattern)
+    if refusal:
         raise _fail(
-            f"{what} {pattern!r} uses lookaround or backreferences: patterns run on RE2 (linear time, so no "
-            "message can stall the automations), which has neither"
+            f"{what} {pattern!r} cannot run on RE2 (linear time, so no message can stall the automations): "
+            f"{refusal}"
         )
     return pattern
 

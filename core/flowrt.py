@@ -7,15 +7,15 @@ reads. Definitions arrive as plain dicts (the JSON that
 ``core.flow.definition_dict`` produces).
 
 Matching rules are versioned (``matching``): a workflow that started under
-version 1 keeps it until it continues as new, so its replay takes the same
-branches. Version 2 (``MATCHING``, what new workflows use):
+version 1 or 2 keeps it until it continues as new, so its replay takes the
+same branches. Since version 2:
 
 - customers' patterns (regex keywords, ``validate: regex``, ``matches``
   conditions) run on RE2, in linear time: under Python's backtracking ``re``
   a pattern like ``^(a+)+$`` and 30 characters of text held a worker, and
   every tenant's conversations on it, for minutes. A pattern RE2 cannot run
-  (lookaround, backreferences: refused when saved since version 2) runs on
-  ``re`` as before;
+  (refused when saved) matches nothing since version 3; versions 1 and 2
+  ran it on ``re``;
 - a keyword in a script written without spaces between words (Chinese,
   Japanese, Thai, Lao, Khmer, Burmese) matches anywhere in the text: the
   whole-word rule never matched it inside a sentence.
@@ -56,40 +56,76 @@ _EMAIL_RE = re.compile(
 )
 _NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:[.,]\d+)?|[.,]\d+)$")
 
-MATCHING = 2  # the matching rules new workflows use (module docstring)
+MATCHING = 3  # the matching rules new workflows use (module docstring)
 # Scripts written without spaces between words (Hangul is written with them).
 _UNSPACED_SCRIPT_RE = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def _re2_options():
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    return options
 
 
 @functools.lru_cache(maxsize=512)
 def _re2_pattern(pattern: str):
     """The pattern compiled by RE2, case-insensitive, or None when RE2
     cannot run it."""
-    options = re2.Options()
-    options.case_sensitive = False
-    options.log_errors = False
     try:
-        return re2.compile(pattern, options)
+        return re2.compile(pattern, _re2_options())
     except re2.error:
         return None
 
 
-def runs_in_linear_time(pattern: str) -> bool:
-    """Can RE2 run this pattern (no lookaround, no backreferences)?"""
-    return _re2_pattern(pattern) is not None
+# The start of RE2's refusals, and what they mean to someone writing a pattern.
+_BACKREFERENCE = "backreferences are not supported"
+_RE2_HINTS = (
+    ("invalid perl operator: (?=", "lookahead is not supported"),
+    ("invalid perl operator: (?!", "lookahead is not supported"),
+    ("invalid perl operator: (?<=", "lookbehind is not supported"),
+    ("invalid perl operator: (?<!", "lookbehind is not supported"),
+    ("invalid perl operator: (?P", "named backreferences such as (?P=name) are not supported"),
+    ("invalid escape sequence: \\k", _BACKREFERENCE),
+    *((f"invalid escape sequence: \\{digit}", _BACKREFERENCE) for digit in "123456789"),
+    ("bad repetition operator", "a quantifier after a quantifier, such as the possessive a++, is not supported"),
+    ("invalid repetition size", "the repetition is too large: at most 1000, nested repetitions multiplied"),
+    ("pattern too large", "the pattern is too large once compiled"),
+)
+
+
+def re2_refusal(pattern: str) -> str:
+    """Why RE2 cannot run ``pattern`` (``""``: it can), in RE2's words and
+    what they mean."""
+    try:
+        re2.compile(pattern, _re2_options())
+    except re2.error as err:
+        reason = err.args[0] if err.args else ""
+        reason = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+    else:
+        return ""
+    for start, hint in _RE2_HINTS:
+        if reason.startswith(start):
+            return f"{reason} ({hint})"
+    return f"{reason} (RE2 does not support this syntax)"
 
 
 def pattern_search(pattern: str, text: str, matching: int = MATCHING) -> bool:
     """Does a customer's pattern occur in ``text`` (case-insensitive)? A
-    pattern that does not compile matches nothing."""
+    pattern that does not compile matches nothing (under RE2 since
+    version 3; versions 1 and 2 ran it on ``re``)."""
     if matching >= 2:
         compiled = _re2_pattern(pattern)
         if compiled is not None:
             return compiled.search(text) is not None
+        if matching >= 3:
+            return False
     try:
         return re.search(pattern, text, re.IGNORECASE) is not None
     except re.error:
         return False
+
+
 _PHONE_STRIP_RE = re.compile(r"[\s\-.()]")
 
 

@@ -6,6 +6,17 @@ standard library (re, unicodedata, math, dataclasses, typing), RE2 and
 reads. Definitions arrive as plain dicts (the JSON that
 ``core.flow.definition_dict`` produces).
 
+No text a user controls meets a backtracking regular expression, here or
+anywhere else in Vectory (templates, messages, refs, replies, field values,
+log lines): on a crafted input Python's ``re`` takes polynomial or
+exponential time (``{{`` and 1,000 spaces against a cubic placeholder
+pattern: 8 s), and the API or worker process, with every tenant on it,
+waits that long. Customers' patterns run on RE2. Our own parsing is a
+scanner with its bound stated, or a Python pattern that cannot backtrack
+(one character class, or anchored with parts that cannot overlap), each
+saying why. tests/test_linear_time.py times them on 100,000 adversarial
+characters.
+
 Matching rules are versioned (``matching``): a workflow that started under
 version 1 or 2 keeps it until it continues as new, so its replay takes the
 same branches. Since version 2:
@@ -28,7 +39,8 @@ import hashlib
 import math
 import re
 import unicodedata
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import re2
 
@@ -43,18 +55,21 @@ from core.contracts import (
     TrailEntry,
 )
 
-# {{ path }} or {{ path | fallback }}; no braces inside, so malformed templates stay as they are.
-PLACEHOLDER_RE = re.compile(r"\{\{\s*([^{}|]*?)\s*(?:\|\s*([^{}]*?)\s*)?\}\}")
-
 # A placeholder that rendered empty; removed again (with its spacing) before returning.
 _EMPTY = "\ue000"
 _PUNCT_AFTER = ".,!?;:…)]}"
-
+# Anchored (``match``), the local part's runs and dots cannot overlap, and it
+# only sees addresses of at most MAX_EMAIL characters: bounded work.
 _EMAIL_RE = re.compile(
     r"^(?P<local>[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
     r"@(?P<domain>(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})$"
 )
+MAX_EMAIL = 254
+# Anchored, one digit run per branch, each followed by what a digit is not: linear.
 _NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:[.,]\d+)?|[.,]\d+)$")
+# One character class each: nothing to backtrack.
+_WORD_RE = re.compile(r"\w")
+_BLANKS_RE = re.compile(r"[ \t]*")
 
 MATCHING = 3  # the matching rules new workflows use (module docstring)
 # Scripts written without spaces between words (Hangul is written with them).
@@ -126,6 +141,7 @@ def pattern_search(pattern: str, text: str, matching: int = MATCHING) -> bool:
         return False
 
 
+# One character class: nothing to backtrack.
 _PHONE_STRIP_RE = re.compile(r"[\s\-.()]")
 
 
@@ -188,9 +204,47 @@ def keyword_matches(trigger: dict, text: str, matching: int = MATCHING) -> tuple
         if matching >= 2 and _UNSPACED_SCRIPT_RE.search(norm_kw):
             if norm_kw in norm_text:
                 return True, 2
-        elif re.search(r"(?<!\w)" + re.escape(norm_kw) + r"(?!\w)", norm_text):
+        elif _whole_words_in(norm_kw, norm_text):
             return True, 2
     return False, 0
+
+
+def _whole_words_in(words: str, text: str) -> bool:
+    """Does ``words`` occur in ``text`` with no word character (``\\w``)
+    right before or after it? Linear: ``find`` for the usual case, then,
+    when that occurrence is inside a longer word, Knuth-Morris-Pratt over
+    the rest of the text (O(len(text) + len(words)), however many times
+    ``words`` overlaps itself)."""
+    size, end = len(words), len(text)
+
+    def bounded(at: int) -> bool:
+        return (at == 0 or not _WORD_RE.match(text, at - 1)) and (
+            at + size == end or not _WORD_RE.match(text, at + size)
+        )
+
+    at = text.find(words)
+    if at < 0 or bounded(at):
+        return at >= 0
+    # fallback[i]: the length of the longest proper prefix of words[:i + 1] that is also its suffix.
+    fallback = [0] * size
+    k = 0
+    for i in range(1, size):
+        while k and words[i] != words[k]:
+            k = fallback[k - 1]
+        if words[i] == words[k]:
+            k += 1
+        fallback[i] = k
+    k = 0
+    for i in range(at + 1, end):
+        while k and text[i] != words[k]:
+            k = fallback[k - 1]
+        if text[i] == words[k]:
+            k += 1
+            if k == size:
+                if bounded(i + 1 - size):
+                    return True
+                k = fallback[k - 1]
+    return False
 
 
 def _trigger(automation: AutomationSnapshot) -> dict | None:
@@ -224,8 +278,26 @@ def ref_matches(pattern: str, ref: str) -> bool:
     """Does a ref_link pattern match a referral ref? Case-insensitive; ``*`` matches any characters."""
     if not isinstance(pattern, str) or not isinstance(ref, str) or not pattern.strip() or not ref.strip():
         return False
-    regex = ".*".join(re.escape(normalize(part)) for part in pattern.split("*"))
-    return re.fullmatch(regex, normalize(ref), re.DOTALL) is not None
+    parts = [normalize(part) for part in pattern.split("*")]
+    text = normalize(ref)
+    if len(parts) == 1:
+        return text == parts[0]
+    # The first and last parts are anchored; each part between them is
+    # found leftmost after the one before (a later place never helps the
+    # rest match). Each ``find`` starts where the last one ended: at most
+    # O(len(ref) * len(part)) in all, and a pattern is at most
+    # core.flow.MAX_REF (100) characters, checked when saved.
+    head, *middle, tail = parts
+    end = len(text) - len(tail)
+    if end < len(head) or not text.startswith(head) or not text.endswith(tail):
+        return False
+    pos = len(head)
+    for part in middle:
+        found = text.find(part, pos, end)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
 
 
 def _ref_score(trigger: dict, ref: str) -> int:
@@ -348,6 +420,41 @@ def public_reply_text(trigger: dict, comment_id: str) -> str:
 # --- templates ----------------------------------------------------------------------------------------
 
 
+class Placeholder(NamedTuple):
+    """``{{ path }}`` or ``{{ path | fallback }}`` in a template."""
+
+    start: int
+    end: int
+    path: str  # stripped
+    fallback: str | None  # stripped; None without a "|"
+
+
+def placeholders(template: str) -> Iterator[Placeholder]:
+    """The placeholders of ``template``, left to right: ``{{``, then
+    anything but braces up to ``}}``; the path is what comes before the
+    first ``|``. Anything else (a lone brace, ``{{`` without its ``}}``) is
+    text. Linear: each ``find`` starts past where the one before it stopped
+    (the next brace of each kind is looked up only once the scan has passed
+    it), and each placeholder's inside is split once."""
+    n = len(template)
+    open_at = close_at = -1  # the first "{" / "}" at or after the current inside (n: none)
+    pos = 0
+    while (start := template.find("{{", pos)) >= 0:
+        inside = start + 2
+        if open_at < inside:
+            open_at = template.find("{", inside)
+            open_at = n if open_at < 0 else open_at
+        if close_at < inside:
+            close_at = template.find("}", inside)
+            close_at = n if close_at < 0 else close_at
+        if close_at < open_at and template.startswith("}", close_at + 1):
+            path, bar, fallback = template[inside:close_at].partition("|")
+            yield Placeholder(start, close_at + 2, path.strip(), fallback.strip() if bar else None)
+            pos = close_at + 2
+        else:
+            pos = start + 1
+
+
 def _as_text(value: Any) -> str:
     if value is None:
         return ""
@@ -413,30 +520,56 @@ def render(template: str, contact: ContactSnapshot, context: dict | None = None)
         return ""
     ctx = context if isinstance(context, dict) else {}
     source = template.replace(_EMPTY, "")
-
-    def substitute(match: re.Match[str]) -> str:
+    pieces: list[str] = []
+    pos = 0
+    for placeholder in placeholders(source):
         try:
-            value = _as_text(_resolve(match.group(1), contact, ctx)).replace(_EMPTY, "")
+            value = _as_text(_resolve(placeholder.path, contact, ctx)).replace(_EMPTY, "")
         except Exception:  # defensive: a template must never break a run
             value = ""
         if not value.strip():
-            value = _fallback(match.group(2))
-        return value if value.strip() else _EMPTY
-
-    out = PLACEHOLDER_RE.sub(substitute, source)
+            value = _fallback(placeholder.fallback)
+        pieces += (source[pos : placeholder.start], value if value.strip() else _EMPTY)
+        pos = placeholder.end
+    pieces.append(source[pos:])
+    out = "".join(pieces)
     if _EMPTY not in out:
         return out
-    # Tidy the gaps empty placeholders left behind.
-    while True:
-        merged = re.sub(_EMPTY + r"[ \t]*" + _EMPTY, _EMPTY, out)
-        if merged == out:
-            break
-        out = merged
-    out = re.sub(r"[ \t]*" + _EMPTY + r"[ \t]*(?=[" + re.escape(_PUNCT_AFTER) + "])", "", out)
-    out = re.sub(r"^[ \t]*" + _EMPTY + r"[ \t]*", "", out, flags=re.MULTILINE)
-    out = re.sub(r"[ \t]*" + _EMPTY + r"[ \t]*$", "", out, flags=re.MULTILINE)
-    out = re.sub(r"[ \t]+" + _EMPTY + r"[ \t]+", " ", out)
-    return out.replace(_EMPTY, "")
+    return _tidy(out)
+
+
+def _tidy(text: str) -> str:
+    """Remove the empty placeholders (``_EMPTY``) from a rendered text with
+    the gaps they leave. Empties with only spaces or tabs between them count
+    as one; with the spaces and tabs around it, an empty goes when a
+    punctuation mark follows, at the start or end of a line, and between
+    two words the gap becomes one space; else only the empty goes. Linear:
+    one pass, each character read by one ``find``, blank match or
+    ``rstrip``."""
+    n = len(text)
+    pieces: list[str] = []
+    done = 0  # text[:done] is settled
+    while (first := text.find(_EMPTY, done)) >= 0:
+        last = first  # the last empty of a run separated by blanks only
+        after = _BLANKS_RE.match(text, first + 1).end()
+        while after < n and text[after] == _EMPTY:
+            last = after
+            after = _BLANKS_RE.match(text, after + 1).end()
+        before = text[done:first]
+        kept = before.rstrip(" \t")
+        start = done + len(kept)  # the blanks before the run begin here
+        pieces.append(kept)
+        followed_by = text[after] if after < n else ""
+        punctuation_follows = followed_by != "" and followed_by in _PUNCT_AFTER
+        line_edge = start == 0 or text[start - 1] == "\n" or followed_by in ("", "\n")
+        if not (punctuation_follows or line_edge):  # else the blanks around go too
+            if start < first and last + 1 < after:
+                pieces.append(" ")  # between two words
+            else:
+                pieces += (text[start:first], text[last + 1 : after])
+        done = after
+    pieces.append(text[done:])
+    return "".join(pieces)
 
 
 # --- replies and conditions ---------------------------------------------------------------------------
@@ -467,8 +600,8 @@ def validate_reply(step: dict, text: str, matching: int = MATCHING) -> tuple[boo
         return False, None
     kind = step.get("validate") or "none"
     if kind == "email":
-        m = _EMAIL_RE.match(stripped)
-        if not m or len(stripped) > 254:
+        m = _EMAIL_RE.match(stripped) if len(stripped) <= MAX_EMAIL else None
+        if not m:
             return False, None
         return True, f"{m.group('local')}@{m.group('domain').lower()}"
     if kind == "phone":
@@ -641,7 +774,7 @@ def leading_send(steps: list[dict]) -> tuple[dict | None, bool, bool]:
 
 def uses_contact(template: str) -> bool:
     """True when the template reads the contact (name, fields)."""
-    return any(m.group(1).strip().lower().startswith("contact.") for m in PLACEHOLDER_RE.finditer(template))
+    return any(p.path.lower().startswith("contact.") for p in placeholders(template))
 
 
 # Events that can start an automation; of those, the ones that answer a run

@@ -900,6 +900,11 @@ def test_ref_matches():
     assert not ref_matches("fb_ad_4", "fb_ad_42")
     assert not ref_matches("a.c", "abc")  # dots are literal
     assert not ref_matches("summer*", "") and not ref_matches("", "x")
+    assert ref_matches("a**b", "ab") and ref_matches("*a*", "a") and not ref_matches("ab*ba", "aba")
+
+
+def test_a_ref_with_a_line_break_is_refused():
+    assert "may only contain" in error_text(flow(SEND, trigger={"type": "ref_link", "refs": ["summer\n"]}))
 
 
 def test_ref_link_beats_other_triggers():
@@ -1184,7 +1189,7 @@ def test_flowrt_imports_only_stdlib_re2_and_contracts():
     tree = ast.parse(Path(flowrt.__file__).read_text())
     allowed = {
         "__future__", "re", "re2", "unicodedata", "math", "hashlib", "functools", "dataclasses", "typing",
-        "core.contracts",
+        "collections.abc", "core.contracts",
     }
     imported = set()
     for node in ast.walk(tree):

@@ -1,9 +1,9 @@
 """Pure runtime helpers for interpreting an automation flow.
 
 Used inside Temporal workflow code, so this module must stay deterministic:
-standard library (re, unicodedata, math, dataclasses, typing), RE2 and
-``core.contracts`` only. No pydantic, I/O, clocks, randomness or environment
-reads. Definitions arrive as plain dicts (the JSON that
+standard library (re, json, unicodedata, math, dataclasses, typing), RE2
+and ``core.contracts`` only. No pydantic, I/O, clocks, randomness or
+environment reads. Definitions arrive as plain dicts (the JSON that
 ``core.flow.definition_dict`` produces).
 
 No text a user controls meets a backtracking regular expression, here or
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import re
 import unicodedata
@@ -455,6 +456,18 @@ def placeholders(template: str) -> Iterator[Placeholder]:
             pos = start + 1
 
 
+def _template_text(value: Any) -> str:
+    """A value as a template shows it: a list as its items separated by
+    commas, an object as JSON, ``true`` / ``false``, a whole float without
+    ``.0``. Conditions compare ``_as_text``: how a value is shown changes
+    no branch a workflow takes."""
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, list | tuple):
+        return ", ".join(text for v in value if (text := _template_text(v)))
+    return _as_text(value)
+
+
 def _as_text(value: Any) -> str:
     if value is None:
         return ""
@@ -524,7 +537,7 @@ def render(template: str, contact: ContactSnapshot, context: dict | None = None)
     pos = 0
     for placeholder in placeholders(source):
         try:
-            value = _as_text(_resolve(placeholder.path, contact, ctx)).replace(_EMPTY, "")
+            value = _template_text(_resolve(placeholder.path, contact, ctx)).replace(_EMPTY, "")
         except Exception:  # defensive: a template must never break a run
             value = ""
         if not value.strip():

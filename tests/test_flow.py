@@ -990,6 +990,16 @@ def test_render_unknown_and_malformed_placeholders_never_raise():
     assert render("no placeholders, just {braces}", c) == "no placeholders, just {braces}"
 
 
+def test_render_shows_lists_as_text_and_objects_as_json():
+    c = contact(fields={"sizes": ["S", "M", 42, 1.0, True, None, ""], "address": {"city": "Porto", "zip": 4000}})
+    assert render("Sizes: {{contact.fields.sizes}}.", c) == "Sizes: S, M, 42, 1, true."
+    assert render("Ship to {{contact.fields.address}}", c) == 'Ship to {"city": "Porto", "zip": 4000}'
+    order = {"items": [{"sku": "A1", "qty": 2}, "gift wrap"], "notes": [], "meta": {}}
+    assert render("Items: {{context.items}}", c, order) == 'Items: {"sku": "A1", "qty": 2}, gift wrap'
+    assert render("Notes: {{context.notes | none}}", c, order) == "Notes: none"
+    assert render("Meta: {{context.meta}}", c, order) == "Meta: {}"
+
+
 # --- runtime: reply validation -----------------------------------------------------------------------
 
 
@@ -1188,7 +1198,7 @@ def test_flowrt_imports_only_stdlib_re2_and_contracts():
     """flowrt runs inside Temporal workflows: it must stay deterministic and sandbox-safe."""
     tree = ast.parse(Path(flowrt.__file__).read_text())
     allowed = {
-        "__future__", "re", "re2", "unicodedata", "math", "hashlib", "functools", "dataclasses", "typing",
+        "__future__", "re", "re2", "json", "unicodedata", "math", "hashlib", "functools", "dataclasses", "typing",
         "collections.abc", "core.contracts",
     }
     imported = set()

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.flowrt import PLACEHOLDER_RE, parse_number, runs_in_linear_time
+from core.flowrt import parse_number, placeholders, re2_refusal
 
 __all__ = [
     "SUPPORTED_TRIGGERS",
@@ -73,13 +73,15 @@ MAX_KEYWORD = 100
 MAX_PUBLIC_REPLY = 500
 MAX_REF = 100
 # m.me / ig.me ref parameters: a-z A-Z 0-9 + / = - . : _ (plus our * wildcard).
-_REF_RE = re.compile(r"^[A-Za-z0-9+/=\-.:_*]+$")
+# One character class over the whole ref: linear (core/flowrt.py says why that matters).
+_REF_RE = re.compile(r"[A-Za-z0-9+/=\-.:_*]+")
 MAX_WAIT_REPLY = 7 * 86400
 MAX_WAIT_EVENT = 30 * 86400
 MAX_DELAY = 30 * 86400
 
 _ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 _FIELD_PATTERN = r"^[a-z][a-z0-9_]{0,63}$"
+# Anchored, and a name's characters exclude the dot between names: linear.
 _PLACEHOLDER_PATH = re.compile(
     r"^(?:contact\.(?:first_name|last_name|username|fields\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)"
     r"|context\.[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*)$",
@@ -105,14 +107,17 @@ def _not_blank(value: str, what: str) -> str:
 def _compile(pattern: str, what: str) -> str:
     if len(pattern) > MAX_REGEX:
         raise _fail(f"{what} is {len(pattern)} characters long; the limit is {MAX_REGEX}")
+    # Compiled by Python's re too: a conversation that started under matching
+    # rules 1 runs it there (core/flowrt.py).
     try:
         re.compile(pattern)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:
         raise _fail(f"{what} {pattern!r} is not a valid regular expression: {exc}") from None
-    if not runs_in_linear_time(pattern):
+    refusal = re2_refusal(pattern)
+    if refusal:
         raise _fail(
-            f"{what} {pattern!r} uses lookaround or backreferences: patterns run on RE2 (linear time, so no "
-            "message can stall the automations), which has neither"
+            f"{what} {pattern!r} cannot run on RE2 (linear time, so no message can stall the automations): "
+            f"{refusal}"
         )
     return pattern
 
@@ -120,12 +125,11 @@ def _compile(pattern: str, what: str) -> str:
 def _check_template(text: str | None, what: str) -> str | None:
     if not text:
         return text
-    for match in PLACEHOLDER_RE.finditer(text):
-        path = match.group(1).strip()
-        if not _PLACEHOLDER_PATH.match(path):
+    for placeholder in placeholders(text):
+        if not _PLACEHOLDER_PATH.match(placeholder.path):
             raise _fail(
-                f"{what}: unknown placeholder {match.group(0)!r}; use contact.first_name, "
-                "contact.last_name, contact.username, contact.fields.<name> or context.<key>"
+                f"{what}: unknown placeholder {text[placeholder.start : placeholder.end]!r}; use "
+                "contact.first_name, contact.last_name, contact.username, contact.fields.<name> or context.<key>"
             )
     return text
 
@@ -245,7 +249,7 @@ class RefLinkTrigger(_Model):
     @classmethod
     def _refs(cls, value: list[str]) -> list[str]:
         for ref in value:
-            if not _REF_RE.match(ref):
+            if not _REF_RE.fullmatch(ref):
                 raise _fail(
                     f"ref {ref!r} may only contain letters, digits, '*' (wildcard) and + / = - . : _"
                 )
@@ -355,11 +359,12 @@ class MessageContent(_Model):
     @model_validator(mode="after")
     def _check(self) -> MessageContent:
         _check_message(self.text, self.quick_replies, self.buttons, "")
-        for match in PLACEHOLDER_RE.finditer(self.text):
-            if not match.group(1).strip().lower().startswith("contact."):
+        for placeholder in placeholders(self.text):
+            if not placeholder.path.lower().startswith("contact."):
                 raise _fail(
-                    f"text: {match.group(0)!r} has nothing to read here; a broadcast knows contact.first_name, "
-                    "contact.last_name, contact.username and contact.fields.<name>"
+                    f"text: {self.text[placeholder.start : placeholder.end]!r} has nothing to read here; a "
+                    "broadcast knows contact.first_name, contact.last_name, contact.username and "
+                    "contact.fields.<name>"
                 )
         return self
 

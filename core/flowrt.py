@@ -1,21 +1,32 @@
 """Pure runtime helpers for interpreting an automation flow.
 
 Used inside Temporal workflow code, so this module must stay deterministic:
-standard library (re, unicodedata, math, dataclasses, typing), RE2 and
-``core.contracts`` only. No pydantic, I/O, clocks, randomness or environment
-reads. Definitions arrive as plain dicts (the JSON that
+standard library (re, json, unicodedata, math, dataclasses, typing), RE2
+and ``core.contracts`` only. No pydantic, I/O, clocks, randomness or
+environment reads. Definitions arrive as plain dicts (the JSON that
 ``core.flow.definition_dict`` produces).
 
+No text a user controls meets a backtracking regular expression, here or
+anywhere else in Vectory (templates, messages, refs, replies, field values,
+log lines): on a crafted input Python's ``re`` takes polynomial or
+exponential time (``{{`` and 1,000 spaces against a cubic placeholder
+pattern: 8 s), and the API or worker process, with every tenant on it,
+waits that long. Customers' patterns run on RE2. Our own parsing is a
+scanner with its bound stated, or a Python pattern that cannot backtrack
+(one character class, or anchored with parts that cannot overlap), each
+saying why. tests/test_linear_time.py times them on 100,000 adversarial
+characters.
+
 Matching rules are versioned (``matching``): a workflow that started under
-version 1 keeps it until it continues as new, so its replay takes the same
-branches. Version 2 (``MATCHING``, what new workflows use):
+version 1 or 2 keeps it until it continues as new, so its replay takes the
+same branches. Since version 2:
 
 - customers' patterns (regex keywords, ``validate: regex``, ``matches``
   conditions) run on RE2, in linear time: under Python's backtracking ``re``
   a pattern like ``^(a+)+$`` and 30 characters of text held a worker, and
   every tenant's conversations on it, for minutes. A pattern RE2 cannot run
-  (lookaround, backreferences: refused when saved since version 2) runs on
-  ``re`` as before;
+  (refused when saved) matches nothing since version 3; versions 1 and 2
+  ran it on ``re``;
 - a keyword in a script written without spaces between words (Chinese,
   Japanese, Thai, Lao, Khmer, Burmese) matches anywhere in the text: the
   whole-word rule never matched it inside a sentence.
@@ -25,10 +36,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import re
 import unicodedata
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import re2
 
@@ -43,53 +56,93 @@ from core.contracts import (
     TrailEntry,
 )
 
-# {{ path }} or {{ path | fallback }}; no braces inside, so malformed templates stay as they are.
-PLACEHOLDER_RE = re.compile(r"\{\{\s*([^{}|]*?)\s*(?:\|\s*([^{}]*?)\s*)?\}\}")
-
 # A placeholder that rendered empty; removed again (with its spacing) before returning.
 _EMPTY = "\ue000"
 _PUNCT_AFTER = ".,!?;:…)]}"
-
+# Anchored (``match``), the local part's runs and dots cannot overlap, and it
+# only sees addresses of at most MAX_EMAIL characters: bounded work.
 _EMAIL_RE = re.compile(
     r"^(?P<local>[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
     r"@(?P<domain>(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})$"
 )
+MAX_EMAIL = 254
+# Anchored, one digit run per branch, each followed by what a digit is not: linear.
 _NUMBER_RE = re.compile(r"^[+-]?(?:\d+(?:[.,]\d+)?|[.,]\d+)$")
+# One character class each: nothing to backtrack.
+_WORD_RE = re.compile(r"\w")
+_BLANKS_RE = re.compile(r"[ \t]*")
 
-MATCHING = 2  # the matching rules new workflows use (module docstring)
+MATCHING = 3  # the matching rules new workflows use (module docstring)
 # Scripts written without spaces between words (Hangul is written with them).
 _UNSPACED_SCRIPT_RE = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+
+
+def _re2_options():
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    return options
 
 
 @functools.lru_cache(maxsize=512)
 def _re2_pattern(pattern: str):
     """The pattern compiled by RE2, case-insensitive, or None when RE2
     cannot run it."""
-    options = re2.Options()
-    options.case_sensitive = False
-    options.log_errors = False
     try:
-        return re2.compile(pattern, options)
+        return re2.compile(pattern, _re2_options())
     except re2.error:
         return None
 
 
-def runs_in_linear_time(pattern: str) -> bool:
-    """Can RE2 run this pattern (no lookaround, no backreferences)?"""
-    return _re2_pattern(pattern) is not None
+# The start of RE2's refusals, and what they mean to someone writing a pattern.
+_BACKREFERENCE = "backreferences are not supported"
+_RE2_HINTS = (
+    ("invalid perl operator: (?=", "lookahead is not supported"),
+    ("invalid perl operator: (?!", "lookahead is not supported"),
+    ("invalid perl operator: (?<=", "lookbehind is not supported"),
+    ("invalid perl operator: (?<!", "lookbehind is not supported"),
+    ("invalid perl operator: (?P", "named backreferences such as (?P=name) are not supported"),
+    ("invalid escape sequence: \\k", _BACKREFERENCE),
+    *((f"invalid escape sequence: \\{digit}", _BACKREFERENCE) for digit in "123456789"),
+    ("bad repetition operator", "a quantifier after a quantifier, such as the possessive a++, is not supported"),
+    ("invalid repetition size", "the repetition is too large: at most 1000, nested repetitions multiplied"),
+    ("pattern too large", "the pattern is too large once compiled"),
+)
+
+
+def re2_refusal(pattern: str) -> str:
+    """Why RE2 cannot run ``pattern`` (``""``: it can), in RE2's words and
+    what they mean."""
+    try:
+        re2.compile(pattern, _re2_options())
+    except re2.error as err:
+        reason = err.args[0] if err.args else ""
+        reason = reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
+    else:
+        return ""
+    for start, hint in _RE2_HINTS:
+        if reason.startswith(start):
+            return f"{reason} ({hint})"
+    return f"{reason} (RE2 does not support this syntax)"
 
 
 def pattern_search(pattern: str, text: str, matching: int = MATCHING) -> bool:
     """Does a customer's pattern occur in ``text`` (case-insensitive)? A
-    pattern that does not compile matches nothing."""
+    pattern that does not compile matches nothing (under RE2 since
+    version 3; versions 1 and 2 ran it on ``re``)."""
     if matching >= 2:
         compiled = _re2_pattern(pattern)
         if compiled is not None:
             return compiled.search(text) is not None
+        if matching >= 3:
+            return False
     try:
         return re.search(pattern, text, re.IGNORECASE) is not None
     except re.error:
         return False
+
+
+# One character class: nothing to backtrack.
 _PHONE_STRIP_RE = re.compile(r"[\s\-.()]")
 
 
@@ -152,9 +205,47 @@ def keyword_matches(trigger: dict, text: str, matching: int = MATCHING) -> tuple
         if matching >= 2 and _UNSPACED_SCRIPT_RE.search(norm_kw):
             if norm_kw in norm_text:
                 return True, 2
-        elif re.search(r"(?<!\w)" + re.escape(norm_kw) + r"(?!\w)", norm_text):
+        elif _whole_words_in(norm_kw, norm_text):
             return True, 2
     return False, 0
+
+
+def _whole_words_in(words: str, text: str) -> bool:
+    """Does ``words`` occur in ``text`` with no word character (``\\w``)
+    right before or after it? Linear: ``find`` for the usual case, then,
+    when that occurrence is inside a longer word, Knuth-Morris-Pratt over
+    the rest of the text (O(len(text) + len(words)), however many times
+    ``words`` overlaps itself)."""
+    size, end = len(words), len(text)
+
+    def bounded(at: int) -> bool:
+        return (at == 0 or not _WORD_RE.match(text, at - 1)) and (
+            at + size == end or not _WORD_RE.match(text, at + size)
+        )
+
+    at = text.find(words)
+    if at < 0 or bounded(at):
+        return at >= 0
+    # fallback[i]: the length of the longest proper prefix of words[:i + 1] that is also its suffix.
+    fallback = [0] * size
+    k = 0
+    for i in range(1, size):
+        while k and words[i] != words[k]:
+            k = fallback[k - 1]
+        if words[i] == words[k]:
+            k += 1
+        fallback[i] = k
+    k = 0
+    for i in range(at + 1, end):
+        while k and text[i] != words[k]:
+            k = fallback[k - 1]
+        if text[i] == words[k]:
+            k += 1
+            if k == size:
+                if bounded(i + 1 - size):
+                    return True
+                k = fallback[k - 1]
+    return False
 
 
 def _trigger(automation: AutomationSnapshot) -> dict | None:
@@ -188,8 +279,26 @@ def ref_matches(pattern: str, ref: str) -> bool:
     """Does a ref_link pattern match a referral ref? Case-insensitive; ``*`` matches any characters."""
     if not isinstance(pattern, str) or not isinstance(ref, str) or not pattern.strip() or not ref.strip():
         return False
-    regex = ".*".join(re.escape(normalize(part)) for part in pattern.split("*"))
-    return re.fullmatch(regex, normalize(ref), re.DOTALL) is not None
+    parts = [normalize(part) for part in pattern.split("*")]
+    text = normalize(ref)
+    if len(parts) == 1:
+        return text == parts[0]
+    # The first and last parts are anchored; each part between them is
+    # found leftmost after the one before (a later place never helps the
+    # rest match). Each ``find`` starts where the last one ended: at most
+    # O(len(ref) * len(part)) in all, and a pattern is at most
+    # core.flow.MAX_REF (100) characters, checked when saved.
+    head, *middle, tail = parts
+    end = len(text) - len(tail)
+    if end < len(head) or not text.startswith(head) or not text.endswith(tail):
+        return False
+    pos = len(head)
+    for part in middle:
+        found = text.find(part, pos, end)
+        if found < 0:
+            return False
+        pos = found + len(part)
+    return True
 
 
 def _ref_score(trigger: dict, ref: str) -> int:
@@ -312,6 +421,53 @@ def public_reply_text(trigger: dict, comment_id: str) -> str:
 # --- templates ----------------------------------------------------------------------------------------
 
 
+class Placeholder(NamedTuple):
+    """``{{ path }}`` or ``{{ path | fallback }}`` in a template."""
+
+    start: int
+    end: int
+    path: str  # stripped
+    fallback: str | None  # stripped; None without a "|"
+
+
+def placeholders(template: str) -> Iterator[Placeholder]:
+    """The placeholders of ``template``, left to right: ``{{``, then
+    anything but braces up to ``}}``; the path is what comes before the
+    first ``|``. Anything else (a lone brace, ``{{`` without its ``}}``) is
+    text. Linear: each ``find`` starts past where the one before it stopped
+    (the next brace of each kind is looked up only once the scan has passed
+    it), and each placeholder's inside is split once."""
+    n = len(template)
+    open_at = close_at = -1  # the first "{" / "}" at or after the current inside (n: none)
+    pos = 0
+    while (start := template.find("{{", pos)) >= 0:
+        inside = start + 2
+        if open_at < inside:
+            open_at = template.find("{", inside)
+            open_at = n if open_at < 0 else open_at
+        if close_at < inside:
+            close_at = template.find("}", inside)
+            close_at = n if close_at < 0 else close_at
+        if close_at < open_at and template.startswith("}", close_at + 1):
+            path, bar, fallback = template[inside:close_at].partition("|")
+            yield Placeholder(start, close_at + 2, path.strip(), fallback.strip() if bar else None)
+            pos = close_at + 2
+        else:
+            pos = start + 1
+
+
+def _template_text(value: Any) -> str:
+    """A value as a template shows it: a list as its items separated by
+    commas, an object as JSON, ``true`` / ``false``, a whole float without
+    ``.0``. Conditions compare ``_as_text``: how a value is shown changes
+    no branch a workflow takes."""
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, list | tuple):
+        return ", ".join(text for v in value if (text := _template_text(v)))
+    return _as_text(value)
+
+
 def _as_text(value: Any) -> str:
     if value is None:
         return ""
@@ -377,30 +533,56 @@ def render(template: str, contact: ContactSnapshot, context: dict | None = None)
         return ""
     ctx = context if isinstance(context, dict) else {}
     source = template.replace(_EMPTY, "")
-
-    def substitute(match: re.Match[str]) -> str:
+    pieces: list[str] = []
+    pos = 0
+    for placeholder in placeholders(source):
         try:
-            value = _as_text(_resolve(match.group(1), contact, ctx)).replace(_EMPTY, "")
+            value = _template_text(_resolve(placeholder.path, contact, ctx)).replace(_EMPTY, "")
         except Exception:  # defensive: a template must never break a run
             value = ""
         if not value.strip():
-            value = _fallback(match.group(2))
-        return value if value.strip() else _EMPTY
-
-    out = PLACEHOLDER_RE.sub(substitute, source)
+            value = _fallback(placeholder.fallback)
+        pieces += (source[pos : placeholder.start], value if value.strip() else _EMPTY)
+        pos = placeholder.end
+    pieces.append(source[pos:])
+    out = "".join(pieces)
     if _EMPTY not in out:
         return out
-    # Tidy the gaps empty placeholders left behind.
-    while True:
-        merged = re.sub(_EMPTY + r"[ \t]*" + _EMPTY, _EMPTY, out)
-        if merged == out:
-            break
-        out = merged
-    out = re.sub(r"[ \t]*" + _EMPTY + r"[ \t]*(?=[" + re.escape(_PUNCT_AFTER) + "])", "", out)
-    out = re.sub(r"^[ \t]*" + _EMPTY + r"[ \t]*", "", out, flags=re.MULTILINE)
-    out = re.sub(r"[ \t]*" + _EMPTY + r"[ \t]*$", "", out, flags=re.MULTILINE)
-    out = re.sub(r"[ \t]+" + _EMPTY + r"[ \t]+", " ", out)
-    return out.replace(_EMPTY, "")
+    return _tidy(out)
+
+
+def _tidy(text: str) -> str:
+    """Remove the empty placeholders (``_EMPTY``) from a rendered text with
+    the gaps they leave. Empties with only spaces or tabs between them count
+    as one; with the spaces and tabs around it, an empty goes when a
+    punctuation mark follows, at the start or end of a line, and between
+    two words the gap becomes one space; else only the empty goes. Linear:
+    one pass, each character read by one ``find``, blank match or
+    ``rstrip``."""
+    n = len(text)
+    pieces: list[str] = []
+    done = 0  # text[:done] is settled
+    while (first := text.find(_EMPTY, done)) >= 0:
+        last = first  # the last empty of a run separated by blanks only
+        after = _BLANKS_RE.match(text, first + 1).end()
+        while after < n and text[after] == _EMPTY:
+            last = after
+            after = _BLANKS_RE.match(text, after + 1).end()
+        before = text[done:first]
+        kept = before.rstrip(" \t")
+        start = done + len(kept)  # the blanks before the run begin here
+        pieces.append(kept)
+        followed_by = text[after] if after < n else ""
+        punctuation_follows = followed_by != "" and followed_by in _PUNCT_AFTER
+        line_edge = start == 0 or text[start - 1] == "\n" or followed_by in ("", "\n")
+        if not (punctuation_follows or line_edge):  # else the blanks around go too
+            if start < first and last + 1 < after:
+                pieces.append(" ")  # between two words
+            else:
+                pieces += (text[start:first], text[last + 1 : after])
+        done = after
+    pieces.append(text[done:])
+    return "".join(pieces)
 
 
 # --- replies and conditions ---------------------------------------------------------------------------
@@ -431,8 +613,8 @@ def validate_reply(step: dict, text: str, matching: int = MATCHING) -> tuple[boo
         return False, None
     kind = step.get("validate") or "none"
     if kind == "email":
-        m = _EMAIL_RE.match(stripped)
-        if not m or len(stripped) > 254:
+        m = _EMAIL_RE.match(stripped) if len(stripped) <= MAX_EMAIL else None
+        if not m:
             return False, None
         return True, f"{m.group('local')}@{m.group('domain').lower()}"
     if kind == "phone":
@@ -605,7 +787,7 @@ def leading_send(steps: list[dict]) -> tuple[dict | None, bool, bool]:
 
 def uses_contact(template: str) -> bool:
     """True when the template reads the contact (name, fields)."""
-    return any(m.group(1).strip().lower().startswith("contact.") for m in PLACEHOLDER_RE.finditer(template))
+    return any(p.path.lower().startswith("contact.") for p in placeholders(template))
 
 
 # Events that can start an automation; of those, the ones that answer a run

@@ -161,6 +161,9 @@ def start_worker_metrics(port: int, host: str = "127.0.0.1") -> Runtime:
 # -- logs ----------------------------------------------------------------------
 
 REDACTED = "[redacted]"
+# Log lines carry user text: each pattern is linear in Python's re (see
+# core/flowrt.py): a literal first, then runs of one class each, a run
+# ending where the next part's characters begin.
 _SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"(?i)\b(Bearer)\s+\S+"), rf"\1 {REDACTED}"),
     (
@@ -172,7 +175,9 @@ _SECRET_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     ),
     (re.compile(r"(?i)(\"(?:access_token|api_key|token)\"\s*:\s*\")[^\"]+"), rf"\1{REDACTED}"),
     # Telegram bot tokens, also inside https://api.telegram.org/bot<token>/...
-    (re.compile(r"\d{6,}:[A-Za-z0-9_-]{30,}"), REDACTED),
+    # Tried only at a number's first digit: from each digit of a long number
+    # the search would scan the rest of it again.
+    (re.compile(r"(?<!\d)\d{6,}:[A-Za-z0-9_-]{30,}"), REDACTED),
     # The codec token in the path the Temporal UI calls (uvicorn's access log).
     (re.compile(r"(/codec/t/)[^/\s\"]+"), rf"\1{REDACTED}"),
 ]

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKFLOW_CODE = sorted((ROOT / "workflows").glob("*.py")) + [ROOT / "core" / "flowrt.py", ROOT / "core" / "contracts.py"]
 
 ALLOWED_MODULES = {
-    "__future__", "asyncio", "collections", "dataclasses", "functools", "hashlib", "hmac", "math", "re", "re2", "typing",
+    "__future__", "asyncio", "collections", "dataclasses", "functools", "hashlib", "hmac", "json", "math", "re", "re2", "typing",
     "unicodedata", "temporalio", "core.flowrt", "core.contracts", "workflows", "workflows.common",
 }
 ALLOWED_FROM_DATETIME = {"timedelta"}

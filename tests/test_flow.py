@@ -900,6 +900,11 @@ def test_ref_matches():
     assert not ref_matches("fb_ad_4", "fb_ad_42")
     assert not ref_matches("a.c", "abc")  # dots are literal
     assert not ref_matches("summer*", "") and not ref_matches("", "x")
+    assert ref_matches("a**b", "ab") and ref_matches("*a*", "a") and not ref_matches("ab*ba", "aba")
+
+
+def test_a_ref_with_a_line_break_is_refused():
+    assert "may only contain" in error_text(flow(SEND, trigger={"type": "ref_link", "refs": ["summer\n"]}))
 
 
 def test_ref_link_beats_other_triggers():
@@ -983,6 +988,16 @@ def test_render_unknown_and_malformed_placeholders_never_raise():
     assert render("{{contact.fields.x.y}}", contact(fields={"x": "flat"})) == ""
     assert render("{{context.a.b}}", c, {"a": {"b": "deep"}}) == "deep"
     assert render("no placeholders, just {braces}", c) == "no placeholders, just {braces}"
+
+
+def test_render_shows_lists_as_text_and_objects_as_json():
+    c = contact(fields={"sizes": ["S", "M", 42, 1.0, True, None, ""], "address": {"city": "Porto", "zip": 4000}})
+    assert render("Sizes: {{contact.fields.sizes}}.", c) == "Sizes: S, M, 42, 1, true."
+    assert render("Ship to {{contact.fields.address}}", c) == 'Ship to {"city": "Porto", "zip": 4000}'
+    order = {"items": [{"sku": "A1", "qty": 2}, "gift wrap"], "notes": [], "meta": {}}
+    assert render("Items: {{context.items}}", c, order) == 'Items: {"sku": "A1", "qty": 2}, gift wrap'
+    assert render("Notes: {{context.notes | none}}", c, order) == "Notes: none"
+    assert render("Meta: {{context.meta}}", c, order) == "Meta: {}"
 
 
 # --- runtime: reply validation -----------------------------------------------------------------------
@@ -1183,8 +1198,8 @@ def test_flowrt_imports_only_stdlib_re2_and_contracts():
     """flowrt runs inside Temporal workflows: it must stay deterministic and sandbox-safe."""
     tree = ast.parse(Path(flowrt.__file__).read_text())
     allowed = {
-        "__future__", "re", "re2", "unicodedata", "math", "hashlib", "functools", "dataclasses", "typing",
-        "core.contracts",
+        "__future__", "re", "re2", "json", "unicodedata", "math", "hashlib", "functools", "dataclasses", "typing",
+        "collections.abc", "core.contracts",
     }
     imported = set()
     for node in ast.walk(tree):
@@ -1223,6 +1238,71 @@ def test_patterns_re2_cannot_run_are_refused_when_saved():
         with pytest.raises(ValidationError, match="RE2"):
             AutomationCreate(name="x", channel_id="ch_1", trigger=trigger,
                              steps=[{"id": "a", "type": "send_message", "text": "hi"}])
+
+
+SEND = {"id": "a", "type": "send_message", "text": "hi"}
+
+
+@pytest.mark.parametrize("pattern", ["(?<!not )interested", r"(\w)\1", "a++", "(x{1000}){1000}"])
+@pytest.mark.parametrize(
+    "where",
+    ["dm_keyword", "comment", "story_reply", "wait_for_reply", "condition"],
+)
+def test_no_field_saves_a_pattern_re2_cannot_run(pattern, where):
+    """Every place a pattern is saved refuses one RE2 cannot run, so matching
+    rules 3 (nothing on Python's re) never meet one in a new automation."""
+    if where in ("dm_keyword", "comment", "story_reply"):
+        data = flow(SEND, trigger={"type": where, "match": "regex", "keywords": [pattern]})
+    elif where == "wait_for_reply":
+        data = flow({"id": "w", "type": "wait_for_reply", "validate": "regex", "pattern": pattern})
+    else:
+        data = flow({"id": "c", "type": "condition", "then": "end", "else": "end",
+                     "conditions": [{"subject": "reply", "op": "matches", "value": pattern}]})
+    assert "cannot run on RE2" in error_text(data)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "reason"),
+    [
+        ("(x{1000}){1000}", "invalid repetition size: {1000} (the repetition is too large: at most 1000, nested "
+                            "repetitions multiplied)"),
+        ("a++", "bad repetition operator: ++ (a quantifier after a quantifier, such as the possessive a++, is not "
+                "supported)"),
+        ("(?<!not )interested", "invalid perl operator: (?<! (lookbehind is not supported)"),
+        ("(?=a)", "invalid perl operator: (?= (lookahead is not supported)"),
+        (r"(\w)\1", "invalid escape sequence: \\1 (backreferences are not supported)"),
+        (r"\Z", "invalid escape sequence: \\Z (RE2 does not support this syntax)"),
+    ],
+)
+def test_a_refused_pattern_is_told_the_reason_re2_gives(pattern, reason):
+    text = error_text(flow(SEND, trigger={"type": "dm_keyword", "match": "regex", "keywords": [pattern]}))
+    assert text == (
+        f"trigger.dm_keyword: keyword {pattern!r} cannot run on RE2 (linear time, so no message can stall the "
+        f"automations): {reason}"
+    )
+
+
+def test_a_repetition_python_cannot_count_is_a_bad_pattern_not_a_crash():
+    text = error_text(flow(SEND, trigger={"type": "dm_keyword", "match": "regex", "keywords": ["a{9999999999}"]}))
+    assert "keyword 'a{9999999999}' is not a valid regular expression: the repetition number is too large" in text
+
+
+def test_a_pattern_re2_cannot_run_matches_nothing_since_matching_rules_3():
+    """Saved before such patterns were refused: under rules 3 it never runs on
+    Python's backtracking re; a workflow that started under 1 or 2 keeps its
+    answer (replay)."""
+    trigger = {"type": "dm_keyword", "match": "regex", "keywords": ["(?<!not )interested"]}
+    assert keyword_matches(trigger, "I am interested") == (False, 0)
+    assert keyword_matches(trigger, "I am interested", matching=2) == (True, 2)
+    assert keyword_matches(trigger, "I am interested", matching=1) == (True, 2)
+    assert validate_reply({"validate": "regex", "pattern": r"(\d)\1"}, "11") == (False, None)
+    assert validate_reply({"validate": "regex", "pattern": r"(\d)\1"}, "11", matching=2) == (True, "11")
+
+
+def test_new_workflows_take_the_newest_matching_rules():
+    from workflows.common import MATCHING_PATCHES
+
+    assert MATCHING_PATCHES[0][0] == flowrt.MATCHING == 3
 
 
 def test_a_number_condition_takes_only_numbers_the_runtime_can_compare():

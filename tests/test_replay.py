@@ -37,6 +37,8 @@ REQUIRED = {
     "conversation_current_price_reply",  # ... and a run started, the answer forwarded to it
     "conversation_current_price_reply_matching2",  # the same under matching rules 2 (RE2, unspaced scripts)
     "run_price_reply_matching2",  # a run under matching rules 2
+    "conversation_current_price_reply_matching3",  # ... 3 (a pattern RE2 cannot run matches nothing)
+    "run_price_reply_matching3",
     "conversation_waiting_run_kept",  # a story mention while a run waits: the run keeps waiting
     "run_attachment_reply",  # a photo answers a wait_for_reply
     "conversation_unrecordable_skipped",  # an event the database refuses is skipped

@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         DB_TIMEOUT,
         SEND_RETRY,
         SEND_TIMEOUT,
+        matching_rules,
         root_message,
         root_type,
     )
@@ -121,8 +122,7 @@ class AutomationRunWorkflow:
         # No awaits in ``finally`` blocks: on eviction from the worker cache
         # the SDK closes coroutines, and workflow calls there would fail.
         cancelled = False
-        # Matching rules version 2 (core/flowrt.py) for runs started since.
-        self._matching = flowrt.MATCHING if workflow.patched("matching-2") else 1
+        self._matching = matching_rules()
         try:
             # Inside the try: a run cancelled before its first step (its
             # contact restricted while it started) still records that.

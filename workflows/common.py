@@ -1,9 +1,10 @@
-"""Deterministic helpers shared by workflows: search attributes, retry policies."""
+"""Deterministic helpers shared by workflows: search attributes, retry policies, matching rules."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+from temporalio import workflow
 from temporalio.common import (
     Priority,
     RetryPolicy,
@@ -117,3 +118,19 @@ def root_type(err: BaseException) -> str:
     while cause.__cause__ is not None:
         cause = cause.__cause__
     return getattr(cause, "type", "") or ""
+
+
+# The patch of each matching rules version after 1 (core/flowrt.py), newest
+# first: 2 put customers' patterns on RE2 and matched keywords of unspaced
+# scripts anywhere; 3 never runs a pattern on Python's re.
+MATCHING_PATCHES = ((3, "matching-3"), (2, "matching-2"))
+
+
+def matching_rules() -> int:
+    """The matching rules of a conversation or run, decided when it starts:
+    the newest for one starting now, the version it started with on replay
+    (kept until it continues as new)."""
+    for version, patch in MATCHING_PATCHES:
+        if workflow.patched(patch):
+            return version
+    return 1

@@ -74,6 +74,7 @@ with workflow.unsafe.imports_passed_through():
         PROFILE_TIMEOUT,
         SEND_TIMEOUT,
         SINGLE_ATTEMPT,
+        matching_rules,
         root_message,
         root_type,
         search_attributes,
@@ -86,10 +87,6 @@ EVENTS_BEFORE_CONTINUE_AS_NEW = 2000
 # the reply is sent by ``record_inbound`` itself, and a new run starts
 # before the one it supersedes is cancelled.
 CURRENT_PATH = "inbound-records-and-replies"
-# Matching rules version 2 (core/flowrt.py): customers' patterns on RE2, keywords
-# of unspaced scripts matched anywhere. A conversation that started before it
-# keeps version 1 until it continues as new.
-MATCHING_PATCH = "matching-2"
 # A comment, story mention or referral while a run waits for the person's
 # reply starts nothing: it is not their answer, and superseding the run lost
 # the answer it was waiting for.
@@ -211,7 +208,7 @@ class ConversationWorkflow:
     @workflow.run
     async def run(self, input: ConversationInput) -> None:
         self._current = workflow.patched(CURRENT_PATH)
-        self._matching = flowrt.MATCHING if workflow.patched(MATCHING_PATCH) else 1
+        self._matching = matching_rules()
         while True:
             await workflow.wait_condition(
                 lambda: bool(self._queue) or self._should_continue_as_new()

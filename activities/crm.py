@@ -347,8 +347,10 @@ def write_run_in(conn: Connection, input: RecordRunInput) -> bool:
 
 
 class ProfileActivities:
-    """Fill in a new Meta contact's name from the platform profile, so
-    templates can greet people by name. Telegram updates carry names already."""
+    """Fill in a new Meta contact's name from the platform profile, so the
+    CRM shows it and templates greet people by name (the conversation's
+    lookup after an event that started nothing; the reply path looks up with
+    its send). Telegram updates carry names already."""
 
     def __init__(self, engine: Engine, vault: TokenVault, graph: GraphClient, instagram: GraphClient):
         self.engine = engine

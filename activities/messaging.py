@@ -495,7 +495,8 @@ class MessagingActivities:
         messages may greet them by name) and the contact comes back looked up
         (``is_new`` False, names saved), so neither the send nor the
         conversation looks it up again. A message that starts nothing brings
-        no lookup."""
+        no lookup here: the conversation has ``fetch_profile`` look it up
+        once it has routed the event, off the reply path."""
         try:
             if not (input.first_reply and activity.info().attempt == 1):
                 return await asyncio.to_thread(record_inbound_event, self.engine, input)

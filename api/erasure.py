@@ -15,6 +15,18 @@ from core.settings import Settings
 from workflows.common import search_attributes
 
 
+def new_job_id() -> str:
+    """An erasure job's id, also its status page's code: 80 random bits, so
+    nobody finds a job's page by trying codes."""
+    return f"er_{secrets.token_hex(10)}"
+
+
+def status_url(public_url: str, job_id: str) -> str:
+    """The job's status page (``GET /privacy/deletions/{code}``): no API key
+    needed, so it answers after a workspace erasure too."""
+    return f"{public_url.rstrip('/')}/privacy/deletions/{job_id}"
+
+
 def existing_job(session: Session, workspace_id: str, scope: str, target: str) -> ErasureJob | None:
     """The latest erasure job of a target that did not fail, if any."""
     return session.exec(
@@ -56,7 +68,7 @@ async def start_erasure(
             await _start(temporal, settings, existing, contact_id, channel_ids)
         return existing, False
     job = ErasureJob(
-        id=f"er_{secrets.token_hex(10)}", workspace_id=workspace_id, scope=scope, target=target, source=source
+        id=new_job_id(), workspace_id=workspace_id, scope=scope, target=target, source=source
     )
     session.add(job)
     audit(session, workspace_id, actor, f"{scope}.erase.requested", target=job.id, detail=f"source={source}")

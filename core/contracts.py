@@ -185,9 +185,9 @@ class ContactSnapshot:
     fields: dict[str, Any] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     human_takeover: bool = False
-    # New, or without any name yet (a Meta contact whose earlier messages
-    # started nothing was never looked up): its profile is still to be
-    # looked up (``flowrt.needs_profile``).
+    # New, or without any name yet (a Meta contact whose lookup failed, or
+    # who wrote before lookups followed messages that start nothing): its
+    # profile is still to be looked up (``flowrt.needs_profile``).
     is_new: bool = False
     processing_restricted: bool = False
     consent_withdrawn: bool = False

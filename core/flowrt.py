@@ -824,6 +824,22 @@ def needs_profile(contact: ContactSnapshot, platform: str) -> bool:
     return contact.is_new and not contact.first_name and platform != "telegram"
 
 
+def profile_due_after_routing(kind: str, contact: ContactSnapshot, platform: str) -> bool:
+    """Whether the conversation looks the contact's profile up once it has
+    routed their event, the reply path having not (their event started
+    nothing): a Meta contact still to be looked up who wrote to the account
+    (a DM, button, referral or story mention: the platforms give the profile
+    of people who write; a commenter who never did is not looked up) and has
+    not restricted processing. The CRM then shows their name, and a later
+    broadcast greets them by it."""
+    return (
+        kind in TRIGGERING_KINDS
+        and kind != "comment"
+        and needs_profile(contact, platform)
+        and not (contact.processing_restricted or contact.consent_withdrawn)
+    )
+
+
 def opening_send(
     *,
     workspace_id: str,

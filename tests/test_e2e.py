@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+from temporalio.api.enums.v1 import EventType
+
+from core.contracts import conversation_workflow_id
 from sandbox import payloads
 
 from helpers import (
     connect_instagram,
+    contact_id_of,
     create_automation,
     create_tenant,
     new_sender,
@@ -126,41 +130,73 @@ async def test_a_new_contact_gets_the_reply_first_and_their_name_right_after(sta
     assert len(lookups) == 1 and lookups[0]["seq"] > reply["seq"]
 
 
-async def test_a_new_contact_is_looked_up_only_when_their_message_starts_an_automation(stack):
-    """Data minimisation: a new contact's profile serves the automations
-    (greeting by name). A message that starts nothing brings no lookup; the
-    first one that starts a flow brings exactly one, and the name then
-    reaches the CRM."""
+def history_order(history) -> list[str]:
+    """A conversation's history as an operator reads it: local activities
+    and patches (markers), and the activities it scheduled."""
+    order = []
+    for e in history.events:
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            order.append(e.marker_recorded_event_attributes.marker_name)
+        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            order.append(f"scheduled:{e.activity_task_scheduled_event_attributes.activity_type.name}")
+    return order
+
+
+async def test_a_new_contact_whose_first_dm_starts_nothing_is_named_shortly_after(stack):
+    """A CRM user expects names: a new Instagram contact whose DM starts
+    nothing is looked up once their conversation has routed it (an activity
+    nobody waits on), so the CRM shows their name shortly after, their next
+    DM (which starts a flow) brings no second lookup, and a later broadcast
+    greets them by name. A new contact whose first DM starts a flow is
+    answered by the reply path as before: no profile activity in their
+    conversation's history, before the reply or after it."""
     tenant, channel, account_id, person = await menu_shop(stack, "Elisa Moura", "elisa")
+    contact_id = contact_id_of(stack, channel["id"], person)
 
-    async def contact_after(inbound: int):
-        r = await stack.api.get("/v1/contacts", params={"channel_id": channel["id"]}, headers=tenant.headers)
-        found = [c for c in r.json()["data"] if c["external_id"] == person]
-        if not found:
-            return None
-        log = (await stack.api.get(f"/v1/contacts/{found[0]['id']}/messages", headers=tenant.headers)).json()
-        return found[0] if sum(m["direction"] == "in" for m in log["data"]) >= inbound else None
+    async def lookups(who: str) -> int:
+        calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": who})).json()["calls"]
+        return [c["method"] for c in calls].count("GET")
 
-    async def calls():
-        return (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": person})).json()["calls"]
+    async def named():
+        r = await stack.api.get(f"/v1/contacts/{contact_id}", headers=tenant.headers)
+        return r.json() if r.status_code == 200 and r.json()["first_name"] else None
 
     await send_dm(stack, account_id, person, "hello there")
-    contact = await wait_for(lambda: contact_after(1))
-    assert contact is not None
-    await asyncio.sleep(0.3)
-    assert contact["first_name"] == "" and await calls() == []  # nothing started: not looked up
+    contact = await wait_for(named)
+    assert contact is not None, "the contact stayed nameless"
+    assert (contact["first_name"], contact["username"]) == ("Elisa", "elisa")
+    assert await sandbox_messages(stack, person) == []  # nothing started: no reply
+    conversation = stack.client.get_workflow_handle(
+        conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id)
+    )
+    order = history_order(await conversation.fetch_history())
+    assert order.index("scheduled:fetch_profile") > order.index("core_local_activity")  # after recording
 
     await send_dm(stack, account_id, person, "the menu?")
     [reply] = await wait_for_messages(stack, person, 1)
     assert text_of(reply) == "Here is the menu"
+    assert await lookups(person) == 1
 
-    async def named():
-        found = await contact_after(2)
-        return found if found and found["first_name"] else None
+    other = new_sender()
+    await stack.sandbox.post("/_sandbox/profiles", json={"user_id": other, "name": "Fabio Nunes"})
+    await send_dm(stack, account_id, other, "menu")
+    [answer] = await wait_for_messages(stack, other, 1)
+    assert text_of(answer) == "Here is the menu"
+    other_conversation = stack.client.get_workflow_handle(
+        conversation_workflow_id(tenant.workspace_id, channel["id"], contact_id_of(stack, channel["id"], other))
+    )
+    order = history_order(await other_conversation.fetch_history())
+    assert "core_local_activity" in order and "scheduled:fetch_profile" not in order
+    assert await lookups(other) == 1  # by the reply path, while the event was recorded
 
-    contact = await wait_for(named)
-    assert contact is not None and (contact["first_name"], contact["username"]) == ("Elisa", "elisa")
-    assert [c["method"] for c in await calls()].count("GET") == 1
+    r = await stack.api.post(
+        "/v1/broadcasts", headers=tenant.headers,
+        json={"channel_id": channel["id"], "text": "Hi {{contact.first_name | there}}! New lamps today."},
+    )
+    assert r.status_code == 202, r.text
+    for who, name in ((person, "Elisa"), (other, "Fabio")):
+        messages = await wait_for_messages(stack, who, 2)
+        assert text_of(messages[-1]) == f"Hi {name}! New lamps today."
 
 
 async def test_a_failing_profile_lookup_is_retried_once_and_the_reply_falls_back(stack):

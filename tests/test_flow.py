@@ -1318,3 +1318,17 @@ def test_a_number_condition_takes_only_numbers_the_runtime_can_compare():
     for value in ("1e3", "inf", "nan", "1_000", "ten"):  # float() took these; the runtime never compares them
         with pytest.raises(ValidationError, match="needs a number"):
             condition(value)
+
+
+def test_a_contact_is_looked_up_after_routing_only_when_they_wrote_and_are_still_nameless():
+    new = ContactSnapshot(id="ct_1", external_id="1", is_new=True)
+    due = flowrt.profile_due_after_routing
+    assert due("message", new, "instagram") and due("postback", new, "messenger")
+    assert due("referral", new, "instagram") and due("story_mention", new, "instagram")
+    assert not due("comment", new, "instagram")  # a commenter who never wrote
+    assert not due("reaction", new, "instagram") and not due("read", new, "messenger")
+    assert not due("message", new, "telegram")  # the update carries the names
+    assert not due("message", ContactSnapshot(id="ct_1", external_id="1"), "instagram")  # looked up already
+    assert not due("message", ContactSnapshot(id="ct_1", external_id="1", is_new=True, first_name="Ana"), "instagram")
+    for restricted in ({"processing_restricted": True}, {"consent_withdrawn": True}):
+        assert not due("message", ContactSnapshot(id="ct_1", external_id="1", is_new=True, **restricted), "instagram")

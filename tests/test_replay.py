@@ -44,6 +44,7 @@ REQUIRED = {
     "conversation_unrecordable_skipped",  # an event the database refuses is skipped
     "conversation_first_events",  # started with its first message in its input (the API's eager start)
     "conversation_expired_history",  # the retention sweep's signal: continued as new with a run waiting
+    "conversation_profile_after_routing",  # a DM that starts nothing: the profile looked up after it
 }
 
 # The sandbox with its full runtime checks (workers/main.py workflow_runner).

@@ -27,6 +27,7 @@ tests/test_replay.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -153,6 +154,7 @@ class Mocks:
         self.send_calls: list[activity.Info] = []
         self.acks: list[AckCallbackInput] = []
         self.profile_lookups: list[str] = []  # "send" (by the send) or "activity" (fetch_profile)
+        self.profile_calls: list[activity.Info] = []  # fetch_profile's attempts
         self.profile_first_name = "Ana"
         self.ai_calls: list[GenerateReplyInput] = []
         self.verified: list[ConnectChannelInput] = []
@@ -171,6 +173,8 @@ class Mocks:
         self.verify_error: Exception | None = None
         self.revoke_error: Exception | None = None
         self.refused_text: str | None = None  # record_inbound refuses an event with this text (UnrecordableEvent)
+        self.profile_error: Exception | None = None  # fetch_profile raises this
+        self.profile_failures = 0  # fetch_profile fails this many calls (PlatformUnavailable), then succeeds
 
     def look_up_profile(self, by: str) -> ContactSnapshot:
         self.profile_lookups.append(by)
@@ -273,6 +277,12 @@ class Mocks:
 
         @activity.defn(name="fetch_profile")
         async def fetch_profile(input: ProfileInput) -> ContactSnapshot | None:
+            self.profile_calls.append(activity.info())
+            if self.profile_error is not None:
+                raise self.profile_error
+            if self.profile_failures > 0:
+                self.profile_failures -= 1
+                raise ApplicationError("platform unavailable", type="PlatformUnavailable")
             return self.look_up_profile("activity")
 
         @activity.defn(name="acknowledge_callback")
@@ -938,6 +948,100 @@ async def test_a_new_contact_is_greeted_by_name_from_one_local_activity(env):
     assert mocks.profile_lookups == ["send"]
     (record,) = mocks.runs
     assert (record.status, [t.detail for t in record.trail]) == ("completed", ["Hi Ana! Here is the menu"])
+
+
+GREETING_FLOW = {
+    "trigger": {"type": "dm_keyword", "keywords": ["menu"]},
+    "steps": [{"id": "menu", "type": "send_message", "text": "Hi {{contact.first_name | there}}! Here is the menu"}],
+}
+
+
+def history_order(history) -> list[str]:
+    """The history as an operator reads it: local activities and patches
+    (markers), activities scheduled (their type), signals."""
+    order = []
+    for e in history.events:
+        if e.event_type == EventType.EVENT_TYPE_MARKER_RECORDED:
+            order.append(e.marker_recorded_event_attributes.marker_name)
+        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            order.append(f"scheduled:{e.activity_task_scheduled_event_attributes.activity_type.name}")
+        elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            order.append("signal")
+    return order
+
+
+async def test_a_new_contact_whose_message_starts_nothing_is_looked_up_after_it(env):
+    """A new Instagram contact's first DM starts nothing: once it is routed,
+    the conversation has the profile activity look them up (a regular
+    activity, its own retries, nothing waiting on it), so the CRM has their
+    name and a later reply greets them by it without looking them up again."""
+    mocks = Mocks([automation("auto_menu", GREETING_FLOW)])
+    mocks.contact = ContactSnapshot(id=CONTACT, external_id=SENDER, is_new=True)
+    mocks.profile_failures = 1  # the platform fails once: the activity's retry finds the name
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.h1", "hello"))
+        await until(lambda: mocks.profile_lookups == ["activity"])
+        await conv.signal("inbound", dm("mid.h2", "the menu please"))
+        await settled(conv, 2)
+        await until(lambda: mocks.texts == ["Hi Ana! Here is the menu"])
+        history = await conv.fetch_history()
+        await close_conversation(env.client, conv, "conversation_profile_after_routing")
+
+    assert mocks.texts == ["Hi Ana! Here is the menu"]
+    assert mocks.profile_lookups == ["activity"]  # the reply did not look them up again
+    assert [(c.is_local, c.attempt) for c in mocks.profile_calls] == [(False, 1), (False, 2)]
+    # After the event's recording and routing, never before it.
+    order = history_order(history)
+    first_record = order.index("core_local_activity")
+    assert order.index("scheduled:fetch_profile") > first_record
+    (scheduled,) = [
+        e.activity_task_scheduled_event_attributes for e in history.events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    assert scheduled.retry_policy.maximum_attempts == 4
+    assert set(scheduled.retry_policy.non_retryable_error_types) >= {"PlatformRejected", "TokenInvalid"}
+
+
+async def test_a_triggering_dm_is_answered_with_no_profile_lookup_before_the_reply(env):
+    """A new contact whose first DM starts a flow: the reply path looks them
+    up with its send (as before); no profile activity comes ahead of the
+    reply in the history, nor after it."""
+    mocks = Mocks([automation("auto_menu", GREETING_FLOW)])
+    mocks.contact = ContactSnapshot(id=CONTACT, external_id=SENDER, is_new=True)
+    ws = new_workspace()
+    async with running_worker(env.client, mocks) as tq:
+        conv = await start_conversation(env.client, tq, ws, dm("mid.t1", "menu please"))
+        await settled(conv, 1)
+        history = await conv.fetch_history()
+        await close_conversation(env.client, conv)
+
+    assert mocks.texts == ["Hi Ana! Here is the menu"]
+    assert mocks.profile_lookups == ["send"] and mocks.profile_calls == []
+    assert "scheduled:fetch_profile" not in history_order(history)
+
+
+async def test_a_failed_lookup_leaves_the_contact_nameless_and_the_conversation_going(env, caplog):
+    """The platform will not show the person (they blocked the account): the
+    lookup is not retried, the conversation goes on (the next message is
+    answered) and this run does not try again."""
+    mocks = Mocks([automation("auto_menu", MENU_FLOW)])
+    mocks.contact = ContactSnapshot(id=CONTACT, external_id=SENDER, is_new=True)
+    mocks.profile_error = ApplicationError("(#100) no such user", type="PlatformRejected", non_retryable=True)
+    ws = new_workspace()
+    with caplog.at_level(logging.INFO):
+        async with running_worker(env.client, mocks) as tq:
+            conv = await start_conversation(env.client, tq, ws, dm("mid.b1", "hello"))
+            await until(lambda: len(mocks.profile_calls) == 1)
+            await conv.signal("inbound", dm("mid.b2", "hello again"))
+            await conv.signal("inbound", dm("mid.b3", "menu please"))
+            await until(lambda: mocks.texts == ["Here is the menu"])
+            state = await settled(conv, 3)
+            await close_conversation(env.client, conv)
+
+    assert state["events_handled"] == 3
+    assert len(mocks.profile_calls) == 1  # once: not retried, not started again by the next message
+    assert "profile lookup failed: PlatformRejected; the contact stays nameless" in caplog.text
 
 
 async def test_handoff_silences_automations_until_resumed(env):

@@ -85,6 +85,17 @@ SINGLE_ATTEMPT = RetryPolicy(maximum_attempts=1)
 
 PROFILE_TIMEOUT = timedelta(seconds=5)
 PROFILE_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=300), maximum_attempts=2)
+# A lookup nobody waits on (after an event that started nothing): 4 attempts
+# within about half a minute, then the contact stays nameless. A person the
+# platform will not show (who blocked the account) and a dead token are not
+# retried.
+PROFILE_LATER_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=3.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=4,
+    non_retryable_error_types=["TokenInvalid", "PlatformRejected", "ChannelUnavailable"],
+)
 
 # Platform lifecycle calls (verify, subscribe, revoke).
 PLATFORM_TIMEOUT = timedelta(seconds=30)

@@ -15,7 +15,9 @@ after recording the event (one local activity for the event and its reply;
 its result, a marker in this workflow's history, says what it sent);
 otherwise a ``send_message`` local activity does. A flow that is only that
 message is complete after the send: its run is recorded with it and no
-child starts (``GET /v1/runs/{id}`` has its trail).
+child starts (``GET /v1/runs/{id}`` has its trail). A Meta contact whose
+event started nothing (so no reply looked them up) has their profile looked
+up afterwards, by an activity nobody waits on.
 
 A run continues as new every 2,000 events, when Temporal suggests it, and
 when the retention sweep finds it started before the workspace's period
@@ -67,9 +69,11 @@ with workflow.unsafe.imports_passed_through():
     from core.flowrt import REPLY_KINDS, TRIGGERING_KINDS, run_workflow_id
     from workflows.common import (
         ACTIVITY_FAILURES,
+        BULK_PRIORITY,
         DB_RETRY,
         DB_TIMEOUT,
         INTERACTIVE_RETRY,
+        PROFILE_LATER_RETRY,
         PROFILE_RETRY,
         PROFILE_TIMEOUT,
         SEND_TIMEOUT,
@@ -94,6 +98,10 @@ KEEP_WAITING_RUN = "waiting-run-kept"
 # An event the database refuses for its content is skipped; it failed the
 # conversation (and the events queued behind it) after its retries.
 SKIP_UNRECORDABLE = "unrecordable-event-skipped"
+# A Meta contact whose event started nothing is looked up once the event is
+# routed (``flowrt.profile_due_after_routing``): the reply path looks people
+# up only for an automation it starts, and they stayed nameless in the CRM.
+PROFILE_AFTER_ROUTING = "profile-after-routing"
 
 
 class _Returned:
@@ -121,7 +129,10 @@ class ConversationWorkflow:
         self._active: ActiveRun | None = input.active_run
         self._takeover = input.human_takeover
         self._handled = 0
-        self._pending_acks: set[asyncio.Future] = set()
+        # Activities started and not awaited (button acknowledgements,
+        # profile lookups): continue-as-new waits for them.
+        self._background: set[asyncio.Future] = set()
+        self._profile_tried = False  # this run looked the contact's profile up (or started to)
         self._current = False  # CURRENT_PATH, decided when the run starts
         self._matching = 1  # flowrt's matching rules, decided when the run starts
         self._expired = False  # the retention sweep asked for a new run
@@ -228,7 +239,7 @@ class ConversationWorkflow:
                 self._handled += 1
             if self._should_continue_as_new():
                 await workflow.wait_condition(
-                    lambda: workflow.all_handlers_finished() and not self._pending_acks
+                    lambda: workflow.all_handlers_finished() and not self._background
                 )
                 if not self._queue:
                     workflow.continue_as_new(
@@ -302,6 +313,7 @@ class ConversationWorkflow:
             workflow.logger.info("a %s while a run waits for a reply: the run keeps waiting", event.kind)
             return
         await self._route(event, record, may_forward=True)
+        self._look_up_after_routing(event, record.contact)
 
     async def _on_returned(self, event: InboundEvent) -> None:
         """A reply the run could no longer take: already recorded, so only
@@ -429,6 +441,7 @@ class ConversationWorkflow:
             if result is not None:
                 sent = True
                 if result.profile_looked_up:
+                    self._profile_tried = True
                     profile_pending = False
                     contact = result.contact or contact
         if profile_pending:
@@ -509,6 +522,7 @@ class ConversationWorkflow:
                 sent = True
                 text = result.text or text
                 if result.profile_looked_up:
+                    self._profile_tried = True
                     profile_pending = False
                     contact = result.contact or contact
             except ACTIVITY_FAILURES as err:
@@ -578,6 +592,7 @@ class ConversationWorkflow:
         """Best effort: a profile the platform will not give is no reason to
         delay or drop the reply (templates have fallbacks). ``local``: inside
         the current workflow task (no task round trip)."""
+        self._profile_tried = True
         execute = workflow.execute_local_activity if local else workflow.execute_activity
         try:
             fetched: ContactSnapshot | None = await execute(
@@ -595,6 +610,38 @@ class ConversationWorkflow:
             workflow.logger.info("profile lookup failed: %s", root_type(err) or type(err).__name__)
             return contact
         return fetched or contact
+
+    def _look_up_after_routing(self, event: InboundEvent, contact: ContactSnapshot) -> None:
+        """The profile lookup the reply path did not make (PROFILE_AFTER_ROUTING),
+        once per run: a regular activity with retries of its own, started
+        after the event's routing and reply and not awaited, so no reply (this
+        event's or a later one's) waits for it. It saves the names itself; one
+        that keeps failing leaves the contact nameless (logged)."""
+        if self._profile_tried or not flowrt.profile_due_after_routing(event.kind, contact, self._input.platform):
+            return
+        if not workflow.patched(PROFILE_AFTER_ROUTING):
+            return
+        self._profile_tried = True
+        task = workflow.start_activity(
+            "fetch_profile",
+            ProfileInput(
+                channel_id=self._input.channel_id, contact_id=contact.id, external_id=self._input.contact_external_id
+            ),
+            start_to_close_timeout=PROFILE_TIMEOUT,
+            retry_policy=PROFILE_LATER_RETRY,
+            # Nobody waits on it: people's replies go first when tasks back up.
+            priority=BULK_PRIORITY,
+        )
+        self._background.add(task)
+        task.add_done_callback(self._profile_done)
+
+    def _profile_done(self, task: asyncio.Future) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            error = task.exception()
+            workflow.logger.info(
+                "profile lookup failed: %s; the contact stays nameless", root_type(error) or type(error).__name__
+            )
 
     async def _forward(self, event: InboundEvent) -> bool:
         assert self._active is not None
@@ -680,10 +727,10 @@ class ConversationWorkflow:
             start_to_close_timeout=SEND_TIMEOUT,
             retry_policy=INTERACTIVE_RETRY,
         )
-        self._pending_acks.add(task)
+        self._background.add(task)
         task.add_done_callback(self._ack_done)
 
     def _ack_done(self, task: asyncio.Future) -> None:
-        self._pending_acks.discard(task)
+        self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             workflow.logger.info("callback acknowledgement failed: %s", type(task.exception()).__name__)

@@ -32,7 +32,7 @@ with workflow.unsafe.imports_passed_through():
         RevokeResult,
         StopWorkflowsResult,
     )
-    from workflows.common import DB_TIMEOUT, PLATFORM_RETRY, PLATFORM_TIMEOUT, root_message
+    from workflows.common import DB_TIMEOUT, PLATFORM_RETRY, PLATFORM_TIMEOUT, root_type
 
 # Erasure must finish: database steps retry until they succeed.
 ERASE_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(minutes=1))
@@ -63,7 +63,9 @@ async def _erase(input: EraseInput) -> str:
                 if not revoke.revoked:
                     notes.append(f"{channel_id}: {revoke.detail}")
             except ActivityError as err:
-                notes.append(f"{channel_id}: revoke failed ({root_message(err)}); token deleted regardless")
+                # The error's type only: the job outlives the erasure, and a
+                # platform's message can name the user ("Object with ID ...").
+                notes.append(f"{channel_id}: revoke failed ({root_type(err) or 'error'}); token deleted regardless")
             await workflow.execute_activity(
                 "purge_data", PurgeDataInput(scope="channel_tokens", channel_id=channel_id),
                 start_to_close_timeout=DB_TIMEOUT, retry_policy=ERASE_RETRY,

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from sqlmodel import col, func, select
 
 from api.deps import MAX_OFFSET, CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
-from api.erasure import existing_job, start_erasure
+from api.erasure import existing_job, start_erasure, status_url
 from core.audit import audit
 from core.db import AuditEntry, Contact, ErasureJob
 
@@ -23,7 +23,9 @@ class ErasureJobPublic(BaseModel):
     detail: str
     created_at: datetime
     completed_at: datetime | None
-    status_url: str = Field(description="A page anyone with the code can check, without an API key.")
+    status_url: str = Field(
+        description="A page anyone with the code can check, without an API key (also once the workspace is erased)."
+    )
 
 
 class WorkspaceSettings(BaseModel):
@@ -59,7 +61,7 @@ def job_public(job: ErasureJob, public_url: str) -> ErasureJobPublic:
         detail=job.detail,
         created_at=job.created_at,
         completed_at=job.completed_at,
-        status_url=f"{public_url.rstrip('/')}/privacy/deletions/{job.id}",
+        status_url=status_url(public_url, job.id),
     )
 
 

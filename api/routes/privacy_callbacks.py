@@ -5,8 +5,11 @@
 - ``POST /webhooks/meta/data-deletion``: a person asked Meta to delete their
   data; erase every channel of theirs (contacts and messages go with them)
   and answer with a status page URL and a confirmation code.
-- ``GET /privacy/deletions/{code}``: that status page, for the person. It
-  shows a status and times only: no workspace, no user id, no personal data.
+- ``GET /privacy/deletions/{code}``: that status page, for the person, and
+  the ``status_url`` of every erasure the API starts (a contact, a
+  workspace): it answers after the workspace is erased and its API key is
+  dead. It shows a status and times only: no workspace, no user id, no
+  personal data. The code is the job's id, 80 random bits (``api/erasure.py``).
 
 Both callbacks carry a ``signed_request`` (``<b64url sig>.<b64url JSON>``,
 HMAC-SHA256 of the payload part with the app secret). A forged, expired or
@@ -23,7 +26,6 @@ import html
 import json
 import logging
 import re
-import secrets
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -31,13 +33,14 @@ from urllib.parse import parse_qs
 
 from fastapi import APIRouter, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
 from sqlmodel import Session, col, or_, select
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import SessionDep
-from api.erasure import start_erasure
+from api.erasure import new_job_id, start_erasure, status_url
 from api.routes.channels import start_disconnect
 from api.routes.webhooks import read_limited_body
 from core.audit import audit
@@ -54,6 +57,11 @@ FUTURE_SKEW_SECONDS = 300
 MAX_CALLBACK_BODY_BYTES = 64 * 1024
 _B64URL = re.compile(r"^[A-Za-z0-9_-]+={0,2}$")
 _CODE = re.compile(r"^er_[0-9a-f]{20}$")
+
+
+class DeletionAnswer(BaseModel):
+    url: str = Field(description="The status page of the request (`GET /privacy/deletions/{code}`).")
+    confirmation_code: str
 
 
 class SignedRequestError(ValueError):
@@ -206,7 +214,7 @@ async def meta_deauthorize(request: Request, session: SessionDep) -> dict[str, A
 
 
 def _status_url(request: Request, code: str) -> str:
-    return f"{request.app.state.settings.public_url.rstrip('/')}/privacy/deletions/{code}"
+    return status_url(request.app.state.settings.public_url, code)
 
 
 def _record_nothing_held(session: Session, target: str) -> ErasureJob:
@@ -219,7 +227,7 @@ def _record_nothing_held(session: Session, target: str) -> ErasureJob:
         return existing
     now = datetime.now(UTC)
     job = ErasureJob(
-        id=f"er_{secrets.token_hex(10)}",
+        id=new_job_id(),
         workspace_id="",
         scope="platform_user",
         target=target,
@@ -244,13 +252,13 @@ def _record_nothing_held(session: Session, target: str) -> ErasureJob:
         "(idempotent) and answers `{url, confirmation_code}` for the status page. 400 when forged or expired."
     ),
 )
-async def meta_data_deletion(request: Request, session: SessionDep) -> dict[str, str]:
+async def meta_data_deletion(request: Request, session: SessionDep) -> DeletionAnswer:
     user_id = await _verified_user_id(request)
     base_target = deletion_target(user_id, request.app.state.settings.meta_app_secret)
     channels = _channels_of(session, user_id, include_disconnected=True)
     if not channels:
         job = _record_nothing_held(session, base_target)
-        return {"url": _status_url(request, job.id), "confirmation_code": job.id}
+        return DeletionAnswer(url=_status_url(request, job.id), confirmation_code=job.id)
     temporal = _temporal(request)
     settings = request.app.state.settings
     by_workspace: dict[str, list[str]] = {}
@@ -277,7 +285,7 @@ async def meta_data_deletion(request: Request, session: SessionDep) -> dict[str,
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "temporarily unavailable; retry") from None
         jobs.append(job)
     first = min(jobs, key=lambda j: (_aware(j.created_at), j.id))
-    return {"url": _status_url(request, first.id), "confirmation_code": first.id}
+    return DeletionAnswer(url=_status_url(request, first.id), confirmation_code=first.id)
 
 
 def _aware(value: datetime | None) -> datetime:
@@ -352,14 +360,17 @@ _EXPLANATIONS = {
 @router.get(
     "/privacy/deletions/{code}",
     operation_id="deletion_status",
-    summary="Status page of a Meta data deletion request",
-    description="HTML for the person; `?format=json` or `Accept: application/json` for JSON. 404 for unknown codes.",
+    summary="Status page of an erasure: a Meta data deletion request, or the `status_url` of an API erasure",
+    description=(
+        "No API key: it answers after the workspace is erased too. HTML for the person; `?format=json` or "
+        "`Accept: application/json` for JSON. 404 for unknown codes."
+    ),
     response_class=HTMLResponse,
     responses={200: {"content": {"application/json": {}}}, 404: {"description": "unknown code"}},
 )
 def deletion_status(code: str, request: Request, session: SessionDep):
     job = session.get(ErasureJob, code) if _CODE.match(code) else None
-    if job is None or not job.source.startswith("meta_"):
+    if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "unknown deletion request")
     state, completed_at = aggregate_status(_request_jobs(session, job))
     body = {

@@ -38,6 +38,7 @@ from core.db import (
     Broadcast,
     Channel,
     Contact,
+    ContactTag,
     ErasureJob,
     InboxEvent,
     Message,
@@ -208,6 +209,7 @@ class PrivacyActivities:
                 channel = db.get(Channel, contact.channel_id)
                 if channel is not None and channel.platform == "telegram":
                     run("rate_buckets", buckets_of([channel.external_id], chat_id=contact.external_id))
+            run("contact_tags", delete(ContactTag).where(col(ContactTag.contact_id).in_(contact_ids)))
             run("contacts", delete(Contact).where(col(Contact.id).in_(contact_ids)))
             if input.scope in ("channels", "workspace"):
                 channel_ids = input.channel_ids

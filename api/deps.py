@@ -8,9 +8,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlmodel import Session, select
+from sqlmodel import Session, func, select
+from sqlmodel.sql.expression import SelectOfScalar
 from temporalio.client import Client
 
 from core.crypto import TokenVault, constant_time_equals, hash_api_key
@@ -44,6 +45,21 @@ SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 # Past any real list (beyond it SQLite overflows: a 500); list routes bound their offset with it.
 MAX_OFFSET = 10_000_000
+MAX_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 50
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description=f"Page size (at most {MAX_PAGE_SIZE}).")]
+Offset = Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Rows of the list to skip.")]
+COUNT_DESCRIPTION = "All that match the filters; `data` is the page (`limit`, `offset`)."
+
+
+def paged(session: Session, query: SelectOfScalar, order: list, limit: int, offset: int) -> tuple[list, int]:
+    """One page of ``query``'s rows in ``order`` (which must end with a
+    unique column, so pages neither overlap nor skip), and how many match:
+    both counted and cut by the database, never by loading every row."""
+    total = session.exec(select(func.count()).select_from(query.order_by(None).subquery())).one()
+    rows = session.exec(query.order_by(*order).offset(offset).limit(limit)).all()
+    return list(rows), total
+
 
 TemporalDep = Annotated[Client, Depends(get_temporal)]
 VaultDep = Annotated[TokenVault, Depends(get_vault)]

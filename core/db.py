@@ -6,6 +6,7 @@ stored only as vault ciphertext (``core.crypto``); API keys only as a hash.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 from collections.abc import Iterator
@@ -15,7 +16,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Column, Engine, Index, Text, UniqueConstraint, event, func
+from sqlalchemy import (
+    JSON,
+    Column,
+    Engine,
+    Index,
+    Text,
+    UniqueConstraint,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+)
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 
@@ -39,9 +53,16 @@ class Workspace(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+def listing_index(table: str, *columns: str) -> Index:
+    """The index a list route pages by: its filter column, then the
+    route's order (LIMIT/OFFSET walk it instead of sorting every row)."""
+    return Index(f"ix_{table}_{'_'.join(columns)}", *columns)
+
+
 class Channel(SQLModel, table=True):
+    __table_args__ = (listing_index("channel", "workspace_id", "created_at", "id"),)
     id: str = Field(primary_key=True)
-    workspace_id: str = Field(index=True, foreign_key="workspace.id")
+    workspace_id: str = Field(foreign_key="workspace.id")
     platform: str  # instagram | messenger | telegram
     name: str = ""
     # The platform account id: IG professional account id, Page id, bot id.
@@ -64,9 +85,13 @@ class Channel(SQLModel, table=True):
 
 
 class Automation(SQLModel, table=True):
+    __table_args__ = (
+        listing_index("automation", "workspace_id", "created_at", "id"),
+        listing_index("automation", "channel_id", "created_at", "id"),
+    )
     id: str = Field(primary_key=True)
-    workspace_id: str = Field(index=True, foreign_key="workspace.id")
-    channel_id: str = Field(index=True, foreign_key="channel.id")
+    workspace_id: str = Field(foreign_key="workspace.id")
+    channel_id: str = Field(foreign_key="channel.id")
     name: str
     status: str = "active"  # active | paused
     version: int = 1
@@ -85,10 +110,14 @@ class AutomationVersion(SQLModel, table=True):
 
 
 class Contact(SQLModel, table=True):
-    __table_args__ = (UniqueConstraint("channel_id", "external_id"),)
+    __table_args__ = (
+        UniqueConstraint("channel_id", "external_id"),
+        listing_index("contact", "workspace_id", "created_at", "id"),
+        listing_index("contact", "channel_id", "created_at", "id"),
+    )
     id: str = Field(primary_key=True)
-    workspace_id: str = Field(index=True, foreign_key="workspace.id")
-    channel_id: str = Field(index=True, foreign_key="channel.id")
+    workspace_id: str = Field(foreign_key="workspace.id")
+    channel_id: str = Field(foreign_key="channel.id")
     external_id: str
     first_name: str = ""
     last_name: str = ""
@@ -103,6 +132,58 @@ class Contact(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow)
 
 
+# A longer key (or one a text column cannot hold) is stored as a digest, so
+# a btree can index it: PostgreSQL refuses index entries over ~2,700 bytes.
+TAG_KEY_MAX_BYTES = 200
+
+
+def tag_key(tag: str) -> str:
+    """How a tag is looked up: case-insensitive, as ``Contact.tags`` is
+    matched everywhere (flows, broadcast segments, ``?tag=``)."""
+    key = tag.lower()
+    raw = key.encode("utf-8", "surrogatepass")
+    if len(raw) > TAG_KEY_MAX_BYTES or "\x00" in key or any("\ud800" <= ch <= "\udfff" for ch in key):
+        return "sha256:" + hashlib.sha256(raw).hexdigest()
+    return key
+
+
+class ContactTag(SQLModel, table=True):
+    """A contact's tags as lookup keys (``tag_key``), one row each: the index
+    behind ``GET /v1/contacts?tag=``. ``Contact.tags`` stays the record (as
+    written, in order); these rows follow it on every ORM write
+    (``_sync_contact_tags``), so a Core statement that writes tags must
+    call ``sync_contact_tags`` itself."""
+
+    __table_args__ = (Index("ix_contacttag_workspace_id_tag", "workspace_id", "tag", "contact_id"),)
+    contact_id: str = Field(primary_key=True, foreign_key="contact.id", ondelete="CASCADE")
+    tag: str = Field(primary_key=True)
+    workspace_id: str
+
+
+CONTACT_TAGS = ContactTag.__table__  # type: ignore[attr-defined]
+
+
+def sync_contact_tags(conn, contacts: list[tuple[str, str, list[str] | None]]) -> None:
+    """Make the ``contacttag`` rows of (contact id, workspace id, tags) match those tags."""
+    if not contacts:
+        return
+    conn.execute(delete(CONTACT_TAGS).where(CONTACT_TAGS.c.contact_id.in_([c[0] for c in contacts])))
+    rows = [
+        {"contact_id": contact_id, "workspace_id": workspace_id, "tag": key}
+        for contact_id, workspace_id, tags in contacts
+        for key in dict.fromkeys(tag_key(t) for t in tags or [] if isinstance(t, str))
+    ]
+    if rows:
+        conn.execute(insert(CONTACT_TAGS), rows)
+
+
+@event.listens_for(OrmSession, "after_flush")
+def _sync_contact_tags(session: OrmSession, _context) -> None:
+    new = [c for c in session.new if isinstance(c, Contact) and c.tags]
+    changed = [c for c in session.dirty if isinstance(c, Contact) and inspect(c).attrs.tags.history.has_changes()]
+    sync_contact_tags(session.connection(), [(c.id, c.workspace_id, c.tags) for c in (*new, *changed)])
+
+
 class Message(SQLModel, table=True):
     """The message log, inbound and outbound.
 
@@ -110,11 +191,14 @@ class Message(SQLModel, table=True):
     half of webhook dedupe (the workflow keeps the other half).
     """
 
-    __table_args__ = (UniqueConstraint("channel_id", "platform_event_id"),)
+    __table_args__ = (
+        UniqueConstraint("channel_id", "platform_event_id"),
+        listing_index("message", "contact_id", "created_at", "id"),
+    )
     id: int | None = Field(default=None, primary_key=True)
     workspace_id: str = Field(index=True)
     channel_id: str = Field(index=True)
-    contact_id: str = Field(index=True)
+    contact_id: str
     direction: str  # in | out
     kind: str = "message"
     text: str = Field(default="", sa_column=Column(Text, nullable=False, default=""))
@@ -147,8 +231,9 @@ def count_sends(session: Session, key_prefix: str) -> int:
 
 
 class Run(SQLModel, table=True):
+    __table_args__ = (listing_index("run", "workspace_id", "started_at", "id"),)
     id: str = Field(primary_key=True)  # the AutomationRun workflow id
-    workspace_id: str = Field(index=True)
+    workspace_id: str
     channel_id: str = Field(index=True)
     contact_id: str = Field(index=True)
     automation_id: str = Field(index=True)
@@ -172,8 +257,9 @@ class AiUsage(SQLModel, table=True):
 class AuditEntry(SQLModel, table=True):
     """Who did what, when, without message content or personal data."""
 
+    __table_args__ = (listing_index("auditentry", "workspace_id", "id"),)
     id: int | None = Field(default=None, primary_key=True)
-    workspace_id: str = Field(index=True)
+    workspace_id: str
     actor: str  # api_key | admin | worker | platform:meta | operator
     action: str  # channel.connect, token.use, contact.export, contact.erase, ...
     target: str = ""  # an object id (never a platform user id or a name)
@@ -199,8 +285,9 @@ class ErasureJob(SQLModel, table=True):
 class Broadcast(SQLModel, table=True):
     """A message sent to a segment of a channel's contacts (BroadcastWorkflow)."""
 
+    __table_args__ = (listing_index("broadcast", "workspace_id", "created_at", "id"),)
     id: str = Field(primary_key=True)
-    workspace_id: str = Field(index=True, foreign_key="workspace.id")
+    workspace_id: str = Field(foreign_key="workspace.id")
     channel_id: str = Field(index=True)
     name: str = ""
     text: str = Field(sa_column=Column(Text, nullable=False))
@@ -353,8 +440,6 @@ _UNVERSIONED_HINT = (
 
 
 def _has_app_tables(conn) -> bool:
-    from sqlalchemy import inspect
-
     return bool(set(inspect(conn).get_table_names()) & set(SQLModel.metadata.tables))
 
 

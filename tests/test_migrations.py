@@ -6,6 +6,7 @@ database when a server answers (the one of VECTORY_DATABASE_URL, else
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from core.db import (
     head_revisions,
     make_engine,
     migrate,
+    tag_key,
 )
 
 DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
@@ -133,3 +135,35 @@ def test_a_database_from_before_migrations_gets_a_clear_error(tmp_path):
     with pytest.raises(DatabaseNotMigrated, match="make clean"):
         migrate(url)
 
+
+
+def test_contact_tags_are_copied_into_the_tag_index(fresh_url):
+    """0009 fills contacttag from the tags contacts already have (lookup
+    keys: lowercased, one per key; an over-long tag as a digest)."""
+    command.upgrade(alembic_config(fresh_url), "0008_channel_contact_key")
+    long_tag = "x" * 5000
+    engine = create_engine(fresh_url, poolclass=pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO workspace (id, name, api_key_hash, retention_days, status, created_at)"
+                              " VALUES ('ws_1', 'w', 'h', 90, 'active', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO channel (id, workspace_id, platform, name, external_id, platform_user_id,"
+                              " status, status_detail, contact_key, created_at, updated_at) VALUES ('ch_1', 'ws_1',"
+                              " 'telegram', '', '', '', 'active', '', '', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            for i, tags in enumerate((["VIP", "vip", "Sale"], [], [long_tag], ["Été"])):
+                conn.execute(
+                    text("INSERT INTO contact (id, workspace_id, channel_id, external_id, first_name, last_name,"
+                         " username, tags, fields, human_takeover, processing_restricted, consent_withdrawn,"
+                         " created_at, updated_at) VALUES (:id, 'ws_1', 'ch_1', :id, '', '', '', :tags, '{}',"
+                         " false, false, false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"),
+                    {"id": f"ct_{i}", "tags": json.dumps(tags)},
+                )
+        migrate(fresh_url)
+        with engine.connect() as conn:
+            rows = set(conn.execute(text("SELECT contact_id, workspace_id, tag FROM contacttag")).all())
+    finally:
+        engine.dispose()
+    assert rows == {
+        ("ct_0", "ws_1", "vip"), ("ct_0", "ws_1", "sale"), ("ct_2", "ws_1", tag_key(long_tag)), ("ct_3", "ws_1", "été"),
+    }
+    assert tag_key(long_tag).startswith("sha256:")

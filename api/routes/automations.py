@@ -6,10 +6,10 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response, status
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from sqlmodel import col, delete, select, update
 
-from api.deps import CurrentWorkspace, SessionDep
+from api.deps import COUNT_DESCRIPTION, DEFAULT_PAGE_SIZE, CurrentWorkspace, Limit, Offset, SessionDep, paged
 from core.db import Automation, AutomationVersion, Channel, new_id, utcnow
 from core.flow import AutomationCreate, AutomationUpdate, definition_dict, merge_definition
 
@@ -30,7 +30,7 @@ class AutomationPublic(BaseModel):
 
 class AutomationList(BaseModel):
     data: list[AutomationPublic]
-    count: int
+    count: int = Field(description=COUNT_DESCRIPTION)
 
 
 def public(a: Automation) -> AutomationPublic:
@@ -91,15 +91,19 @@ def create_automation(body: AutomationCreate, workspace: CurrentWorkspace, sessi
     return public(automation)
 
 
-@router.get("", response_model=AutomationList, operation_id="list_automations", summary="List automations")
+@router.get("", response_model=AutomationList, operation_id="list_automations", summary="List automations, oldest first")
 def list_automations(
-    workspace: CurrentWorkspace, session: SessionDep, channel_id: str | None = None
+    workspace: CurrentWorkspace,
+    session: SessionDep,
+    channel_id: str | None = None,
+    limit: Limit = DEFAULT_PAGE_SIZE,
+    offset: Offset = 0,
 ) -> AutomationList:
     query = select(Automation).where(Automation.workspace_id == workspace.id)
     if channel_id:
         query = query.where(Automation.channel_id == channel_id)
-    rows = session.exec(query.order_by(Automation.created_at)).all()
-    return AutomationList(data=[public(a) for a in rows], count=len(rows))
+    rows, total = paged(session, query, [col(Automation.created_at), col(Automation.id)], limit, offset)
+    return AutomationList(data=[public(a) for a in rows], count=total)
 
 
 @router.get("/{automation_id}", response_model=AutomationPublic, operation_id="get_automation", summary="Get an automation")

@@ -11,7 +11,17 @@ from pydantic import BaseModel, Field
 from sqlmodel import col, select
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from api.deps import (
+    COUNT_DESCRIPTION,
+    DEFAULT_PAGE_SIZE,
+    CurrentWorkspace,
+    Limit,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    TemporalDep,
+    paged,
+)
 from core import flowrt
 from core.audit import audit
 from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress, broadcast_workflow_id
@@ -68,7 +78,7 @@ class BroadcastPublic(BaseModel):
 
 class BroadcastList(BaseModel):
     data: list[BroadcastPublic]
-    count: int
+    count: int = Field(description=COUNT_DESCRIPTION)
 
 
 def public(b: Broadcast, live: BroadcastProgress | None = None) -> BroadcastPublic:
@@ -164,12 +174,13 @@ async def create_broadcast(
     return public(b)
 
 
-@router.get("", response_model=BroadcastList, operation_id="list_broadcasts", summary="List broadcasts")
-def list_broadcasts(workspace: CurrentWorkspace, session: SessionDep) -> BroadcastList:
-    rows = session.exec(
-        select(Broadcast).where(Broadcast.workspace_id == workspace.id).order_by(col(Broadcast.created_at).desc())
-    ).all()
-    return BroadcastList(data=[public(b) for b in rows], count=len(rows))
+@router.get("", response_model=BroadcastList, operation_id="list_broadcasts", summary="List broadcasts, newest first")
+def list_broadcasts(
+    workspace: CurrentWorkspace, session: SessionDep, limit: Limit = DEFAULT_PAGE_SIZE, offset: Offset = 0
+) -> BroadcastList:
+    query = select(Broadcast).where(Broadcast.workspace_id == workspace.id)
+    rows, total = paged(session, query, [col(Broadcast.created_at).desc(), col(Broadcast.id).desc()], limit, offset)
+    return BroadcastList(data=[public(b) for b in rows], count=total)
 
 
 @router.get("/{broadcast_id}", response_model=BroadcastPublic, operation_id="get_broadcast", summary="Progress")

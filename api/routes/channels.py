@@ -8,12 +8,23 @@ from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 from pydantic import BaseModel, Field, SecretStr
-from sqlmodel import select
+from sqlmodel import col, select
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.common import token_context
-from api.deps import CurrentWorkspace, SessionDep, SettingsDep, TemporalDep, VaultDep
+from api.deps import (
+    COUNT_DESCRIPTION,
+    DEFAULT_PAGE_SIZE,
+    CurrentWorkspace,
+    Limit,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    TemporalDep,
+    VaultDep,
+    paged,
+)
 from core.audit import audit
 from core.contracts import (
     CONNECT_CHANNEL_WORKFLOW,
@@ -57,7 +68,7 @@ class ChannelPublic(BaseModel):
 
 class ChannelList(BaseModel):
     data: list[ChannelPublic]
-    count: int
+    count: int = Field(description=COUNT_DESCRIPTION)
 
 
 class DisconnectPublic(BaseModel):
@@ -164,12 +175,13 @@ async def connect_channel(
     return public(channel)
 
 
-@router.get("", response_model=ChannelList, operation_id="list_channels", summary="List channels")
-def list_channels(workspace: CurrentWorkspace, session: SessionDep) -> ChannelList:
-    rows = session.exec(
-        select(Channel).where(Channel.workspace_id == workspace.id).order_by(Channel.created_at)
-    ).all()
-    return ChannelList(data=[public(c) for c in rows], count=len(rows))
+@router.get("", response_model=ChannelList, operation_id="list_channels", summary="List channels, oldest first")
+def list_channels(
+    workspace: CurrentWorkspace, session: SessionDep, limit: Limit = DEFAULT_PAGE_SIZE, offset: Offset = 0
+) -> ChannelList:
+    query = select(Channel).where(Channel.workspace_id == workspace.id)
+    rows, total = paged(session, query, [col(Channel.created_at), col(Channel.id)], limit, offset)
+    return ChannelList(data=[public(c) for c in rows], count=total)
 
 
 @router.get("/{channel_id}", response_model=ChannelPublic, operation_id="get_channel", summary="Get a channel")

@@ -6,12 +6,22 @@ import secrets
 from datetime import datetime
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
-from sqlmodel import col, func, select
+from sqlmodel import col, select
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import MAX_OFFSET, CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from api.deps import (
+    COUNT_DESCRIPTION,
+    DEFAULT_PAGE_SIZE,
+    CurrentWorkspace,
+    Limit,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    TemporalDep,
+    paged,
+)
 from api.dispatch import conversation_start, signal_conversation
 from core.audit import audit
 from core.contracts import (
@@ -21,7 +31,7 @@ from core.contracts import (
     StopRunsSignal,
     conversation_workflow_id,
 )
-from core.db import Channel, Contact, Message, Run, utcnow
+from core.db import Channel, Contact, ContactTag, Message, Run, tag_key, utcnow
 
 router = APIRouter(prefix="/v1/contacts", tags=["contacts"])
 
@@ -44,7 +54,7 @@ class ContactPublic(BaseModel):
 
 class ContactList(BaseModel):
     data: list[ContactPublic]
-    count: int
+    count: int = Field(description=COUNT_DESCRIPTION)
 
 
 class ContactUpdate(BaseModel):
@@ -73,7 +83,7 @@ class MessagePublic(BaseModel):
 
 class MessageList(BaseModel):
     data: list[MessagePublic]
-    count: int
+    count: int = Field(description=COUNT_DESCRIPTION)
 
 
 def public(c: Contact) -> ContactPublic:
@@ -101,22 +111,31 @@ def get_owned(session, workspace_id: str, contact_id: str) -> Contact:
     return contact
 
 
-@router.get("", response_model=ContactList, operation_id="list_contacts", summary="List contacts")
+@router.get(
+    "",
+    response_model=ContactList,
+    operation_id="list_contacts",
+    summary="List contacts, oldest first",
+    description="`tag` matches one of the contact's tags, case-insensitively.",
+)
 def list_contacts(
     workspace: CurrentWorkspace,
     session: SessionDep,
     channel_id: str | None = None,
     tag: str | None = None,
-    limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    limit: Limit = DEFAULT_PAGE_SIZE,
+    offset: Offset = 0,
 ) -> ContactList:
     query = select(Contact).where(Contact.workspace_id == workspace.id)
     if channel_id:
         query = query.where(Contact.channel_id == channel_id)
-    rows = session.exec(query.order_by(Contact.created_at)).all()
     if tag:
-        rows = [c for c in rows if tag.lower() in {t.lower() for t in c.tags or []}]
-    return ContactList(data=[public(c) for c in rows[offset : offset + limit]], count=len(rows))
+        tagged = select(ContactTag.contact_id).where(
+            ContactTag.workspace_id == workspace.id, ContactTag.tag == tag_key(tag)
+        )
+        query = query.where(col(Contact.id).in_(tagged))
+    rows, total = paged(session, query, [col(Contact.created_at), col(Contact.id)], limit, offset)
+    return ContactList(data=[public(c) for c in rows], count=total)
 
 
 @router.get("/{contact_id}", response_model=ContactPublic, operation_id="get_contact", summary="Get a contact")
@@ -192,18 +211,17 @@ def list_messages(
     contact_id: str,
     workspace: CurrentWorkspace,
     session: SessionDep,
-    limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    limit: Limit = DEFAULT_PAGE_SIZE,
+    offset: Offset = 0,
 ) -> MessageList:
     contact = get_owned(session, workspace.id, contact_id)
-    total = session.exec(select(func.count()).select_from(Message).where(Message.contact_id == contact.id)).one()
-    rows = session.exec(
-        select(Message)
-        .where(Message.contact_id == contact.id)
-        .order_by(col(Message.created_at).desc(), col(Message.id).desc())
-        .offset(offset)
-        .limit(limit)
-    ).all()
+    rows, total = paged(
+        session,
+        select(Message).where(Message.contact_id == contact.id),
+        [col(Message.created_at).desc(), col(Message.id).desc()],
+        limit,
+        offset,
+    )
     return MessageList(
         data=[
             MessagePublic(

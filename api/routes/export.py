@@ -18,8 +18,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
-from sqlalchemy import Table, select
+from pydantic import BaseModel, Field
+from sqlalchemy import Table, select, tuple_
 from sqlalchemy.sql import ColumnElement
 from sqlmodel import Session, SQLModel
 
@@ -34,6 +34,7 @@ from core.db import (
     Broadcast,
     Channel,
     Contact,
+    ContactTag,
     ErasureJob,
     Message,
     Run,
@@ -84,6 +85,7 @@ EXPORTED_TABLES: dict[str, TableExport] = {
     "automation": TableExport(Automation, "workspace_id"),
     "automationversion": TableExport(AutomationVersion, "automation_id"),
     "contact": TableExport(Contact, "workspace_id", contact_key="contact", contact_scope="id"),
+    "contacttag": TableExport(ContactTag, "workspace_id", contact_key="tag_keys", contact_scope="contact_id"),
     "message": TableExport(Message, "workspace_id", contact_key="messages", contact_scope="contact_id"),
     "run": TableExport(Run, "workspace_id", contact_key="runs", contact_scope="contact_id"),
     "aiusage": TableExport(AiUsage, "workspace_id", contact_key="ai_usage", contact_scope="run_id"),
@@ -177,6 +179,7 @@ class ContactExport(BaseModel):
     runs: list[dict[str, Any]]
     ai_usage: list[dict[str, Any]]
     audit: list[dict[str, Any]]
+    tag_keys: list[dict[str, Any]] = Field(description="The contact's tags as the tag filter looks them up.")
 
 
 @router.get(
@@ -184,7 +187,10 @@ class ContactExport(BaseModel):
     response_model=ContactExport,
     operation_id="export_contact",
     summary="Everything stored about one contact (data access / portability)",
-    description="The contact, its message log, its runs, the AI usage of those runs and the audit entries about it.",
+    description=(
+        "The contact, its message log, its runs, the AI usage of those runs, the audit entries about it "
+        "and its tags' lookup keys."
+    ),
 )
 def export_contact(contact_id: str, workspace: CurrentWorkspace, session: SessionDep) -> ContactExport:
     contact = get_owned(session, workspace.id, contact_id)
@@ -225,15 +231,16 @@ class _ChunkSink:
 
 def _table_batches(session: Session, name: str, spec: TableExport, workspace_id: str) -> Iterator[list[dict]]:
     """Rows in primary-key order, BATCH_SIZE at a time (keyset pagination)."""
-    (pk,) = spec.table.primary_key.columns  # every exported table has a one-column key
+    pk = list(spec.table.primary_key.columns)
+    key = pk[0] if len(pk) == 1 else tuple_(*pk)
     where = _workspace_filter(name, spec, workspace_id)
     last = None
     while True:
-        query = _select(spec, where if last is None else where & (pk > last))
-        rows = list(session.execute(query.order_by(pk).limit(BATCH_SIZE)).mappings())
+        query = _select(spec, where if last is None else where & (key > last))
+        rows = list(session.execute(query.order_by(*pk).limit(BATCH_SIZE)).mappings())
         if not rows:
             return
-        last = rows[-1][pk.name]
+        last = rows[-1][pk[0].name] if len(pk) == 1 else tuple_(*(rows[-1][c.name] for c in pk))
         yield [_row(spec, r) for r in rows]
         if len(rows) < BATCH_SIZE:
             return

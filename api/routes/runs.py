@@ -9,11 +9,21 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
-from sqlmodel import col, func, select
+from sqlmodel import col, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.deps import MAX_OFFSET, CurrentWorkspace, SessionDep, SettingsDep, TemporalDep
+from api.deps import (
+    COUNT_DESCRIPTION,
+    DEFAULT_PAGE_SIZE,
+    CurrentWorkspace,
+    Limit,
+    Offset,
+    SessionDep,
+    SettingsDep,
+    TemporalDep,
+    paged,
+)
 from api.dispatch import signal_conversation
 from core.contracts import AutomationSnapshot, ExternalEventSignal, RunStatus, StartAutomationSignal
 from core.db import Automation, Channel, Contact, Run
@@ -59,7 +69,7 @@ class RunPublic(BaseModel):
 
 class RunList(BaseModel):
     data: list[RunPublic]
-    count: int = Field(description="All that match the filters; `data` is the page (`limit`, `offset`).")
+    count: int = Field(description=COUNT_DESCRIPTION)
 
 
 class SignalBody(BaseModel):
@@ -150,8 +160,8 @@ def list_runs(
     contact_id: str | None = None,
     automation_id: str | None = None,
     status_: str | None = Query(None, alias="status"),
-    limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    limit: Limit = DEFAULT_PAGE_SIZE,
+    offset: Offset = 0,
 ) -> RunList:
     query = select(Run).where(Run.workspace_id == workspace.id)
     if contact_id:
@@ -160,8 +170,7 @@ def list_runs(
         query = query.where(Run.automation_id == automation_id)
     if status_:
         query = query.where(Run.status == status_)
-    total = session.exec(select(func.count()).select_from(query.subquery())).one()
-    rows = session.exec(query.order_by(col(Run.started_at).desc(), col(Run.id)).offset(offset).limit(limit)).all()
+    rows, total = paged(session, query, [col(Run.started_at).desc(), col(Run.id).desc()], limit, offset)
     return RunList(data=[_public(r) for r in rows], count=total)
 
 

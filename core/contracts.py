@@ -95,6 +95,9 @@ class InboundEvent:
     is_top_level_comment: bool = True
     # Story replies (message.reply_to.story) and mentions: the CDN URL only.
     story_url: str = ""
+    # Some text of the event was longer than the platform's maximum and was
+    # cut to it (core/inbound.py); stored with the message.
+    truncated: bool = False
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, Column, Engine, Index, Text, UniqueConstraint, event, func
+from sqlalchemy import false as sa_false
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 
@@ -124,6 +125,9 @@ class Message(SQLModel, table=True):
     # Inbound: the conversation run (and the event's place in it) that
     # recorded the row; its own retry after a crash is not a redelivery.
     recorded_by: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    # Inbound: the platform sent a longer text than it documents; cut to
+    # its maximum (core/inbound.py).
+    truncated: bool = Field(default=False, sa_column_kwargs={"server_default": sa_false()})
     created_at: datetime = Field(default_factory=utcnow, index=True)
 
 

@@ -10,19 +10,22 @@ from sqlmodel import Session, func, select
 from temporalio.client import Client
 
 from core.codec import data_converter
-from core.db import InboxEvent
+from core.db import InboxEvent, Message
 from sandbox import payloads
 
 from conftest import free_port, serve, start_dev_server
 from helpers import (
     connect_instagram,
+    contact_id_of,
     create_automation,
     create_tenant,
     new_sender,
     post_meta,
     sandbox_messages,
     send_dm,
+    text_of,
     wait_for,
+    wait_for_messages,
 )
 
 
@@ -347,3 +350,39 @@ def test_rows_held_by_their_webhooks_signals_do_not_hide_the_rows_behind_them(tm
         held += inbox.store(engine, [(channel, InboundEvent(f"h{i}", "instagram", "1784", f"p{i}", "message"))])
     inbox.store(engine, [(channel, InboundEvent("late", "instagram", "1784", "someone", "message"))])
     assert [row.event_id for row in inbox._load(engine, set(held))] == ["late"]
+
+
+async def _answering_tenant(stack, keyword: str, reply: str):
+    """A tenant whose connected account answers ``keyword``: (tenant, channel id, account id)."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": [keyword]},
+                            [{"id": "r", "type": "send_message", "text": reply}])
+    return tenant, channel["id"], account_id
+
+
+async def test_a_huge_dm_is_acknowledged_stored_truncated_and_answered(stack):
+    """Webhook bodies may be 4 MB, a Temporal payload only 2 MB: a signed
+    DM with a 2.6 MB text was retried by the relay forever. It is cut to
+    Instagram's 1,000 bytes, recorded as truncated and answered."""
+    tenant, channel_id, account_id = await _answering_tenant(stack, "price", "answered")
+    state = stack.api_app.state
+    person = new_sender()
+    text = "price? " + "é" * 1_300_000  # 2.6 MB of UTF-8
+    r = await _post_dm(stack, account_id, person, text)
+    assert r.status_code == 200 and r.json()["dispatched"] == 1, r.text
+    assert [text_of(c) for c in await wait_for_messages(stack, person, 1)] == ["answered"]
+    contact_id = contact_id_of(stack, channel_id, person)
+    with Session(stack.deps.engine) as db:
+        [stored] = db.exec(select(Message).where(Message.contact_id == contact_id, Message.direction == "in")).all()
+    assert stored.truncated
+    assert stored.text == "price? " + "é" * 496  # 7 + 2 × 496 = 999 bytes: the next "é" does not fit
+    r = await stack.api.get(f"/v1/contacts/{contact_id}/messages", headers=tenant.headers)
+    [logged] = [m for m in r.json()["data"] if m["direction"] == "in"]
+    assert logged["truncated"] is True
+    assert await _inbox_rows(stack, channel_id) == 0
+
+    async def drained():
+        return not state.inbox.backlog
+
+    assert await wait_for(drained, timeout=10)

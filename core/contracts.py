@@ -533,6 +533,8 @@ class RetentionResult:
     conversations_rotated: int = 0
     histories_deleted: int = 0
     running_past_period: int = 0
+    # Inbox events set aside as undeliverable (api/inbox.py), past the period.
+    dead_letters_deleted: int = 0
 
 
 @dataclass

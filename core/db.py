@@ -241,6 +241,25 @@ class InboxEvent(SQLModel, table=True):
     priority: int = Field(default=3, sa_column_kwargs={"server_default": "3"})
 
 
+class DeadLetter(SQLModel, table=True):
+    """An inbox event Temporal refused for good (api/inbox.py), set aside
+    with the reason so the contact's later events go on; an operator lists
+    and retries it (``vectory inbox``). Holds the person's message: erased
+    and expired like the message log."""
+
+    __table_args__ = (UniqueConstraint("channel_id", "event_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    workspace_id: str = Field(index=True)
+    channel_id: str = Field(index=True)
+    contact_id: str = Field(index=True)
+    event_id: str
+    event: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    priority: int = 3
+    reason: str = ""
+    created_at: datetime = Field(default_factory=utcnow, index=True)  # when the webhook received it
+    dead_lettered_at: datetime = Field(default_factory=utcnow)
+
+
 class DataKey(SQLModel, table=True):
     """A workspace's payload-encryption key, wrapped by the master keyring.
     ``wrapped`` is None once destroyed (crypto-shredding); the row stays as a

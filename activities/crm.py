@@ -166,6 +166,7 @@ def record_inbound_event(
                     "platform_event_id": ev.event_id,
                     "run_id": "",
                     "recorded_by": input.recorder,
+                    "truncated": ev.truncated,
                     "created_at": _event_time(ev.timestamp_ms, now),
                 },
             )

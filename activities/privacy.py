@@ -39,6 +39,7 @@ from core.db import (
     Channel,
     Contact,
     ContactTag,
+    DeadLetter,
     ErasureJob,
     InboxEvent,
     Message,
@@ -192,6 +193,11 @@ class PrivacyActivities:
 
             run("messages", delete(Message).where(col(Message.contact_id).in_(contact_ids)))
             run("inbox", delete(InboxEvent).where(col(InboxEvent.contact_id).in_(contact_ids)))
+            # A dead letter may be all we hold of a person: an event refused before it was recorded.
+            dead = contact_ids + [input.contact_id] if input.scope == "contact" else contact_ids
+            run("dead_letters", delete(DeadLetter).where(
+                DeadLetter.workspace_id == input.workspace_id, col(DeadLetter.contact_id).in_(dead)
+            ))
             for contact_id in contact_ids:
                 if contact_id:
                     # A run's sends hold the contact id inside their key, a broadcast's at its end.
@@ -221,6 +227,7 @@ class PrivacyActivities:
                 ) or [""]
                 run("messages", delete(Message).where(col(Message.channel_id).in_(channel_ids)))
                 run("inbox", delete(InboxEvent).where(col(InboxEvent.channel_id).in_(channel_ids)))
+                run("dead_letters", delete(DeadLetter).where(col(DeadLetter.channel_id).in_(channel_ids)))
                 run("send_records", delete(SendRecord).where(col(SendRecord.channel_id).in_(channel_ids)))
                 run("runs", delete(Run).where(col(Run.channel_id).in_(channel_ids)))
                 run(
@@ -258,8 +265,8 @@ class PrivacyActivities:
 
     @activity.defn(name="retention_sweep")
     def retention_sweep(self, input: RetentionInput) -> RetentionResult:
-        """Delete messages and closed-run records older than each workspace's
-        retention period."""
+        """Delete messages, dead letters (by when they were received) and
+        closed-run records older than each workspace's retention period."""
         now = datetime.fromisoformat(input.now_iso)
         result = RetentionResult()
         with Session(self.engine) as db:
@@ -269,6 +276,12 @@ class PrivacyActivities:
                     delete(Message).where(Message.workspace_id == workspace_id, col(Message.created_at) < cutoff)
                 )
                 result.messages_deleted += deleted.rowcount or 0
+                deleted = db.exec(  # type: ignore[call-overload]
+                    delete(DeadLetter).where(
+                        DeadLetter.workspace_id == workspace_id, col(DeadLetter.created_at) < cutoff
+                    )
+                )
+                result.dead_letters_deleted += deleted.rowcount or 0
                 deleted = db.exec(  # type: ignore[call-overload]
                     delete(Run).where(
                         Run.workspace_id == workspace_id,

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import Priority, WorkflowIDConflictPolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from core.contracts import (
     CONVERSATION_WORKFLOW,
@@ -30,6 +31,28 @@ if TYPE_CHECKING:
 
 MAX_CONCURRENT_SIGNALS = 64
 SIGNAL_RPC_TIMEOUT = timedelta(seconds=3)
+
+# Answers about the request itself: sent again, it is refused again (a
+# payload over Temporal's limit is INVALID_ARGUMENT "Blob data size exceeds
+# limit", one over gRPC's message limit RESOURCE_EXHAUSTED "... larger than
+# max"). Every other status passes: Temporal down or busy (UNAVAILABLE,
+# DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, INTERNAL...), and the answers every
+# request meets until the deployment is fixed (NOT_FOUND namespace,
+# PERMISSION_DENIED, UNAUTHENTICATED, FAILED_PRECONDITION namespace not
+# active): their events wait in the inbox.
+REFUSED_FOR_GOOD = frozenset({RPCStatusCode.INVALID_ARGUMENT, RPCStatusCode.OUT_OF_RANGE})
+REASON_MAX_CHARS = 300
+
+
+def refusal(err: BaseException) -> str | None:
+    """Why Temporal will never take this request ("STATUS: message"), or
+    None when it may later (REFUSED_FOR_GOOD)."""
+    if not isinstance(err, RPCError):
+        return None
+    too_large = err.status == RPCStatusCode.RESOURCE_EXHAUSTED and "larger than max" in err.message
+    if err.status not in REFUSED_FOR_GOOD and not too_large:
+        return None
+    return f"{err.status.name}: {err.message}"[:REASON_MAX_CHARS]
 
 
 def _conversation_start(

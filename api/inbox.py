@@ -17,6 +17,13 @@ When Temporal is only slow (it has not taken the events within
 ``webhook_ack_wait_ms``), the webhook stores them and answers too, but its
 signal goes on: the rows are held (``InboxState.hold``), deleted when the
 signal lands and handed to the relay only if it fails.
+
+An event Temporal refuses for good (``api.dispatch.refusal``: a payload
+over its limit, say) is not retried forever, which held up the contact's
+later events and kept every webhook going through the database: the relay
+moves it to the dead letters (``DeadLetter``) with the reason after one
+attempt and goes on. ``vectory inbox dead-letters`` lists them and
+``vectory inbox retry`` moves them back (``requeue_dead_letters``).
 """
 
 from __future__ import annotations
@@ -28,16 +35,19 @@ from collections.abc import Callable
 from dataclasses import asdict
 
 from sqlalchemy import Engine
+from sqlalchemy import select as sa_select
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, delete, select
 from temporalio.service import RPCError
 
-from api.dispatch import priority_of, signal_conversation
+from api.dispatch import REASON_MAX_CHARS, priority_of, refusal, signal_conversation
 from core.contracts import Attachment, InboundEvent, contact_id_for
-from core.db import Channel, InboxEvent, utcnow
+from core.db import Channel, DeadLetter, InboxEvent, utcnow
+from core.observability import INBOX_DEAD_LETTERS
 
 log = logging.getLogger("vectory.inbox")
 INBOX = InboxEvent.__table__
+DEAD_LETTERS = DeadLetter.__table__
 
 RELAY_INTERVAL_SECONDS = 1.0
 RELAY_BATCH = 100
@@ -148,11 +158,13 @@ async def relay_once(
     in_flight: set[int] | frozenset = frozenset(),
     remember: Callable[[str], None] | None = None,
 ) -> int:
-    """Hand stored events to Temporal; returns how many were relayed.
+    """Hand stored events to Temporal; returns how many left the inbox.
 
     Contacts in parallel (at most RELAY_CONTACTS_IN_PARALLEL), each
     contact's events in order; a contact's rows are deleted once all of them
-    were signalled. A failure leaves that contact's rows for the next round
+    were signalled. An event Temporal refuses for good is set aside as a
+    dead letter (``_set_aside``) and the contact's next one goes on. Any
+    other failure leaves that contact's rows for the next round
     (re-signalled ones are deduplicated) and is raised after the others.
     Rows whose webhook's own signal is still on its way (``in_flight``) are
     left to it. ``remember`` is told each conversation signalled (the API's
@@ -168,17 +180,33 @@ async def relay_once(
 
     async def relay_contact(contact_rows: list[InboxEvent]) -> int:
         async with limit:
+            handed = []
             for row in contact_rows:
                 channel = channels.get(row.channel_id)
-                if channel is not None and channel.status == "active":
-                    await _after_webhooks()
+                if channel is None or channel.status != "active":
+                    handed.append(row.id)
+                    continue
+                await _after_webhooks()
+                try:
                     event = _event(row.event)
+                except (TypeError, ValueError) as err:  # written by another version of the code
+                    await asyncio.to_thread(_set_aside, engine, channel, row, f"stored event unreadable: {err}")
+                    continue
+                try:
                     workflow_id = await signal_conversation(
                         client, task_queue, channel, event.sender_id, "inbound", event
                     )
-                    if remember is not None:
-                        remember(workflow_id)
-            await asyncio.to_thread(_delete, engine, [r.id for r in contact_rows])
+                except RPCError as err:
+                    reason = refusal(err)
+                    if reason is None:
+                        raise
+                    await asyncio.to_thread(_set_aside, engine, channel, row, reason)
+                    continue
+                handed.append(row.id)
+                if remember is not None:
+                    remember(workflow_id)
+            if handed:
+                await asyncio.to_thread(_delete, engine, handed)
             return len(contact_rows)
 
     results = await asyncio.gather(*(relay_contact(r) for r in by_contact.values()), return_exceptions=True)
@@ -186,6 +214,56 @@ async def relay_once(
         if isinstance(result, BaseException):
             raise result
     return sum(results)  # type: ignore[arg-type]
+
+
+def _set_aside(engine: Engine, channel: Channel, row: InboxEvent, reason: str) -> None:
+    """Move an inbox row Temporal refused for good to the dead letters, in
+    one transaction (a dead letter of the same event, refused again after a
+    retry, is replaced). Logged without the event's content."""
+    reason = reason[:REASON_MAX_CHARS]
+    with engine.begin() as conn:
+        conn.execute(DEAD_LETTERS.delete().where(
+            DEAD_LETTERS.c.channel_id == row.channel_id, DEAD_LETTERS.c.event_id == row.event_id
+        ))
+        dead_id = conn.execute(DEAD_LETTERS.insert(), {
+            "workspace_id": channel.workspace_id, "channel_id": row.channel_id, "contact_id": row.contact_id,
+            "event_id": row.event_id, "event": row.event, "priority": row.priority, "reason": reason,
+            "created_at": row.created_at, "dead_lettered_at": utcnow(),
+        }).inserted_primary_key[0]
+        conn.execute(INBOX.delete().where(INBOX.c.id == row.id))
+    INBOX_DEAD_LETTERS.inc()
+    log.error("inbox event set aside as dead letter %s (channel %s): Temporal refused it for good: %s",
+              dead_id, row.channel_id, reason)
+
+
+def requeue_dead_letters(engine: Engine, ids: list[int] | None = None, workspace_id: str | None = None) -> list[int]:
+    """Move dead letters back into the inbox, where the relay (of a running
+    API, within a second) hands them over again: those of ``ids``, or every
+    one (of ``workspace_id``). Returns the ids moved; an event already in the
+    inbox again only loses its dead letter."""
+    query = sa_select(DEAD_LETTERS).order_by(DEAD_LETTERS.c.id)
+    if ids is not None:
+        query = query.where(DEAD_LETTERS.c.id.in_(ids))
+    if workspace_id is not None:
+        query = query.where(DEAD_LETTERS.c.workspace_id == workspace_id)
+    with engine.connect() as conn:
+        rows = conn.execute(query).all()
+    moved = []
+    for row in rows:
+        back = {
+            "channel_id": row.channel_id, "contact_id": row.contact_id, "event_id": row.event_id,
+            "event": row.event, "created_at": utcnow(), "priority": row.priority,
+        }
+        forget = DEAD_LETTERS.delete().where(DEAD_LETTERS.c.id == row.id)
+        try:
+            with engine.begin() as conn:
+                conn.execute(INBOX.insert(), back)
+                conn.execute(forget)
+        except IntegrityError:
+            with engine.begin() as conn:
+                conn.execute(forget)
+        moved.append(row.id)
+    return moved
 
 
 async def _after_webhooks() -> None:
@@ -315,6 +393,6 @@ async def run_relay(app) -> None:
                     inbox.backlog = False  # empty, and nothing stored meanwhile: webhooks dispatch directly
                 break
         except RPCError as err:
-            log.warning("inbox relay waiting for Temporal: %s", err.status)
+            log.warning("inbox relay waiting for Temporal (%s): %s", err.status.name, err.message[:REASON_MAX_CHARS])
         except Exception:
             log.exception("inbox relay failed; retrying")

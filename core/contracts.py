@@ -95,6 +95,9 @@ class InboundEvent:
     is_top_level_comment: bool = True
     # Story replies (message.reply_to.story) and mentions: the CDN URL only.
     story_url: str = ""
+    # Some text of the event was longer than the platform's maximum and was
+    # cut to it (core/inbound.py); stored with the message.
+    truncated: bool = False
 
 
 @dataclass
@@ -530,6 +533,8 @@ class RetentionResult:
     conversations_rotated: int = 0
     histories_deleted: int = 0
     running_past_period: int = 0
+    # Inbox events set aside as undeliverable (api/inbox.py), past the period.
+    dead_letters_deleted: int = 0
 
 
 @dataclass

@@ -29,6 +29,7 @@ from sqlalchemy import (
     insert,
     inspect,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -208,6 +209,9 @@ class Message(SQLModel, table=True):
     # Inbound: the conversation run (and the event's place in it) that
     # recorded the row; its own retry after a crash is not a redelivery.
     recorded_by: str = Field(default="", sa_column_kwargs={"server_default": ""})
+    # Inbound: the platform sent a longer text than it documents; cut to
+    # its maximum (core/inbound.py).
+    truncated: bool = Field(default=False, sa_column_kwargs={"server_default": sa_false()})
     created_at: datetime = Field(default_factory=utcnow, index=True)
 
 
@@ -322,6 +326,25 @@ class InboxEvent(SQLModel, table=True):
     # Temporal task priority of the event's conversation (workflows/common.py):
     # the relay hands conversations' events over before comments.
     priority: int = Field(default=3, sa_column_kwargs={"server_default": "3"})
+
+
+class DeadLetter(SQLModel, table=True):
+    """An inbox event Temporal refused for good (api/inbox.py), set aside
+    with the reason so the contact's later events go on; an operator lists
+    and retries it (``vectory inbox``). Holds the person's message: erased
+    and expired like the message log."""
+
+    __table_args__ = (UniqueConstraint("channel_id", "event_id"),)
+    id: int | None = Field(default=None, primary_key=True)
+    workspace_id: str = Field(index=True)
+    channel_id: str = Field(index=True)
+    contact_id: str = Field(index=True)
+    event_id: str
+    event: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    priority: int = 3
+    reason: str = ""
+    created_at: datetime = Field(default_factory=utcnow, index=True)  # when the webhook received it
+    dead_lettered_at: datetime = Field(default_factory=utcnow)
 
 
 class DataKey(SQLModel, table=True):

@@ -14,13 +14,16 @@ when it carries a referral), ``postback``, ``referral``, ``reaction``,
 ``comment`` (Instagram ``comments`` / ``live_comments``, Page ``feed``).
 
 Telegram: one update per request; the event id is ``tg:<update_id>``.
+
+Every text of an event is bounded (``_bounded``: the limits below), so no
+event outgrows what Temporal takes in one payload.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core.contracts import Attachment, InboundEvent
@@ -69,6 +72,58 @@ SURROGATE_RE = re.compile("[\ud800-\udfff]")
 MAX_TIMESTAMP_MS = 32_503_680_000_000
 
 
+# The longest texts the platforms deliver, as (maximum, counted in bytes of
+# UTF-8 rather than characters). A longer one is cut on a character boundary
+# and the event marked ``truncated``: carried whole, a 2.6 MB DM outgrew
+# Temporal's 2 MB payload limit and could never be handed over.
+TEXT_MAX = {"instagram": (1000, True), "messenger": (2000, False), "telegram": (4096, False)}  # DMs, titles
+COMMENT_MAX = {"instagram": (2200, False), "messenger": (8000, False)}
+# Postback / quick-reply payloads (Meta: 1,000 characters); Telegram callback_data: 64 bytes.
+PAYLOAD_MAX = {"instagram": (1000, False), "messenger": (1000, False), "telegram": (64, True)}
+REF_MAX = 2083  # characters of an ig.me / m.me ``ref``
+# Sane bounds where the platforms document none.
+NAME_MAX = 256  # characters of a first name, last name or username (Telegram: 64, 64, 32)
+URL_MAX = 4096  # characters of an attachment or story URL; a longer one is dropped (a cut URL points nowhere)
+ATTACHMENTS_MAX = 50  # attachments kept per message
+ID_MAX = 512  # characters of an id or attachment type; a longer value is not one
+
+
+def _cut(text: str, limit: tuple[int, bool]) -> str:
+    """``text`` within ``limit``, cut on a character boundary."""
+    maximum, in_bytes = limit
+    if not in_bytes:
+        return text[:maximum]
+    if len(text) * 4 <= maximum:  # no character takes more than 4 bytes
+        return text
+    return text.encode()[:maximum].decode(errors="ignore")  # drops only a character cut in two
+
+
+def _bounded(event: InboundEvent) -> InboundEvent:
+    """``event`` with every text within its bound, ``truncated`` when one was cut."""
+    limits: dict[str, tuple[int, bool]] = {
+        "text": (COMMENT_MAX if event.kind == "comment" else TEXT_MAX)[event.platform],
+        "payload": PAYLOAD_MAX[event.platform],
+        "ref": (REF_MAX, False),
+        "first_name": (NAME_MAX, False),
+        "last_name": (NAME_MAX, False),
+        "username": (NAME_MAX, False),
+    }
+    changes: dict[str, Any] = {}
+    for name, limit in limits.items():
+        value = getattr(event, name)
+        cut = _cut(value, limit)
+        if cut != value:
+            changes[name] = cut
+    attachments = [
+        a if len(a.url) <= URL_MAX else Attachment(type=a.type) for a in event.attachments[:ATTACHMENTS_MAX]
+    ]
+    if attachments != event.attachments:
+        changes["attachments"] = attachments
+    if len(event.story_url) > URL_MAX:
+        changes["story_url"] = ""
+    return replace(event, **changes, truncated=True) if changes else event
+
+
 def _clean(text: str) -> str:
     """Text the database can store: no NUL (PostgreSQL text cannot hold
     one), lone surrogates replaced by U+FFFD."""
@@ -80,10 +135,11 @@ def _clean(text: str) -> str:
 
 
 def _id(value: Any) -> str:
-    """A platform id as a string, or "" when absent / not an id."""
+    """A platform id as a string, or "" when absent / not an id (longer than ID_MAX)."""
     if value is None or isinstance(value, bool) or isinstance(value, dict | list):
         return ""
-    return _clean(str(value))
+    text = str(value)
+    return _clean(text) if len(text) <= ID_MAX else ""
 
 
 def _str(value: Any) -> str:
@@ -99,7 +155,7 @@ def _int(value: Any) -> int:
         return value
     if isinstance(value, float):
         return int(value) if math.isfinite(value) else 0
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= 20:  # int() refuses 4,300 digits
         return int(value.strip())
     return 0
 
@@ -141,7 +197,7 @@ def parse_meta_webhook(payload: Any) -> ParseResult:
             messaging = []
         for item in messaging:
             try:
-                result.events.append(_meta_messaging_item(item, platform, entry_id))
+                result.events.append(_bounded(_meta_messaging_item(item, platform, entry_id)))
             except _Skip as skip:
                 result.ignored.append((skip.event_id, skip.reason))
 
@@ -152,7 +208,7 @@ def parse_meta_webhook(payload: Any) -> ParseResult:
         entry_time = _timestamp_ms(entry.get("time"))
         for change in changes:
             try:
-                result.events.append(_meta_change(change, platform, entry_id, entry_time))
+                result.events.append(_bounded(_meta_change(change, platform, entry_id, entry_time)))
             except _Skip as skip:
                 result.ignored.append((skip.event_id, skip.reason))
 
@@ -297,7 +353,7 @@ def _meta_messaging_item(item: Any, platform: str, entry_id: str) -> InboundEven
         raw_attachments = message.get("attachments")
         for att in raw_attachments if isinstance(raw_attachments, list) else []:
             att = _dict(att)
-            att_type = _str(att.get("type"))
+            att_type = _id(att.get("type")) if isinstance(att.get("type"), str) else ""
             if not att_type:
                 continue
             # Store the CDN URL only, never the media (DESIGN.md §4).
@@ -368,9 +424,9 @@ def parse_telegram_update(update: Any, bot_id: str) -> ParseResult:
     event_id = f"tg:{update_id}"
     try:
         if "message" in update:
-            result.events.append(_telegram_message(update["message"], event_id, bot_id))
+            result.events.append(_bounded(_telegram_message(update["message"], event_id, bot_id)))
         elif "callback_query" in update:
-            result.events.append(_telegram_callback(update["callback_query"], event_id, bot_id))
+            result.events.append(_bounded(_telegram_callback(update["callback_query"], event_id, bot_id)))
         elif "edited_message" in update:
             raise _Skip(event_id, "edited message")
         else:

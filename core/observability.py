@@ -12,6 +12,9 @@ Metrics (prometheus_client, default registry; created once at import so
   log's unique row (counted by the ``record_inbound`` activity; redeliveries
   the conversation drops from its in-memory set are not counted, because
   workflow code never touches metrics).
+- ``vectory_inbox_dead_letters_total`` inbox events Temporal refused for
+  good, set aside by the API's relay (``api/inbox.py``; ``vectory inbox
+  dead-letters`` lists them).
 - ``vectory_runs_started_total{trigger}`` ``api``: starts accepted by
   ``POST /v1/automations/{id}/runs`` (API process); ``any``: run rows
   created by the ``record_run`` activity (worker process, every trigger).
@@ -76,6 +79,10 @@ EVENTS_UNRECORDABLE = Counter(
 CONVERSATIONS_STARTED_EAGERLY = Counter(
     "vectory_conversations_started_eagerly",
     "New conversations whose first task Temporal handed straight to the API's worker (api/ingress.py).",
+)
+INBOX_DEAD_LETTERS = Counter(
+    "vectory_inbox_dead_letters",
+    "Inbox events Temporal refused for good, set aside as dead letters (the contact's later events go on).",
 )
 RUNS_STARTED = Counter(
     "vectory_runs_started",

@@ -142,3 +142,26 @@ def contact_id_of(stack: Stack, channel_id: str, platform_user_id: str) -> str:
         channel = db.get(Channel, channel_id)
         assert channel is not None
         return contact_id_for(channel_id, platform_user_id, key=channel.contact_key)
+
+
+class RefusingTemporal:
+    """The API's Temporal client, recording the event id of each event handed
+    over (signal-with-start or eager start) and refusing those in ``refuse``
+    for good (INVALID_ARGUMENT, as Temporal answers a payload over its limit)."""
+
+    def __init__(self, client, refuse: set[str] | None = None) -> None:
+        self._client, self.refuse = client, refuse if refuse is not None else set()
+        self.handed: list[str] = []
+
+    def __getattr__(self, name):
+        return getattr(self._client, name)
+
+    async def start_workflow(self, *args, **kwargs):
+        from temporalio.service import RPCError, RPCStatusCode
+
+        events = kwargs.get("start_signal_args") or getattr(args[1], "first_events", [])
+        ids = [e.event_id for e in events if hasattr(e, "event_id")]
+        self.handed += ids
+        if self.refuse & set(ids):
+            raise RPCError("Blob data size exceeds limit.", RPCStatusCode.INVALID_ARGUMENT, b"")
+        return await self._client.start_workflow(*args, **kwargs)

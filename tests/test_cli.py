@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import secrets
+import time
 import zipfile
 from pathlib import Path
 
@@ -30,10 +31,12 @@ from workers.main import WORKFLOWS, workflow_runner
 
 from conftest import APP_SECRET, free_port
 from helpers import (
+    RefusingTemporal,
     connect_instagram,
     create_automation,
     create_tenant,
     new_sender,
+    sandbox_messages,
     send_dm,
     text_of,
     wait_for,
@@ -269,6 +272,64 @@ async def test_workspace_export_matches_the_api_archive(stack, flow, tmp_path):
     assert result.exit_code == 1
     assert "workspace not found" in result.stderr
     assert not (tmp_path / "x.zip").exists()
+
+
+# -- inbox dead letters -----------------------------------------------------------
+
+
+async def test_inbox_dead_letters_are_listed_and_retried(stack):
+    """A DM Temporal refuses for good (INVALID_ARGUMENT) is set aside after
+    the relay's one attempt, without tripping the webhooks' circuit breaker
+    for everyone else; the CLI lists it (reason, no content) and, once the
+    cause is gone, retries it: the relay hands it over and it is answered."""
+    from core.db import DeadLetter
+
+    tenant = await create_tenant(stack, "Dead letters")
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["price"]},
+                            [{"id": "r", "type": "send_message", "text": REPLY}])
+    state = stack.api_app.state
+    client = state.temporal
+    person, mid = new_sender(), f"m-refused-{secrets.token_hex(4)}"
+    refusing = RefusingTemporal(client, refuse={mid})
+    state.temporal = refusing
+    try:
+        await send_dm(stack, account_id, person, "price, secret words", mid=mid)
+
+        def dead_letters() -> list:
+            with Session(stack.deps.engine) as db:
+                return list(db.exec(select(DeadLetter).where(DeadLetter.channel_id == channel["id"])).all())
+
+        async def set_aside():
+            return await asyncio.to_thread(dead_letters)
+
+        assert await wait_for(set_aside, timeout=15)
+        assert state.temporal_down_until < time.monotonic()  # not "Temporal is down"
+        assert refusing.handed.count(mid) == 2  # the webhook's signal, then the relay's one attempt
+        assert await sandbox_messages(stack, person) == []
+    finally:
+        state.temporal = client
+
+    result = await invoke(stack, ["inbox", "dead-letters", "--workspace", tenant.workspace_id])
+    assert result.exit_code == 0, result.output
+    assert "INVALID_ARGUMENT: Blob data size exceeds limit." in result.output
+    assert "secret words" not in result.output
+    result = await invoke(stack, ["inbox", "dead-letters", "--workspace", tenant.workspace_id, "--json"])
+    [row] = [json.loads(line) for line in result.stdout.splitlines()]
+    assert row["event_id"] == mid and row["kind"] == "message" and row["workspace_id"] == tenant.workspace_id
+
+    result = await invoke(stack, ["inbox", "retry"])
+    assert result.exit_code == 1 and "give dead letter ids or --all" in result.stderr
+    result = await invoke(stack, ["inbox", "retry", str(row["id"])])
+    assert result.exit_code == 0, result.output
+    assert "moved 1 dead letter(s) back to the inbox" in result.output
+    assert [text_of(c) for c in await wait_for_messages(stack, person, 1)] == [REPLY]
+    result = await invoke(stack, ["inbox", "dead-letters", "--workspace", tenant.workspace_id])
+    assert "no dead letters" in result.output
+    result = await invoke(stack, ["inbox", "retry", str(row["id"])])
+    assert result.exit_code == 1 and f"no dead letter with id {row['id']}" in result.stderr
+    result = await invoke(stack, ["inbox", "retry", "--all", "--workspace", tenant.workspace_id])
+    assert result.exit_code == 0 and "moved 0 dead letter(s)" in result.output
 
 
 # -- keys and migrate (own database, no stack) -------------------------------------

@@ -49,7 +49,7 @@ def test_every_table_with_personal_or_workspace_data_is_exported():
     assert "workspace" in EXPORTED_TABLES
     assert set(NOT_EXPORTED) == {"datakey", "sendrecord", "inboxevent", "ratebucket"}
     assert all(reason for reason in NOT_EXPORTED.values())
-    assert {"contact", "message", "run"} <= contact_tables()
+    assert {"contact", "message", "run", "deadletter"} <= contact_tables()
     for spec_name, spec in EXPORTED_TABLES.items():
         assert spec_name == spec.table.name
         assert spec.excluded <= set(spec.table.c.keys()), f"{spec_name}: excludes an unknown column"
@@ -109,6 +109,7 @@ async def test_contact_and_workspace_export_end_to_end(stack):
     assert [run["id"] for run in doc["runs"]] == [runs[0]["id"]]
     assert doc["runs"][0]["automation_id"] == automation["id"]
     assert isinstance(doc["ai_usage"], list)
+    assert doc["dead_letters"] == []  # nothing of theirs was refused by Temporal
     assert all(entry["target"] == contact["id"] for entry in doc["audit"])
 
     # The export itself is audited.

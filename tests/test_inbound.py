@@ -821,3 +821,80 @@ def test_telegram_other_update_types_and_bots_are_ignored() -> None:
 def test_malformed_telegram_update_raises(update: object) -> None:
     with pytest.raises(MalformedPayload):
         parse_telegram_update(update, BOT_ID)
+
+
+# ------------------------------------------------------------------- bounded texts
+
+
+def _one(payload: dict, bot_id: str = BOT_ID):
+    result = parse_telegram_update(payload, bot_id) if "update_id" in payload else parse_meta_webhook(payload)
+    assert result.ignored == [], result.ignored
+    [event] = result.events
+    return event
+
+
+def test_dm_texts_are_cut_to_the_platforms_maximums_on_a_character_boundary() -> None:
+    from sandbox import payloads
+
+    # Instagram counts 1,000 bytes of UTF-8: "é" (2 bytes) at bytes 999-1000 does not fit.
+    text = "a" * 999 + "é" + "rest"
+    event = _one(payloads.instagram_webhook({IG_ACCOUNT: [payloads.instagram_dm(IG_ACCOUNT, IGSID_A, text)]}))
+    assert event.text == "a" * 999 and event.truncated
+    emoji = "😀" * 300  # 1,200 bytes: 250 emoji fit
+    event = _one(payloads.instagram_webhook({IG_ACCOUNT: [payloads.instagram_dm(IG_ACCOUNT, IGSID_A, emoji)]}))
+    assert event.text == "😀" * 250 and len(event.text.encode()) == 1000 and event.truncated
+    # Messenger counts 2,000 characters, Telegram 4,096 (a caption too).
+    event = _one(payloads.page_webhook({"1": [payloads.instagram_dm("1", IGSID_A, "é" * 2500)]}))
+    assert event.text == "é" * 2000 and event.truncated
+    event = _one(payloads.telegram_message_update(1, 42, "ж" * 5000))
+    assert event.text == "ж" * 4096 and event.truncated
+    # Texts at the maximum are untouched.
+    for payload in (
+        payloads.instagram_webhook({IG_ACCOUNT: [payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "é" * 500)]}),
+        payloads.page_webhook({"1": [payloads.instagram_dm("1", IGSID_A, "é" * 2000)]}),
+        payloads.telegram_message_update(2, 42, "ж" * 4096),
+    ):
+        event = _one(payload)
+        assert not event.truncated and len(event.text) in (500, 2000, 4096)
+
+
+def test_every_other_text_of_an_event_is_bounded_too() -> None:
+    from core import inbound
+    from sandbox import payloads
+
+    def ig(item: dict):
+        return _one(payloads.instagram_webhook({IG_ACCOUNT: [item]}))
+
+    event = ig(payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "hi", quick_reply_payload="P" * 5000))
+    assert event.payload == "P" * 1000 and event.truncated
+    event = ig(payloads.postback(IG_ACCOUNT, IGSID_A, "Q" * 5000, title="T" * 5000))
+    assert (event.payload, event.text, event.truncated) == ("Q" * 1000, "T" * 1000, True)
+    event = ig(payloads.referral(IG_ACCOUNT, IGSID_A, "r" * 10_000))
+    assert event.ref == "r" * 2083 and event.truncated
+    long_url = "https://cdn.example/" + "x" * 10_000
+    event = ig(payloads.instagram_dm(IG_ACCOUNT, IGSID_A, attachments=[("image", long_url)] + [("image", "u")] * 99))
+    assert len(event.attachments) == inbound.ATTACHMENTS_MAX and event.truncated
+    assert event.attachments[0] == Attachment(type="image")  # a cut URL would point nowhere: dropped
+    event = ig(payloads.story_reply(IG_ACCOUNT, IGSID_A, "nice", long_url))
+    assert event.story_url == "" and event.truncated
+    event = _one(payloads.instagram_comment(IG_ACCOUNT, IGSID_B, "c" * 9000, media_id="1"))
+    assert event.text == "c" * 2200 and event.truncated
+    event = _one(payloads.page_comment("1", IGSID_B, "c" * 9000, post_id="1_2"))
+    assert event.text == "c" * 8000 and event.truncated
+    event = _one(payloads.telegram_callback_update(3, 42, "d" * 100))
+    assert event.payload == "d" * 64 and event.truncated
+    event = _one(payloads.telegram_message_update(4, 42, "hi", first_name="F" * 1000, username="u" * 1000))
+    assert (event.first_name, event.username) == ("F" * 256, "u" * 256) and event.truncated
+    assert not ig(payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "hi", quick_reply_payload="OK")).truncated
+
+
+def test_an_id_longer_than_any_platform_id_is_not_one_and_a_huge_timestamp_is_no_time() -> None:
+    from sandbox import payloads
+
+    result = parse_meta_webhook(payloads.instagram_webhook(
+        {IG_ACCOUNT: [payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "hi", mid="m" * 600)]}
+    ))
+    assert result.events == [] and result.ignored == [("?", "message without mid")]
+    item = payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "hi")
+    item["timestamp"] = "9" * 5000  # int() refuses it: the parse must not fail
+    assert _one(payloads.instagram_webhook({IG_ACCOUNT: [item]})).timestamp_ms == 0

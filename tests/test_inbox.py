@@ -10,19 +10,24 @@ from sqlmodel import Session, func, select
 from temporalio.client import Client
 
 from core.codec import data_converter
-from core.db import InboxEvent
+from core.contracts import InboundEvent
+from core.db import Channel, DeadLetter, InboxEvent, Message
 from sandbox import payloads
 
 from conftest import free_port, serve, start_dev_server
 from helpers import (
+    RefusingTemporal,
     connect_instagram,
+    contact_id_of,
     create_automation,
     create_tenant,
     new_sender,
     post_meta,
     sandbox_messages,
     send_dm,
+    text_of,
     wait_for,
+    wait_for_messages,
 )
 
 
@@ -347,3 +352,148 @@ def test_rows_held_by_their_webhooks_signals_do_not_hide_the_rows_behind_them(tm
         held += inbox.store(engine, [(channel, InboundEvent(f"h{i}", "instagram", "1784", f"p{i}", "message"))])
     inbox.store(engine, [(channel, InboundEvent("late", "instagram", "1784", "someone", "message"))])
     assert [row.event_id for row in inbox._load(engine, set(held))] == ["late"]
+
+
+def _dead_letters(stack, channel_id: str) -> list[DeadLetter]:
+    with Session(stack.deps.engine) as db:
+        return list(db.exec(select(DeadLetter).where(DeadLetter.channel_id == channel_id)).all())
+
+
+async def _answering_tenant(stack, keyword: str, reply: str):
+    """A tenant whose connected account answers ``keyword``: (tenant, channel id, account id)."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": [keyword]},
+                            [{"id": "r", "type": "send_message", "text": reply}])
+    return tenant, channel["id"], account_id
+
+
+async def test_a_huge_dm_is_acknowledged_stored_truncated_and_answered(stack):
+    """Webhook bodies may be 4 MB, a Temporal payload only 2 MB: a signed
+    DM with a 2.6 MB text was retried by the relay forever. It is cut to
+    Instagram's 1,000 bytes, recorded as truncated and answered."""
+    tenant, channel_id, account_id = await _answering_tenant(stack, "price", "answered")
+    state = stack.api_app.state
+    person = new_sender()
+    text = "price? " + "é" * 1_300_000  # 2.6 MB of UTF-8
+    r = await _post_dm(stack, account_id, person, text)
+    assert r.status_code == 200 and r.json()["dispatched"] == 1, r.text
+    assert [text_of(c) for c in await wait_for_messages(stack, person, 1)] == ["answered"]
+    contact_id = contact_id_of(stack, channel_id, person)
+    with Session(stack.deps.engine) as db:
+        [stored] = db.exec(select(Message).where(Message.contact_id == contact_id, Message.direction == "in")).all()
+    assert stored.truncated
+    assert stored.text == "price? " + "é" * 496  # 7 + 2 × 496 = 999 bytes: the next "é" does not fit
+    r = await stack.api.get(f"/v1/contacts/{contact_id}/messages", headers=tenant.headers)
+    [logged] = [m for m in r.json()["data"] if m["direction"] == "in"]
+    assert logged["truncated"] is True
+    assert await _inbox_rows(stack, channel_id) == 0 and _dead_letters(stack, channel_id) == []
+
+    async def drained():
+        return not state.inbox.backlog
+
+    assert await wait_for(drained, timeout=10)
+
+
+async def test_an_event_temporal_refuses_for_good_is_set_aside_and_the_contact_goes_on(stack):
+    """An event over Temporal's payload limit (stored bypassing the parser's
+    bounds) is refused with INVALID_ARGUMENT: after one attempt the relay
+    moves it to the dead letters with that reason, the inbox leaves backlog
+    mode and the same person's next message is answered. The dead letter is
+    theirs: it is in their export."""
+    from api.inbox import store
+    from core.observability import INBOX_DEAD_LETTERS
+
+    tenant, channel_id, account_id = await _answering_tenant(stack, "price", "answered")
+    state = stack.api_app.state
+    person = new_sender()
+    await send_dm(stack, account_id, person, "price?")
+    assert len(await wait_for_messages(stack, person, 1)) == 1
+    client = state.temporal
+    counting = RefusingTemporal(client)
+    before = INBOX_DEAD_LETTERS._value.get()
+    huge = InboundEvent("m-huge-" + person, "instagram", account_id, person, "message", text="price " + "x" * 2_600_000)
+    with Session(stack.deps.engine, expire_on_commit=False) as db:
+        channel = db.get(Channel, channel_id)
+    state.temporal = counting
+    try:
+        store(stack.deps.engine, [(channel, huge)])
+        state.inbox.stored_one()
+
+        async def set_aside():
+            return _dead_letters(stack, channel_id)
+
+        [dead] = await wait_for(set_aside, timeout=15)
+        assert dead.event_id == huge.event_id and dead.workspace_id == tenant.workspace_id
+        assert dead.reason == "INVALID_ARGUMENT: Blob data size exceeds limit."
+        assert dead.contact_id == contact_id_of(stack, channel_id, person)
+        assert await _inbox_rows(stack, channel_id) == 0
+
+        async def drained():
+            return not state.inbox.backlog
+
+        assert await wait_for(drained, timeout=10)  # webhooks dispatch directly again
+        await send_dm(stack, account_id, person, "price again")
+        assert [text_of(c) for c in await wait_for_messages(stack, person, 2)] == ["answered", "answered"]
+        await asyncio.sleep(1.2)  # a relay round: the event is not tried again
+        assert counting.handed.count(huge.event_id) == 1
+    finally:
+        state.temporal = client
+    assert INBOX_DEAD_LETTERS._value.get() == before + 1
+    assert "vectory_inbox_dead_letters_total" in (await stack.api.get("/metrics")).text
+    export = (await stack.api.get(f"/v1/contacts/{dead.contact_id}/export", headers=tenant.headers)).json()
+    assert [d["event_id"] for d in export["dead_letters"]] == [huge.event_id]
+    assert export["dead_letters"][0]["reason"].startswith("INVALID_ARGUMENT")
+
+
+def test_only_answers_about_the_request_itself_set_an_event_aside():
+    """Temporal down, busy or misconfigured (every event would meet it):
+    the events wait in the inbox. Refused for what they are: set aside."""
+    from temporalio.service import RPCError, RPCStatusCode
+
+    from api.dispatch import refusal
+
+    def err(status: RPCStatusCode, message: str = "no") -> RPCError:
+        return RPCError(message, status, b"")
+
+    for status in (RPCStatusCode.UNAVAILABLE, RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.RESOURCE_EXHAUSTED,
+                   RPCStatusCode.INTERNAL, RPCStatusCode.CANCELLED, RPCStatusCode.PERMISSION_DENIED,
+                   RPCStatusCode.UNAUTHENTICATED, RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+        assert refusal(err(status)) is None, status
+    assert refusal(TimeoutError()) is None
+    assert refusal(err(RPCStatusCode.INVALID_ARGUMENT, "Blob data size exceeds limit.")) == (
+        "INVALID_ARGUMENT: Blob data size exceeds limit."
+    )
+    too_large = err(RPCStatusCode.RESOURCE_EXHAUSTED, "grpc: received message after decompression larger than max 4194304")
+    assert refusal(too_large).startswith("RESOURCE_EXHAUSTED: grpc: received message")
+
+
+async def test_a_stored_event_this_code_cannot_read_is_set_aside_not_retried(tmp_path):
+    """A row written by another version of the code (a field this one does
+    not know) failed the relay's every round, and the rows behind it waited."""
+    from sqlmodel import SQLModel
+
+    from api import inbox
+    from core.db import Workspace, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'inbox.db'}")
+    SQLModel.metadata.create_all(engine)
+    channel = Channel(id="ch_1", workspace_id="ws_1", platform="instagram", external_id="1784", status="active")
+    with Session(engine, expire_on_commit=False) as db:
+        db.add(Workspace(id="ws_1", name="w", api_key_hash="h"))
+        db.commit()
+        db.add(channel)
+        db.commit()
+    [row_id] = inbox.store(engine, [(channel, InboundEvent("m1", "instagram", "1784", "p1", "message", text="hi"))])
+    with engine.begin() as conn:
+        conn.execute(inbox.INBOX.update().where(inbox.INBOX.c.id == row_id).values(
+            event={"event_id": "m1", "platform": "instagram", "account_id": "1784", "sender_id": "p1",
+                   "kind": "message", "text": "hi", "from_the_future": 1}
+        ))
+    assert await inbox.relay_once(engine, client=None, task_queue="q") == 1
+    with Session(engine) as db:
+        [dead] = db.exec(select(DeadLetter)).all()
+        assert db.exec(select(func.count()).select_from(InboxEvent)).one() == 0
+    assert dead.event_id == "m1" and dead.workspace_id == "ws_1"
+    assert dead.reason.startswith("stored event unreadable: ") and "from_the_future" in dead.reason
+    assert "hi" not in dead.reason.replace("from_the_future", "")

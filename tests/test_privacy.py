@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import inspect, text
-from sqlmodel import Session
+from sqlmodel import Session, select
 from temporalio.api.common.v1 import Payload
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -23,7 +23,7 @@ from core.contracts import (
     contact_id_for,
     conversation_workflow_id,
 )
-from core.db import Channel, Message, Workspace
+from core.db import Channel, DeadLetter, Message, Workspace
 
 from conftest import ADMIN_TOKEN, CODEC_TOKEN
 from helpers import (
@@ -60,6 +60,12 @@ async def run_flow(stack, tenant, account_id, channel_id, person, keyword="price
     await wait_for_messages(stack, person, 1)
 
 
+def _dead_letter(workspace_id: str, channel_id: str, contact_id: str, person: str, text: str, **kw) -> DeadLetter:
+    return DeadLetter(workspace_id=workspace_id, channel_id=channel_id, contact_id=contact_id,
+                      event_id=f"m-{person}-{text}", event={"sender_id": person, "text": text},
+                      reason="INVALID_ARGUMENT: Blob data size exceeds limit.", **kw)
+
+
 async def wait_job(stack, tenant, job_id, timeout=30):
     async def done():
         r = await stack.api.get(f"/v1/erasures/{job_id}", headers=tenant.headers)
@@ -78,6 +84,9 @@ async def test_erasing_a_contact_deletes_every_row_about_them(stack):
                              json={"channel_id": channel["id"], "text": "Lamps are back"})
     assert r.status_code == 202, r.text
     await wait_for_messages(stack, person, 2)
+    with Session(stack.deps.engine) as db:  # an event of theirs Temporal refused (api/inbox.py)
+        db.add(_dead_letter(tenant.workspace_id, channel["id"], contact["id"], person, "the unicorn lamp again"))
+        db.commit()
     assert rows_mentioning(stack.deps.engine, [person, "unicorn lamp", "Quincy"])
 
     other = await create_tenant(stack, "Other")
@@ -147,6 +156,9 @@ async def test_erasing_a_workspace_revokes_deletes_and_crypto_shreds_histories(s
         for p in e.workflow_execution_started_event_attributes.input.payloads
     ]
     assert encrypted and encrypted[0].metadata["encoding"] == b"binary/encrypted"
+    with Session(stack.deps.engine) as db:  # refused before it was recorded: no contact row
+        db.add(_dead_letter(tenant.workspace_id, channel["id"], "ct_never_recorded", person, "unicorn lamp?"))
+        db.commit()
 
     codec_body = {"payloads": [{"metadata": {k: base64.b64encode(v).decode() for k, v in p.metadata.items()},
                                 "data": base64.b64encode(p.data).decode()} for p in encrypted]}
@@ -227,6 +239,8 @@ async def test_retention_sweep_deletes_only_messages_older_than_the_period(stack
             for age, label in ((100, "old"), (5, "new")):
                 db.add(Message(workspace_id=ws.workspace_id, channel_id="ch_x", contact_id="ct_x", direction="in",
                                text=f"{label}-{ws.workspace_id}", created_at=now - timedelta(days=age)))
+                db.add(_dead_letter(ws.workspace_id, "ch_x", "ct_x", "p", f"{label}-{ws.workspace_id}",
+                                    created_at=now - timedelta(days=age)))
         db.commit()
     result = await stack.client.execute_workflow(
         RETENTION_SWEEP_WORKFLOW, RetentionSweepInput(), id=f"retention-test-{short.workspace_id}",
@@ -238,6 +252,11 @@ async def test_retention_sweep_deletes_only_messages_older_than_the_period(stack
     assert f"old-{short.workspace_id}" not in texts
     assert f"new-{short.workspace_id}" in texts
     assert {f"old-{long_.workspace_id}", f"new-{long_.workspace_id}"} <= texts
+    assert result.dead_letters_deleted >= 1
+    with Session(stack.deps.engine) as db:
+        dead = {row.event["text"] for row in db.exec(select(DeadLetter).where(DeadLetter.channel_id == "ch_x")).all()}
+    assert f"old-{short.workspace_id}" not in dead
+    assert {f"new-{short.workspace_id}", f"old-{long_.workspace_id}", f"new-{long_.workspace_id}"} <= dead
 
 
 async def decoded_history(stack, workflow_id: str, run_id: str) -> str:

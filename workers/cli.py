@@ -9,6 +9,8 @@ Settings come from the environment like the API and the worker
     vectory runs replay RUN_ID [--out tests/histories/NAME.json]
     vectory keys rotate [--check]
     vectory workspace export WORKSPACE_ID --out FILE.zip
+    vectory inbox dead-letters [--workspace WS] [--limit N] [--json]
+    vectory inbox retry ID... | --all [--workspace WS]
     vectory migrate
 
 Errors print one ``error: ...`` line on stderr and exit 1 (``simulate``
@@ -44,10 +46,12 @@ simulate_app = typer.Typer(help="Simulate inbound platform events against a runn
 runs_app = typer.Typer(help="Automation runs: list, inspect, replay.", no_args_is_help=True)
 keys_app = typer.Typer(help="Master-key rotation of stored secrets.", no_args_is_help=True)
 workspace_app = typer.Typer(help="Workspace operations.", no_args_is_help=True)
+inbox_app = typer.Typer(help="The durable inbox: events Temporal refused for good (dead letters).", no_args_is_help=True)
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(runs_app, name="runs")
 app.add_typer(keys_app, name="keys")
 app.add_typer(workspace_app, name="workspace")
+app.add_typer(inbox_app, name="inbox")
 
 # Temporal: a CLI fails fast instead of waiting for a server to come up.
 CONNECT_ATTEMPTS = 2
@@ -584,6 +588,73 @@ def workspace_export(
     finally:
         partial.unlink(missing_ok=True)
     typer.echo(f"exported {sum(counts.values())} row(s) from {len(counts)} table(s) to {out}")
+
+
+# -- inbox -------------------------------------------------------------------------
+
+
+@inbox_app.command("dead-letters")
+@_errors_to_exit
+def inbox_dead_letters(
+    workspace: str | None = typer.Option(None, "--workspace", "-w", help="only this workspace's dead letters"),
+    limit: int = typer.Option(100, "--limit", "-n", min=1, max=10000),
+    as_json: bool = typer.Option(False, "--json", help="JSON lines instead of a table"),
+) -> None:
+    """Inbox events Temporal refused for good, oldest first, with the reason (never their content)."""
+    from sqlmodel import Session, col, select
+
+    from core.db import DeadLetter
+
+    query = select(DeadLetter)
+    if workspace:
+        query = query.where(DeadLetter.workspace_id == workspace)
+    with Session(_engine(_settings())) as db:
+        rows = db.exec(query.order_by(col(DeadLetter.id)).limit(limit)).all()
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps({
+                "id": row.id, "workspace_id": row.workspace_id, "channel_id": row.channel_id,
+                "contact_id": row.contact_id, "event_id": row.event_id, "kind": row.event.get("kind", ""),
+                "reason": row.reason, "received_at": _iso(row.created_at),
+                "dead_lettered_at": _iso(row.dead_lettered_at),
+            }))
+        return
+    console = _console()
+    if not rows:
+        console.print("no dead letters")
+        return
+    table = Table(title=f"dead letters ({len(rows)})", title_justify="left")
+    for name in ("id", "workspace", "channel", "contact", "kind", "reason"):
+        table.add_column(name, overflow="fold")
+    table.add_column("received (UTC)", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            str(row.id), row.workspace_id, row.channel_id, row.contact_id, str(row.event.get("kind", "")),
+            row.reason, _when(row.created_at),
+        )
+    console.print(table)
+
+
+@inbox_app.command("retry")
+@_errors_to_exit
+def inbox_retry(
+    ids: list[int] | None = typer.Argument(None, help="dead letter ids (from `vectory inbox dead-letters`)"),
+    all_: bool = typer.Option(False, "--all", help="every dead letter (of --workspace)"),
+    workspace: str | None = typer.Option(None, "--workspace", "-w", help="with --all: only this workspace's"),
+) -> None:
+    """Move dead letters back into the inbox: the API's relay hands them to Temporal again within a second
+    (one refused again becomes a dead letter again)."""
+    from api.inbox import requeue_dead_letters
+
+    if bool(ids) == all_:
+        _fail("give dead letter ids or --all")
+    if workspace and not all_:
+        _fail("--workspace goes with --all")
+    moved = requeue_dead_letters(_engine(_settings()), ids=None if all_ else ids, workspace_id=workspace)
+    missing = sorted(set(ids or []) - set(moved))
+    typer.echo(f"moved {len(moved)} dead letter(s) back to the inbox")
+    if missing:
+        _fail(f"no dead letter with id {', '.join(map(str, missing))}")
 
 
 # -- migrate -----------------------------------------------------------------------

@@ -78,6 +78,8 @@ class MessagePublic(BaseModel):
     text: str
     payload: str
     run_id: str
+    # Inbound: the platform sent more than its documented maximum; the text was cut to it.
+    truncated: bool = False
     created_at: datetime
 
 
@@ -231,6 +233,7 @@ def list_messages(
                 text=m.text,
                 payload=m.payload,
                 run_id=m.run_id,
+                truncated=m.truncated,
                 created_at=m.created_at,
             )
             for m in rows

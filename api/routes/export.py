@@ -35,6 +35,7 @@ from core.db import (
     Channel,
     Contact,
     ContactTag,
+    DeadLetter,
     ErasureJob,
     Message,
     Run,
@@ -87,6 +88,7 @@ EXPORTED_TABLES: dict[str, TableExport] = {
     "contact": TableExport(Contact, "workspace_id", contact_key="contact", contact_scope="id"),
     "contacttag": TableExport(ContactTag, "workspace_id", contact_key="tag_keys", contact_scope="contact_id"),
     "message": TableExport(Message, "workspace_id", contact_key="messages", contact_scope="contact_id"),
+    "deadletter": TableExport(DeadLetter, "workspace_id", contact_key="dead_letters", contact_scope="contact_id"),
     "run": TableExport(Run, "workspace_id", contact_key="runs", contact_scope="contact_id"),
     "aiusage": TableExport(AiUsage, "workspace_id", contact_key="ai_usage", contact_scope="run_id"),
     "auditentry": TableExport(AuditEntry, "workspace_id", contact_key="audit", contact_scope="target"),
@@ -97,7 +99,8 @@ EXPORTED_TABLES: dict[str, TableExport] = {
 NOT_EXPORTED: dict[str, str] = {
     "datakey": "encryption keys (wrapped by the master keyring); credentials, not personal data",
     "sendrecord": "idempotency records of outbound sends: only ids, already exported as the message log",
-    "inboxevent": "transient: webhook events held while Temporal is unreachable, deleted once relayed",
+    "inboxevent": "transient: webhook events held while Temporal is unreachable, deleted once relayed "
+    "(one Temporal refuses for good moves to deadletter, exported)",
     "ratebucket": "transient rate-limit state (platform account and chat ids); deleted on erasure",
 }
 
@@ -176,6 +179,8 @@ class ContactExport(BaseModel):
     exported_at: datetime
     contact: dict[str, Any]
     messages: list[dict[str, Any]]
+    # Events Temporal refused for good, set aside before they reached the message log.
+    dead_letters: list[dict[str, Any]]
     runs: list[dict[str, Any]]
     ai_usage: list[dict[str, Any]]
     audit: list[dict[str, Any]]
@@ -188,8 +193,8 @@ class ContactExport(BaseModel):
     operation_id="export_contact",
     summary="Everything stored about one contact (data access / portability)",
     description=(
-        "The contact, its message log, its runs, the AI usage of those runs, the audit entries about it "
-        "and its tags' lookup keys."
+        "The contact, its message log, its events set aside as undeliverable (dead letters), its runs, "
+        "the AI usage of those runs, the audit entries about it and its tags' lookup keys."
     ),
 )
 def export_contact(contact_id: str, workspace: CurrentWorkspace, session: SessionDep) -> ContactExport:

@@ -24,7 +24,7 @@ from temporalio.service import RPCError
 
 from activities.common import webhook_secret_context
 from api.deps import SettingsDep
-from api.dispatch import dispatch_events
+from api.dispatch import dispatch_events, refusal
 from core.crypto import VaultError, constant_time_equals, meta_signature
 from core.db import Channel
 from core.inbound import MalformedPayload, parse_meta_webhook, parse_telegram_update
@@ -258,7 +258,11 @@ def _signal_done(state, signal: asyncio.Future, events: int, started: float) -> 
     # How long Temporal takes to accept a signal now (moving average).
     state.signal_seconds += SIGNAL_LATENCY_WEIGHT * (time.monotonic() - started - state.signal_seconds)
     err = signal.exception()
-    if isinstance(err, (RPCError, TimeoutError)):
+    reason = refusal(err) if err is not None else None
+    if reason is not None:
+        # About these events only: other webhooks still go to Temporal directly.
+        log.warning("Temporal refused an event (%s): the inbox relay sets it aside", reason)
+    elif isinstance(err, (RPCError, TimeoutError)):
         state.temporal_down_until = time.monotonic() + BREAKER_SECONDS
         log.warning("temporal unavailable (%s): keeping %d events in the inbox", type(err).__name__, events)
 

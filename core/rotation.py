@@ -16,11 +16,11 @@ Procedure (the operator's runbook):
    print(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode())"``) and
    *prepend* it to ``VECTORY_MASTER_KEY``: ``new:<b64>,old:<b64>``. Restart the
    API and every worker. New writes now use ``new``; ``old`` still decrypts.
-2. Run ``python -m core.rotation`` (same environment as the workers). It
+2. Run ``vectory keys rotate`` (same environment as the workers). It
    re-encrypts, in batches, every ciphertext still under another key. It is
    idempotent and safe to run while the API and workers are serving: each row
    is updated only if it still holds the ciphertext that was read.
-3. Run ``python -m core.rotation --check``: it exits 0 once no row is left
+3. Run ``vectory keys rotate --check``: it exits 0 once no row is left
    under a non-primary key (exit 1 lists how many remain and under which key
    ids). Rows that failed to decrypt are reported by id by step 2 and keep
    ``--check`` failing until they are dealt with (e.g. the channel is
@@ -34,8 +34,6 @@ counts only.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -281,50 +279,3 @@ def count_stale(engine: Engine, primary_key_id: str, *, batch_size: int = 500) -
                 stale.data_keys += is_stale(wrapped)
             last_kid = rows[-1][0]
     return stale
-
-
-def main(argv: list[str] | None = None) -> int:
-    from core.db import engine_for
-    from core.settings import Settings
-
-    parser = argparse.ArgumentParser(
-        prog="python -m core.rotation",
-        description="Re-encrypt stored secrets under the first key of VECTORY_MASTER_KEY.",
-    )
-    parser.add_argument(
-        "--check", action="store_true",
-        help="only count ciphertexts still under a non-primary key; exit 1 if any",
-    )
-    parser.add_argument("--batch-size", type=int, default=200)
-    args = parser.parse_args(argv)
-
-    settings = Settings()
-    vault = TokenVault(settings.keyring())
-    engine = engine_for(settings.database_url)
-    primary = vault.primary_key_id
-
-    if args.check:
-        stale = count_stale(engine, primary)
-        if stale.total:
-            kids = ", ".join(f"{kid}={n}" for kid, n in sorted(stale.key_ids.items()))
-            print(
-                f"{stale.total} ciphertext(s) not under primary key {primary!r}: tokens={stale.tokens} "
-                f"secrets={stale.secrets} data_keys={stale.data_keys} (by key: {kids})"
-            )
-            return 1
-        print(f"ok: every ciphertext is under primary key {primary!r}")
-        return 0
-
-    def show(table: str, scanned: int, report: RotationReport) -> None:
-        print(f"{table}: {scanned} row(s) scanned; {report.summary()}", flush=True)
-
-    print(f"rotating to primary key {primary!r}", flush=True)
-    report = rotate_keys(engine, vault, batch_size=args.batch_size, progress=show)
-    print(f"done: {report.summary()}")
-    for failure in report.failures:
-        print(f"failed: {failure}")
-    return 1 if report.failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

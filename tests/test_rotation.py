@@ -12,12 +12,14 @@ from sqlmodel import Session, SQLModel, select
 from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 from temporalio.converter import WorkflowSerializationContext
+from typer.testing import CliRunner
 
 from activities.common import token_context, webhook_secret_context
 from core.codec import EncryptionCodec, KeyStore, data_converter
 from core.crypto import TokenVault, VaultError
 from core.db import AuditEntry, Channel, DataKey, Workspace, make_engine, migrate
-from core.rotation import count_stale, main, rotate_keys
+from core.rotation import count_stale, rotate_keys
+from workers.cli import app as cli
 
 from helpers import (
     connect_instagram,
@@ -126,7 +128,7 @@ def test_undecryptable_row_is_reported_by_id_and_does_not_stop_the_run(engine):
     assert (stale.total, dict(stale.key_ids)) == (1, {"lost": 1})
 
 
-def test_cli_rotates_and_check_gates_retiring_the_old_key(tmp_path, monkeypatch, capsys):
+def test_cli_rotates_and_check_gates_retiring_the_old_key(tmp_path):
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     migrate(url)  # the CLI refuses an unmigrated database, like the API and worker
     engine = make_engine(url)
@@ -140,17 +142,20 @@ def test_cli_rotates_and_check_gates_retiring_the_old_key(tmp_path, monkeypatch,
     def b64(key: bytes) -> str:
         return base64.urlsafe_b64encode(key).decode()
 
-    monkeypatch.setenv("VECTORY_DATABASE_URL", url)
-    monkeypatch.setenv("VECTORY_MASTER_KEY", f"new:{b64(k_new)},old:{b64(k_old)}")
-    assert main(["--check"]) == 1
-    assert "3 ciphertext(s)" in capsys.readouterr().out
-    assert main([]) == 0
-    out = capsys.readouterr().out
-    assert "tokens_rewrapped=1 secrets_rewrapped=1 data_keys_rewrapped=1" in out
+    def rotate(*args: str, keys: str) -> tuple[int, str]:
+        result = CliRunner().invoke(cli, ["keys", "rotate", *args], env={
+            "VECTORY_DATABASE_URL": url, "VECTORY_MASTER_KEY": keys, "COLUMNS": "200",
+        })
+        return result.exit_code, result.output
+
+    both = f"new:{b64(k_new)},old:{b64(k_old)}"
+    code, out = rotate("--check", keys=both)
+    assert code == 1 and "3 ciphertext(s)" in out
+    code, out = rotate(keys=both)
+    assert code == 0 and "tokens_rewrapped=1 secrets_rewrapped=1 data_keys_rewrapped=1" in out
     assert "tok" not in out.replace("tokens_", "")
-    assert main(["--check"]) == 0
-    monkeypatch.setenv("VECTORY_MASTER_KEY", f"new:{b64(k_new)}")  # old key retired
-    assert main(["--check"]) == 0
+    assert rotate("--check", keys=both)[0] == 0
+    assert rotate("--check", keys=f"new:{b64(k_new)}")[0] == 0  # old key retired
 
 
 async def test_after_rotation_with_old_key_retired_every_channel_still_sends(stack):

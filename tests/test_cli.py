@@ -22,9 +22,9 @@ from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 from typer.testing import CliRunner
 
-from api.routes.export import EXPORTED_TABLES
 from core.crypto import TokenVault
 from core.db import Channel, Run, Workspace, make_engine
+from core.export import EXPORTED_TABLES
 from core.settings import Settings
 from workers.cli import app
 from workers.main import WORKFLOWS, workflow_runner

@@ -1,7 +1,7 @@
 """Data access and portability: the contact export and the workspace ZIP.
 
 The coverage guard needs no server: a new table with a contact or workspace
-id fails it until ``api/routes/export.py`` declares how it is exported.
+id fails it until ``core/export.py`` declares how it is exported.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import zipfile
 from sqlmodel import SQLModel
 
 import core.db  # noqa: F401  (registers every table in the metadata)
-from api.routes.export import EXPORTED_TABLES, NOT_EXPORTED, contact_tables
+from core.export import EXPORTED_TABLES, NOT_EXPORTED, contact_tables
 
 from helpers import (
     connect_instagram,
@@ -40,7 +40,7 @@ def test_every_table_with_personal_or_workspace_data_is_exported():
     for name, table in tables.items():
         if "contact_id" in table.c:
             assert name in contact_tables() or name in CONTACT_EXPORT_ALLOWED_GAPS, (
-                f"table {name!r} has a contact_id: add it to the contact export in api/routes/export.py"
+                f"table {name!r} has a contact_id: add it to the contact export in core/export.py"
             )
         if "workspace_id" in table.c:
             assert name in EXPORTED_TABLES, f"table {name!r} has a workspace_id: add it to EXPORTED_TABLES"

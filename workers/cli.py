@@ -23,7 +23,6 @@ import asyncio
 import functools
 import importlib
 import json
-import zipfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -536,20 +535,11 @@ def workspace_export(
     out: Path = typer.Option(..., "--out", "-o", dir_okay=False, help="the ZIP file to write"),
 ) -> None:
     """The same archive as GET /v1/workspace/export: one <table>.jsonl per table and a manifest.json."""
-    from sqlalchemy import func, select
     from sqlmodel import Session
 
-    from api.routes.export import (
-        EXPORTED_TABLES,
-        NOT_EXPORTED,
-        _dumps,
-        _jsonable,
-        _table_batches,
-        _workspace_filter,
-        excluded_columns,
-    )
     from core.audit import audit_now
-    from core.db import Workspace, utcnow
+    from core.db import Workspace
+    from core.export import write_workspace_zip
 
     settings = _settings()
     engine = _engine(settings)
@@ -560,30 +550,16 @@ def workspace_export(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
-    counts: dict[str, int] = {}
     try:
-        with (
-            Session(engine) as session,
-            zipfile.ZipFile(partial, mode="w", compression=zipfile.ZIP_DEFLATED) as zf,
-            _progress(_console(stderr=True)) as bar,
-        ):
-            for name, spec in EXPORTED_TABLES.items():
-                where = _workspace_filter(name, spec, workspace_id)
-                total = session.execute(select(func.count()).select_from(spec.table).where(where)).scalar_one()
-                task = bar.add_task(name, total=total)
-                counts[name] = 0
-                with zf.open(f"{name}.jsonl", "w", force_zip64=True) as handle:
-                    for batch in _table_batches(session, name, spec, workspace_id):
-                        handle.write(b"".join(_dumps(row) for row in batch))
-                        counts[name] += len(batch)
-                        bar.update(task, completed=counts[name], total=max(total, counts[name]))
-            manifest = {
-                "workspace_id": workspace_id,
-                "exported_at": _jsonable(utcnow()),
-                "tables": counts,
-                "excluded": {"columns": excluded_columns(), "tables": dict(NOT_EXPORTED)},
-            }
-            zf.writestr("manifest.json", json.dumps(manifest, indent=2))
+        with partial.open("wb") as handle, _progress(_console(stderr=True)) as bar:
+            tasks: dict[str, Any] = {}
+
+            def advance(table: str, written: int, total: int) -> None:
+                if table not in tasks:
+                    tasks[table] = bar.add_task(table, total=total)
+                bar.update(tasks[table], completed=written, total=total)
+
+            *_, counts = write_workspace_zip(engine, workspace_id, handle, progress=advance)
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)

@@ -17,8 +17,6 @@ from activities.common import (
     load_credentials,
     set_channel_status,
     to_application_error,
-    token_context,
-    webhook_secret_context,
 )
 from core.audit import audit, audit_now
 from core.contracts import (
@@ -33,7 +31,7 @@ from core.contracts import (
     StopWorkflowsResult,
     conversation_workflow_id,
 )
-from core.crypto import TokenVault
+from core.crypto import TokenVault, token_context, webhook_secret_context
 from core.db import Channel, Contact, Run, utcnow
 from core.platforms import GraphClient, PlatformError, TelegramClient
 

@@ -11,19 +11,11 @@ from sqlmodel import Session
 from temporalio.exceptions import ApplicationError
 
 from core.audit import audit
-from core.crypto import TokenVault
+from core.crypto import TokenVault, token_context
 from core.db import Channel, utcnow
 from core.platforms import PlatformError
 
 CHANNELS = Channel.__table__
-
-
-def token_context(channel_id: str) -> str:
-    return f"channel:{channel_id}:token"
-
-
-def webhook_secret_context(channel_id: str) -> str:
-    return f"channel:{channel_id}:webhook_secret"
 
 
 @dataclass

@@ -40,8 +40,9 @@ import os
 import socket
 import threading
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import Any
 
 from temporalio.client import Client
 from temporalio.worker import (
@@ -58,8 +59,10 @@ from temporalio.worker import (
 
 from core.settings import Settings
 
-if TYPE_CHECKING:
-    from workers.main import WorkerDeps
+# Builds the API's worker around the API's client, engine, vault and keys
+# with the given Worker options; returns it and what closes its resources.
+# The process that serves the API passes one in (workers/apiserver.py).
+WorkerFactory = Callable[..., tuple[Worker, Callable[[], Awaitable[None]]]]
 
 log = logging.getLogger("vectory.ingress")
 
@@ -141,11 +144,12 @@ class Ingress:
     """The API's worker (``run``/``stop``) and the conversations it knows
     to be running (``known``/``remember``)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, factory: WorkerFactory | None = None) -> None:
         self.settings = settings
+        self.factory = factory
         self.slots = IngressSlots(settings.api_conversation_slots)
         self.worker: Worker | None = None
-        self._deps: WorkerDeps | None = None
+        self._close: Callable[[], Awaitable[None]] | None = None
         self._known: OrderedDict[str, None] = OrderedDict()
 
     @property
@@ -169,14 +173,8 @@ class Ingress:
         """The worker: every workflow (a conversation it serves may start a
         run or continue as new), every activity registered but only local
         ones run here (``no_remote_activities``)."""
-        from workers.main import build_worker, worker_deps
-
-        deps = worker_deps(self.settings, engine, vault, keys)
-        self._deps = deps
-        self.worker = build_worker(
-            client,
-            self.settings,
-            deps,
+        assert self.factory is not None
+        options: dict[str, Any] = dict(
             no_remote_activities=True,
             disable_eager_activity_execution=True,
             max_cached_workflows=self.settings.api_max_cached_conversations,
@@ -190,11 +188,15 @@ class Ingress:
                 nexus_supplier=FixedSizeSlotSupplier(1),
             ),
         )
+        self.worker, self._close = self.factory(client, self.settings, engine, vault, keys, **options)
         return self.worker
 
     async def run(self, client: Client, engine, vault, keys) -> None:
         """Build the worker and run it until ``stop``. If it cannot run,
         every event goes by signal-with-start to the worker processes."""
+        if self.factory is None:
+            log.info("the API runs no worker: new conversations start on the worker processes")
+            return
         try:
             worker = self._build(client, engine, vault, keys)
         except Exception:
@@ -207,8 +209,8 @@ class Ingress:
             log.exception("the API's worker stopped: new conversations start on the worker processes")
         finally:
             self.worker = None
-            if self._deps is not None:
-                await self._deps.http.aclose()
+            if self._close is not None:
+                await self._close()
 
     async def stop(self) -> None:
         """Finish the tasks in hand; Temporal then gives this worker's

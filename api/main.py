@@ -1,4 +1,4 @@
-"""FastAPI app factory: ``uvicorn --factory api.main:create_app``."""
+"""FastAPI app factory; the API process is ``uvicorn --factory workers.apiserver:create_app``."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from api import openapi
 from api.guard import ApiGuard
 from api.inbox import InboxState, InboxWriter, run_relay
-from api.ingress import Ingress, api_identity
+from api.ingress import Ingress, WorkerFactory, api_identity
 from api.routes import (
     automations,
     broadcasts,
@@ -81,7 +81,12 @@ with `Retry-After` and keeps nothing half done; ask again.
 """
 
 
-def create_app(settings: Settings | None = None, temporal: Client | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, temporal: Client | None = None, worker_factory: WorkerFactory | None = None
+) -> FastAPI:
+    """The API. With a ``worker_factory`` it also runs a worker of its own
+    that starts new conversations eagerly (api/ingress.py); without one,
+    every event goes by signal-with-start to the worker processes."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -133,7 +138,7 @@ def create_app(settings: Settings | None = None, temporal: Client | None = None)
     app.state.inbox = InboxState()
     app.state.inbox_writer = InboxWriter(app.state.engine)
     app.state.channels = ChannelCache()
-    app.state.ingress = Ingress(settings)
+    app.state.ingress = Ingress(settings, worker_factory)
     app.state.dispatching = 0  # webhooks waiting on Temporal right now
     app.state.signal_seconds = 0.0  # recent signal-with-start latency (moving average)
     app.state.webhook_rate, app.state.webhook_rate_at = 0.0, 0.0  # webhooks a second (moving average)

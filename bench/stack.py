@@ -202,7 +202,7 @@ class Stack:
         py = sys.executable
         # Import check and migration in the snapshot, before anything starts.
         done = subprocess.run(
-            [py, "-c", "import sys, workers.main, api.main; from core.db import migrate; migrate(sys.argv[1])",
+            [py, "-c", "import sys, workers.apiserver; from core.db import migrate; migrate(sys.argv[1])",
              self.database_url], cwd=self.src, env=self.env(), capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise StackError(f"the code snapshot does not import or migrate:\n{done.stderr[-2000:]}")
@@ -238,7 +238,7 @@ class Stack:
         log(f"stack up: API {self.api_url}, sandbox {self.sandbox_url}, data {self.data}")
 
     def api_cmd(self) -> list[str]:
-        return [str(BIN / "uvicorn"), "--factory", "api.main:create_app", "--host", HOST,
+        return [str(BIN / "uvicorn"), "--factory", "workers.apiserver:create_app", "--host", HOST,
                 "--port", str(self.api_port), "--log-level", "warning", "--no-access-log"]
 
     def restart_api(self) -> None:

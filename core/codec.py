@@ -46,7 +46,7 @@ from temporalio.converter import (
     value_to_type,
 )
 
-from core.crypto import TokenVault
+from core.crypto import TokenVault, datakey_context
 from core.db import DataKey
 
 ENCODING = b"binary/encrypted"
@@ -78,9 +78,6 @@ class KeyStore:
         self._active: dict[str, str] = {}  # scope -> kid
         self._lock = threading.Lock()
 
-    def _wrap_context(self, kid: str) -> str:
-        return f"datakey:{kid}"
-
     def encryption_key(self, scope: str) -> tuple[str, AESGCM]:
         kid = self._active.get(scope)
         if kid is not None and kid in self._by_kid:
@@ -91,7 +88,7 @@ class KeyStore:
             ).first()
             if row is None:
                 row = self._create(db, scope)
-            key = base64.b64decode(self.vault.decrypt(row.wrapped or "", self._wrap_context(row.kid)))
+            key = base64.b64decode(self.vault.decrypt(row.wrapped or "", datakey_context(row.kid)))
             aead = AESGCM(key)
             self._by_kid[row.kid] = aead
             self._active[scope] = row.kid
@@ -100,7 +97,7 @@ class KeyStore:
     def _create(self, db: Session, scope: str) -> DataKey:
         kid = f"{scope}:{os.urandom(6).hex()}"
         key = AESGCM.generate_key(bit_length=256)
-        row = DataKey(kid=kid, scope=scope, wrapped=self.vault.encrypt(base64.b64encode(key).decode(), self._wrap_context(kid)))
+        row = DataKey(kid=kid, scope=scope, wrapped=self.vault.encrypt(base64.b64encode(key).decode(), datakey_context(kid)))
         db.add(row)
         try:
             db.commit()
@@ -124,7 +121,7 @@ class KeyStore:
             raise UnknownKeyError(f"payload data key {kid!r} is unknown")
         if row.wrapped is None:
             raise KeyDestroyedError(f"payload data key {kid!r} was destroyed: its workspace was erased")
-        aead = AESGCM(base64.b64decode(self.vault.decrypt(row.wrapped, self._wrap_context(kid))))
+        aead = AESGCM(base64.b64decode(self.vault.decrypt(row.wrapped, datakey_context(kid))))
         self._by_kid[kid] = aead
         return aead
 

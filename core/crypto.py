@@ -30,6 +30,22 @@ def _b64d(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+# Encryption contexts: each ciphertext is bound to the row and column it
+# belongs to, so a ciphertext copied elsewhere does not decrypt.
+
+
+def token_context(channel_id: str) -> str:
+    return f"channel:{channel_id}:token"
+
+
+def webhook_secret_context(channel_id: str) -> str:
+    return f"channel:{channel_id}:webhook_secret"
+
+
+def datakey_context(kid: str) -> str:
+    return f"datakey:{kid}"
+
+
 class TokenVault:
     def __init__(self, keyring: list[tuple[str, bytes]]):
         if not keyring:

@@ -43,7 +43,7 @@ from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
 from core.audit import audit_now
-from core.crypto import TokenVault, VaultError
+from core.crypto import TokenVault, VaultError, datakey_context, token_context, webhook_secret_context
 from core.db import Channel, DataKey
 
 ProgressFn = Callable[[str, int, "RotationReport"], None]
@@ -90,20 +90,6 @@ def key_id_of(ciphertext: str) -> str | None:
     if len(parts) != 3 or parts[0] != "v1":
         return None
     return parts[1]
-
-
-def _token_context(channel_id: str) -> str:
-    # Same strings as activities.common (kept local: core does not import activities).
-    return f"channel:{channel_id}:token"
-
-
-def _webhook_secret_context(channel_id: str) -> str:
-    return f"channel:{channel_id}:webhook_secret"
-
-
-def _datakey_context(kid: str) -> str:
-    # Same string as core.codec.KeyStore._wrap_context.
-    return f"datakey:{kid}"
 
 
 def _reason(exc: Exception) -> str:
@@ -190,14 +176,14 @@ def rotate_keys(
                     if _rewrap_one(
                         db, vault, report, model=Channel, pk=Channel.id, row_id=channel_id,
                         column=Channel.__table__.c.token_ciphertext, ciphertext=token,
-                        context=_token_context(channel_id), label=f"channel {channel_id} token",
+                        context=token_context(channel_id), label=f"channel {channel_id} token",
                     ):
                         report.tokens_rewrapped += 1
                 if secret:
                     if _rewrap_one(
                         db, vault, report, model=Channel, pk=Channel.id, row_id=channel_id,
                         column=Channel.__table__.c.webhook_secret_ciphertext, ciphertext=secret,
-                        context=_webhook_secret_context(channel_id), label=f"channel {channel_id} webhook secret",
+                        context=webhook_secret_context(channel_id), label=f"channel {channel_id} webhook secret",
                     ):
                         report.secrets_rewrapped += 1
             db.commit()
@@ -224,7 +210,7 @@ def rotate_keys(
                 if _rewrap_one(
                     db, vault, report, model=DataKey, pk=DataKey.kid, row_id=kid,
                     column=DataKey.__table__.c.wrapped, ciphertext=wrapped,
-                    context=_datakey_context(kid), label=f"datakey {kid}",
+                    context=datakey_context(kid), label=f"datakey {kid}",
                 ):
                     report.data_keys_rewrapped += 1
             db.commit()

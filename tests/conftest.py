@@ -148,11 +148,11 @@ def api_worker_off(stack):
 @pytest.fixture(scope="session")
 async def stack(dev_server: WorkflowEnvironment, database_url: str, tmp_data: Path) -> AsyncIterator[Stack]:
     from api.ingress import api_identity
-    from api.main import create_app
     from core.codec import data_converter
     from core.db import migrate
     from core.settings import Settings
     from sandbox.app import create_app as create_sandbox
+    from workers.apiserver import create_app
     from workers.main import build_deps
 
     sandbox_port, api_port = free_port(), free_port()

@@ -278,7 +278,7 @@ def test_dockerfile_command_and_healthcheck_use_the_exposed_port():
     port = dockerfile_port()
     (cmd,) = instructions(final, "CMD")
     command = exec_form(cmd)
-    assert command[:3] == ["uvicorn", "--factory", "api.main:create_app"]
+    assert command[:3] == ["uvicorn", "--factory", "workers.apiserver:create_app"]
     assert option(command, "--host") == "0.0.0.0"
     assert int(option(command, "--port")) == port
     (healthcheck,) = instructions(final, "HEALTHCHECK")

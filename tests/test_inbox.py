@@ -32,7 +32,7 @@ from helpers import (
 
 
 async def test_events_posted_while_temporal_is_down_are_handled_once_it_is_back(stack, tmp_path):
-    from api.main import create_app
+    from workers.apiserver import create_app
     from workers.main import build_worker
 
     tenant = await create_tenant(stack)

@@ -14,9 +14,8 @@ from temporalio.client import Client
 from temporalio.converter import WorkflowSerializationContext
 from typer.testing import CliRunner
 
-from activities.common import token_context, webhook_secret_context
 from core.codec import EncryptionCodec, KeyStore, data_converter
-from core.crypto import TokenVault, VaultError
+from core.crypto import TokenVault, VaultError, token_context, webhook_secret_context
 from core.db import AuditEntry, Channel, DataKey, Workspace, make_engine, migrate
 from core.rotation import count_stale, rotate_keys
 from workers.cli import app as cli

@@ -305,7 +305,7 @@ def run(stack: Stack) -> None:
     py = sys.executable
     stack.start("sandbox", [py, "-m", "sandbox.app", "--host", HOST, "--port", str(SANDBOX_PORT)], env)
     stack.start("worker", [py, "-m", "workers.main"], env)
-    stack.start("api", [str(BIN / "uvicorn"), "--factory", "api.main:create_app", "--host", HOST,
+    stack.start("api", [str(BIN / "uvicorn"), "--factory", "workers.apiserver:create_app", "--host", HOST,
                         "--port", str(API_PORT)], env)
     stack.wait_until("the sandbox", lambda: http_ok(f"{SANDBOX}/_sandbox/health"))
     stack.wait_until("the API", lambda: http_ok(f"{API}/healthz"))

@@ -12,7 +12,6 @@ from sqlmodel import col, select
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.common import token_context
 from api.deps import (
     COUNT_DESCRIPTION,
     DEFAULT_PAGE_SIZE,
@@ -34,6 +33,7 @@ from core.contracts import (
     ConnectResult,
     DisconnectResult,
 )
+from core.crypto import token_context
 from core.db import Channel, new_id
 from workflows.common import search_attributes
 

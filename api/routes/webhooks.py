@@ -22,10 +22,9 @@ from pydantic import BaseModel
 from sqlmodel import Session, select
 from temporalio.service import RPCError
 
-from activities.common import webhook_secret_context
 from api.deps import SettingsDep
 from api.dispatch import dispatch_events, refusal
-from core.crypto import VaultError, constant_time_equals, meta_signature
+from core.crypto import VaultError, constant_time_equals, meta_signature, webhook_secret_context
 from core.db import Channel
 from core.inbound import MalformedPayload, parse_meta_webhook, parse_telegram_update
 from core.observability import observe_webhook

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Engine, delete, or_, text, update
+from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.api.common.v1 import WorkflowExecution
@@ -31,26 +31,14 @@ from core.contracts import (
     conversation_workflow_id,
 )
 from core.db import (
-    AiUsage,
-    AuditEntry,
-    Automation,
-    AutomationVersion,
-    Broadcast,
     Channel,
     Contact,
-    ContactTag,
-    DeadLetter,
     ErasureJob,
-    InboxEvent,
-    Message,
     Run,
-    SendRecord,
     Workspace,
     utcnow,
 )
-from core.ratelimit import buckets_of
-
-OPEN_RUN_STATES = ("running", "waiting")
+from core.personal_data import OPEN_RUN_STATES, Subject, erasure_statements, retention_statements
 
 
 class PrivacyActivities:
@@ -180,72 +168,14 @@ class PrivacyActivities:
 
     @activity.defn(name="purge_subject")
     def purge_subject(self, input: EraseStepInput) -> dict[str, int]:
-        """Delete the subject's rows. Audit entries keep only non-personal
-        facts: entries that named an erased contact lose that target."""
+        """Delete the subject's rows, as the personal-data map says
+        (core/personal_data.py). Audit entries keep only non-personal facts:
+        entries that named an erased contact lose that target."""
+        subject = Subject(input.scope, input.workspace_id, input.contact_id, tuple(input.channel_ids))
         counts: dict[str, int] = {}
         with Session(self.engine) as db:
-            contacts = self._subject_contacts(db, input)
-            contact_ids = [c.id for c in contacts] or [""]
-            run_ids = list(db.exec(select(Run.id).where(col(Run.contact_id).in_(contact_ids))).all()) or [""]
-
-            def run(name: str, statement) -> None:
+            for name, statement in erasure_statements(db, subject):
                 counts[name] = counts.get(name, 0) + (db.exec(statement).rowcount or 0)  # type: ignore[call-overload]
-
-            run("messages", delete(Message).where(col(Message.contact_id).in_(contact_ids)))
-            run("inbox", delete(InboxEvent).where(col(InboxEvent.contact_id).in_(contact_ids)))
-            # A dead letter may be all we hold of a person: an event refused before it was recorded.
-            dead = contact_ids + [input.contact_id] if input.scope == "contact" else contact_ids
-            run("dead_letters", delete(DeadLetter).where(
-                DeadLetter.workspace_id == input.workspace_id, col(DeadLetter.contact_id).in_(dead)
-            ))
-            for contact_id in contact_ids:
-                if contact_id:
-                    # A run's sends hold the contact id inside their key, a broadcast's at its end.
-                    key = col(SendRecord.idempotency_key)
-                    run("send_records", delete(SendRecord).where(
-                        or_(key.contains(f"/{contact_id}/", autoescape=True), key.endswith(f"/{contact_id}", autoescape=True))
-                    ))
-            run("ai_usage_unlinked", update(AiUsage).where(col(AiUsage.run_id).in_(run_ids)).values(run_id=""))
-            run("runs", delete(Run).where(col(Run.contact_id).in_(contact_ids)))
-            run(
-                "audit_unlinked",
-                update(AuditEntry).where(col(AuditEntry.target).in_(contact_ids)).values(target="erased-contact"),
-            )
-            for contact in contacts:  # Telegram per-chat buckets name the chat id
-                channel = db.get(Channel, contact.channel_id)
-                if channel is not None and channel.platform == "telegram":
-                    run("rate_buckets", buckets_of([channel.external_id], chat_id=contact.external_id))
-            run("contact_tags", delete(ContactTag).where(col(ContactTag.contact_id).in_(contact_ids)))
-            run("contacts", delete(Contact).where(col(Contact.id).in_(contact_ids)))
-            if input.scope in ("channels", "workspace"):
-                channel_ids = input.channel_ids
-                if input.scope == "workspace":
-                    channel_ids = list(db.exec(select(Channel.id).where(Channel.workspace_id == input.workspace_id)).all())
-                channel_ids = channel_ids or [""]
-                automation_ids = list(
-                    db.exec(select(Automation.id).where(col(Automation.channel_id).in_(channel_ids))).all()
-                ) or [""]
-                run("messages", delete(Message).where(col(Message.channel_id).in_(channel_ids)))
-                run("inbox", delete(InboxEvent).where(col(InboxEvent.channel_id).in_(channel_ids)))
-                run("dead_letters", delete(DeadLetter).where(col(DeadLetter.channel_id).in_(channel_ids)))
-                run("send_records", delete(SendRecord).where(col(SendRecord.channel_id).in_(channel_ids)))
-                run("runs", delete(Run).where(col(Run.channel_id).in_(channel_ids)))
-                run(
-                    "automation_versions",
-                    delete(AutomationVersion).where(col(AutomationVersion.automation_id).in_(automation_ids)),
-                )
-                run("automations", delete(Automation).where(col(Automation.id).in_(automation_ids)))
-                accounts = [
-                    a for a in db.exec(select(Channel.external_id).where(col(Channel.id).in_(channel_ids))).all() if a
-                ]
-                if accounts:
-                    run("rate_buckets", buckets_of(accounts))
-                run("broadcasts", delete(Broadcast).where(col(Broadcast.channel_id).in_(channel_ids)))
-                run("channels", delete(Channel).where(col(Channel.id).in_(channel_ids)))
-            if input.scope == "workspace":
-                run("ai_usage", delete(AiUsage).where(AiUsage.workspace_id == input.workspace_id))
-                run("broadcasts", delete(Broadcast).where(Broadcast.workspace_id == input.workspace_id))
-                run("workspaces", delete(Workspace).where(Workspace.id == input.workspace_id))
             db.commit()
             if self.engine.dialect.name == "sqlite":
                 db.exec(text("PRAGMA wal_checkpoint(TRUNCATE)"))  # type: ignore[call-overload]
@@ -271,25 +201,9 @@ class PrivacyActivities:
         result = RetentionResult()
         with Session(self.engine) as db:
             for workspace_id, days in self._retention_periods():
-                cutoff = now - timedelta(days=days)
-                deleted = db.exec(  # type: ignore[call-overload]
-                    delete(Message).where(Message.workspace_id == workspace_id, col(Message.created_at) < cutoff)
-                )
-                result.messages_deleted += deleted.rowcount or 0
-                deleted = db.exec(  # type: ignore[call-overload]
-                    delete(DeadLetter).where(
-                        DeadLetter.workspace_id == workspace_id, col(DeadLetter.created_at) < cutoff
-                    )
-                )
-                result.dead_letters_deleted += deleted.rowcount or 0
-                deleted = db.exec(  # type: ignore[call-overload]
-                    delete(Run).where(
-                        Run.workspace_id == workspace_id,
-                        col(Run.status).not_in(OPEN_RUN_STATES),
-                        col(Run.ended_at) < cutoff,
-                    )
-                )
-                result.runs_deleted += deleted.rowcount or 0
+                for name, statement in retention_statements(workspace_id, now - timedelta(days=days)):
+                    deleted = db.exec(statement).rowcount or 0  # type: ignore[call-overload]
+                    setattr(result, f"{name}_deleted", getattr(result, f"{name}_deleted") + deleted)
             db.commit()
         return result
 

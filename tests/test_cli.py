@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from core.crypto import TokenVault
 from core.db import Channel, Run, Workspace, make_engine
-from core.export import EXPORTED_TABLES
+from core.personal_data import EXPORTED_TABLES
 from core.settings import Settings
 from workers.cli import app
 from workers.main import WORKFLOWS, workflow_runner

@@ -1,7 +1,7 @@
 """Data access and portability: the contact export and the workspace ZIP.
 
 The coverage guard needs no server: a new table with a contact or workspace
-id fails it until ``core/export.py`` declares how it is exported.
+id fails it until ``core/personal_data.py`` declares how it is exported and erased.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import zipfile
 from sqlmodel import SQLModel
 
 import core.db  # noqa: F401  (registers every table in the metadata)
-from core.export import EXPORTED_TABLES, NOT_EXPORTED, contact_tables
+from core.personal_data import EXPORTED_TABLES, NOT_EXPORTED, PERSONAL_DATA, contact_tables
 
 from helpers import (
     connect_instagram,
@@ -35,24 +35,37 @@ NOT_SECRET = {("aiusage", "prompt_tokens"), ("aiusage", "completion_tokens"), ("
 SECRET_MARKERS = ("token", "secret", "_key", "ciphertext", "password", "wrapped")
 
 
-def test_every_table_with_personal_or_workspace_data_is_exported():
+def test_every_table_with_personal_or_workspace_data_is_exported_and_erased():
     tables = SQLModel.metadata.tables
+    assert set(tables) == set(PERSONAL_DATA), "every table is declared in core/personal_data.py, and only tables"
     for name, table in tables.items():
+        spec = PERSONAL_DATA[name]
+        assert spec.table is table
+        assert spec.exported != bool(spec.not_exported), f"{name}: exported, or a reason why not"
         if "contact_id" in table.c:
             assert name in contact_tables() or name in CONTACT_EXPORT_ALLOWED_GAPS, (
-                f"table {name!r} has a contact_id: add it to the contact export in core/export.py"
+                f"table {name!r} has a contact_id: add it to the contact export in core/personal_data.py"
             )
+            assert spec.contact_scope, f"{name}: has a contact_id, so erasing a contact must find its rows"
         if "workspace_id" in table.c:
-            assert name in EXPORTED_TABLES, f"table {name!r} has a workspace_id: add it to EXPORTED_TABLES"
-        assert name in EXPORTED_TABLES or name in NOT_EXPORTED, f"table {name!r} is neither exported nor listed"
-        assert not (name in EXPORTED_TABLES and name in NOT_EXPORTED), name
+            assert spec.exported, f"table {name!r} has a workspace_id: export it"
+        if {"workspace_id", "channel_id"} & set(table.c.keys()) or spec.contact_scope or spec.contact_custom:
+            erased = spec.workspace_column or spec.channel_scope or spec.channel_custom
+            assert erased or spec.kept, f"{name}: erased with its workspace or channel, or a reason why kept"
+            assert spec.contact_scope or spec.contact_custom or not spec.unlink, name
     assert "workspace" in EXPORTED_TABLES
     assert set(NOT_EXPORTED) == {"datakey", "sendrecord", "inboxevent", "ratebucket"}
-    assert all(reason for reason in NOT_EXPORTED.values())
     assert {"contact", "message", "run", "deadletter"} <= contact_tables()
-    for spec_name, spec in EXPORTED_TABLES.items():
+    for spec_name, spec in PERSONAL_DATA.items():
         assert spec_name == spec.table.name
         assert spec.excluded <= set(spec.table.c.keys()), f"{spec_name}: excludes an unknown column"
+
+
+def test_the_map_deletes_rows_before_the_rows_they_point_to():
+    order = list(PERSONAL_DATA)
+    for name, table in SQLModel.metadata.tables.items():
+        for fk in table.foreign_keys:
+            assert order.index(name) < order.index(fk.column.table.name), f"{name} -> {fk.column.table.name}"
 
 
 def test_no_exported_column_is_a_credential():

@@ -25,7 +25,7 @@ from activities.privacy import PrivacyActivities
 from api.deps import MAX_OFFSET
 from api.main import create_app
 from api.routes import export
-from core import export as core_export
+from core import personal_data as core_export
 from core.contracts import EraseStepInput, UpdateContactInput
 from core.crypto import hash_api_key
 from core.db import (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,15 +16,17 @@ from sqlmodel import Session, select
 from temporalio.api.common.v1 import Payload
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.privacy import PrivacyActivities
 from core.codec import EncryptionCodec, KeyDestroyedError, KeyStore
 from core.contracts import (
     RETENTION_SWEEP_WORKFLOW,
+    EraseStepInput,
     RetentionResult,
     RetentionSweepInput,
     contact_id_for,
     conversation_workflow_id,
 )
-from core.db import Channel, DeadLetter, Message, Workspace
+from core.db import Channel, Contact, DeadLetter, Message, RateBucket, SendRecord, Workspace
 
 from conftest import ADMIN_TOKEN, CODEC_TOKEN
 from helpers import (
@@ -414,3 +417,38 @@ async def test_retention_schedule_is_created_once_and_runs_daily(stack):
     description = await stack.client.get_schedule_handle(RETENTION_SCHEDULE_ID).describe()
     assert description.schedule.spec.intervals[0].every == timedelta(days=1)
     assert description.schedule.action.workflow == RETENTION_SWEEP_WORKFLOW
+
+
+def test_erasure_finds_rows_that_name_a_contact_only_inside_a_key(stack):
+    """Telegram's per-chat rate buckets and the send records of runs and
+    broadcasts carry the contact in a key: erasing the contact deletes those,
+    erasing the channel every row of the bot, and nothing of another chat."""
+    engine = stack.deps.engine
+    suffix = secrets.token_hex(4)
+    ws, ch, bot = f"ws_k{suffix}", f"ch_k{suffix}", f"9{int(suffix, 16)}"
+    gone, stays = f"ct_a{suffix}", f"ct_b{suffix}"
+    with Session(engine) as db:
+        db.add(Workspace(id=ws, name="keys", api_key_hash=f"h{suffix}"))
+        db.flush()
+        db.add(Channel(id=ch, workspace_id=ws, platform="telegram", external_id=bot, status="active"))
+        db.flush()
+        db.add_all([Contact(id=gone, workspace_id=ws, channel_id=ch, external_id="41"),
+                    Contact(id=stays, workspace_id=ws, channel_id=ch, external_id="42")])
+        db.add_all([RateBucket(key=k, tat=0.0)
+                    for k in (f"tg:chat:{bot}:41", f"tg:chat:{bot}:42", f"tg:bot:{bot}")])
+        db.add_all([SendRecord(idempotency_key=k, channel_id=ch, platform_message_id="1")
+                    for k in (f"run_1/{gone}/a/1", f"bc_1/{gone}", f"run_2/{stays}/a/1", f"bc_1/{stays}")])
+        db.commit()
+
+    def left() -> tuple[set[str], set[str]]:
+        with Session(engine) as db:
+            buckets = {b.key for b in db.exec(select(RateBucket)) if bot in b.key}
+            sends = {s.idempotency_key for s in db.exec(select(SendRecord).where(SendRecord.channel_id == ch))}
+        return buckets, sends
+
+    privacy = PrivacyActivities(engine, keys=stack.deps.keys)
+    counts = privacy.purge_subject(EraseStepInput(job_id="k", workspace_id=ws, scope="contact", contact_id=gone))
+    assert counts["rate_buckets"] == 1 and counts["send_records"] == 2 and counts["contacts"] == 1
+    assert left() == ({f"tg:chat:{bot}:42", f"tg:bot:{bot}"}, {f"run_2/{stays}/a/1", f"bc_1/{stays}"})
+    counts = privacy.purge_subject(EraseStepInput(job_id="c", workspace_id=ws, scope="channels", channel_ids=[ch]))
+    assert counts["contacts"] == 1 and counts["channels"] == 1 and left() == (set(), set())

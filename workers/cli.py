@@ -539,7 +539,7 @@ def workspace_export(
 
     from core.audit import audit_now
     from core.db import Workspace
-    from core.export import write_workspace_zip
+    from core.personal_data import write_workspace_zip
 
     settings = _settings()
     engine = _engine(settings)

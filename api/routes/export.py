@@ -1,6 +1,6 @@
 """Data access and portability (GDPR art. 15 and 20): export a contact's data
 as JSON, or a whole workspace as a streamed ZIP of JSON-lines files. What an
-export holds is declared in ``core.export``.
+export holds is declared in ``core.personal_data``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from api.deps import CurrentWorkspace, SessionDep
 from api.routes.contacts import get_owned
 from core.audit import audit
 from core.db import utcnow
-from core.export import contact_document, write_workspace_zip
+from core.personal_data import contact_document, write_workspace_zip
 
 router = APIRouter(tags=["privacy"])
 

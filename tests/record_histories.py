@@ -15,6 +15,8 @@ from pathlib import Path
 
 from temporalio.client import Client
 
+from fingerprints import check_fingerprint
+
 HISTORIES = Path(__file__).parent / "histories"
 
 
@@ -31,7 +33,10 @@ async def save_history(client: Client, workflow_id: str, name: str, run_id: str 
 
 
 async def maybe_save_history(client: Client, workflow_id: str, name: str, run_id: str | None = None) -> Path | None:
-    """Save only when ``VECTORY_RECORD_HISTORIES=1`` (the latest run, or ``run_id``)."""
+    """Check the run's fingerprint (tests/fingerprints.py); save its history
+    only when ``VECTORY_RECORD_HISTORIES=1`` (the latest run, or ``run_id``)."""
+    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    check_fingerprint(history, name)
     if not recording():
         return None
     return await save_history(client, workflow_id, name, run_id)

@@ -36,7 +36,6 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
-from record_histories import maybe_save_history
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType, IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
@@ -92,6 +91,7 @@ from workers.main import WORKFLOWS, workflow_runner
 from workflows.conversation import run_workflow_id
 
 from conftest import TEST_SERVER
+from record_histories import maybe_save_history
 
 RUNNER = workflow_runner("strict")
 SEARCH_ATTRIBUTES = ("WorkspaceId", "ChannelId", "ContactId", "AutomationId", "Platform")

@@ -126,6 +126,13 @@ def re2_refusal(pattern: str) -> str:
     return f"{reason} (RE2 does not support this syntax)"
 
 
+def re2_program_size(pattern: str) -> int:
+    """The size of RE2's program for ``pattern`` as it runs (0: RE2 cannot
+    run it); its time per character of text grows with it."""
+    compiled = _re2_pattern(pattern)
+    return compiled.programsize if compiled is not None else 0
+
+
 def pattern_search(pattern: str, text: str, matching: int = MATCHING) -> bool:
     """Does a customer's pattern occur in ``text`` (case-insensitive)? A
     pattern that does not compile matches nothing (under RE2 since

@@ -106,15 +106,18 @@ def snapshot(
 
 def bounded_fields(fields: dict, reads: set[str] | None = None) -> dict:
     """A contact's fields within the limits, in their order: a longer string
-    value cut to MAX_FIELD_VALUE, a field whose key or other value is over
-    its limit left out, and no more than MAX_FIELDS fields or MAX_FIELDS_SIZE
+    value cut to MAX_FIELD_VALUE, a field whose key (empty, or over its
+    limit: no flow can name it) or other value is over its limit left out,
+    and no more than MAX_FIELDS fields or MAX_FIELDS_SIZE
     bytes of JSON (the ones after left out)."""
     out: dict = {}
     budget = MAX_FIELDS_SIZE
     for key, value in fields.items():
         if len(out) >= MAX_FIELDS:
             break
-        if not isinstance(key, str) or len(key) > MAX_FIELD_KEY or (reads is not None and key.lower() not in reads):
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_FIELD_KEY:
+            continue
+        if reads is not None and key.lower() not in reads:
             continue
         if isinstance(value, str):
             value = value[:MAX_FIELD_VALUE]

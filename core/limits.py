@@ -71,7 +71,7 @@ MAX_TAG = 64  # characters of a tag
 MAX_FIELDS = 100  # per contact
 MAX_FIELD_KEY = 64
 # A field's key: what a template can name ({{contact.fields.<key>}}).
-FIELD_KEY_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+FIELD_KEY_RE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_FIELD_KEY}}}")
 FIELD_KEY_ALPHABET = "letters, digits, '_' and '-'"
 MAX_FIELD_VALUE = 2000  # characters of a string value (or of another value's JSON); also set_field's value
 MAX_FIELDS_SIZE = 64 * 1024  # JSON size of all of a contact's fields together

@@ -7,6 +7,7 @@ after a crash finds its own earlier write and does not repeat it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -18,6 +19,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.common import ChannelCredentials, load_credentials, to_application_error
+from core import flowrt
 from core.contracts import (
     AutomationSnapshot,
     ContactRef,
@@ -30,8 +32,22 @@ from core.contracts import (
 )
 from core.crypto import TokenVault
 from core.db import Automation, Channel, Contact, Message, Run, utcnow
+from core.flowrt import TRIGGERING_KINDS
+from core.limits import (
+    MAX_FIELD_KEY,
+    MAX_FIELD_VALUE,
+    MAX_FIELDS,
+    MAX_FIELDS_SIZE,
+    MAX_NAME,
+    MAX_TAG,
+    MAX_TAGS,
+    json_size,
+    value_length,
+)
 from core.observability import EVENTS_DEDUPLICATED, RUNS_STARTED
 from core.platforms import GraphClient, PlatformError
+
+log = logging.getLogger(__name__)
 
 TERMINAL_RUN_STATES = {"completed", "failed", "cancelled", "terminated"}
 # Tables for the Core statements of the hot path (one event, one send).
@@ -66,16 +82,21 @@ ACTIVE_AUTOMATIONS = (
 )
 
 
-def snapshot(contact: Contact | SimpleNamespace, *, is_new: bool = False) -> ContactSnapshot:
-    """The workflow's view of a contact (an ORM row, or a Core row's values)."""
+def snapshot(
+    contact: Contact | SimpleNamespace, *, is_new: bool = False, reads: set[str] | None = None
+) -> ContactSnapshot:
+    """The workflow's view of a contact (an ORM row, or a Core row's values):
+    a projection within core/limits.py's limits, so a contact stored before
+    them (or grown by flows) cannot outgrow a payload; ``reads``: only the
+    fields of these (lowercased) names (``flowrt.fields_read``)."""
     return ContactSnapshot(
         id=contact.id,
         external_id=contact.external_id,
-        first_name=contact.first_name,
-        last_name=contact.last_name,
-        username=contact.username,
-        fields=dict(contact.fields or {}),
-        tags=list(contact.tags or []),
+        first_name=(contact.first_name or "")[:MAX_NAME],
+        last_name=(contact.last_name or "")[:MAX_NAME],
+        username=(contact.username or "")[:MAX_NAME],
+        fields=bounded_fields(contact.fields or {}, reads),
+        tags=[t[:MAX_TAG] for t in list(contact.tags or [])[:MAX_TAGS] if isinstance(t, str)],
         human_takeover=contact.human_takeover,
         is_new=is_new,
         processing_restricted=contact.processing_restricted,
@@ -83,9 +104,79 @@ def snapshot(contact: Contact | SimpleNamespace, *, is_new: bool = False) -> Con
     )
 
 
+def bounded_fields(fields: dict, reads: set[str] | None = None) -> dict:
+    """A contact's fields within the limits, in their order: a longer string
+    value cut to MAX_FIELD_VALUE, a field whose key (empty, or over its
+    limit: no flow can name it) or other value is over its limit left out,
+    and no more than MAX_FIELDS fields or MAX_FIELDS_SIZE
+    bytes of JSON (the ones after left out)."""
+    out: dict = {}
+    budget = MAX_FIELDS_SIZE
+    for key, value in fields.items():
+        if len(out) >= MAX_FIELDS:
+            break
+        if not isinstance(key, str) or not 0 < len(key) <= MAX_FIELD_KEY:
+            continue
+        if reads is not None and key.lower() not in reads:
+            continue
+        if isinstance(value, str):
+            value = value[:MAX_FIELD_VALUE]
+        elif value_length(value) > MAX_FIELD_VALUE:
+            continue
+        size = json_size({key: value})
+        if size > budget:
+            continue
+        budget -= size
+        out[key] = value
+    return out
+
+
 def _active_automations(conn: Connection, channel_id: str) -> list[AutomationSnapshot]:
     rows = conn.execute(ACTIVE_AUTOMATIONS, {"channel_id": channel_id}).all()
     return [AutomationSnapshot(id=a.id, version=a.version, name=a.name, definition=a.definition) for a in rows]
+
+
+def _candidates(conn: Connection, input: RecordInboundInput) -> list[AutomationSnapshot]:
+    """The channel's active automations, when the event can start one at all
+    (a reaction or a read receipt cannot: they are not read)."""
+    return _active_automations(conn, input.channel_id) if input.event.kind in TRIGGERING_KINDS else []
+
+
+def matched_automations(
+    input: RecordInboundInput, automations: list[AutomationSnapshot], contact: ContactSnapshot, *, first_message: bool
+) -> list[AutomationSnapshot]:
+    """What the conversation needs of the channel's automations for this
+    event: the one it starts, or none. The conversation matches the event
+    again, against these with the same inputs (``flowrt.select_automation``,
+    the same matching rules), so it selects the same one; its history
+    carries one automation instead of every active one of the channel (a
+    channel's automations outgrew Temporal's payload limit)."""
+    if flowrt.held_from_triggers(input.event.kind, contact):
+        return []
+    automation = flowrt.select_automation(
+        automations, input.event, is_first_message=first_message, matching=input.matching
+    )
+    return [automation] if automation is not None else []
+
+
+def _match_result(
+    input: RecordInboundInput,
+    contact: SimpleNamespace | Contact,
+    automations: list[AutomationSnapshot],
+    *,
+    is_new: bool,
+    has_previous: bool,
+) -> RecordInboundResult:
+    """The result for an event: the automation it starts, if any, and the
+    contact with only the fields that automation reads."""
+    matched = matched_automations(input, automations, snapshot(contact, reads=set()), first_message=not has_previous)
+    reads = flowrt.fields_read(matched[0].definition) if matched else set()
+    return RecordInboundResult(
+        duplicate=False,
+        contact=snapshot(contact, is_new=is_new, reads=reads),
+        automations=matched,
+        has_previous_inbound=has_previous,
+    )
 
 
 # Events that open Meta's messaging window (a comment does not).
@@ -95,18 +186,18 @@ WINDOW_KINDS = ("message", "postback", "referral", "story_mention")
 def record_inbound_event(
     engine: Engine,
     input: RecordInboundInput,
-    on_unnamed_contact: Callable[[Row, list[AutomationSnapshot], bool], None] | None = None,
+    on_unnamed_contact: Callable[[Row, list[AutomationSnapshot]], None] | None = None,
     then: Callable[[RecordInboundResult, Row, dict], None] | None = None,
 ) -> RecordInboundResult:
     """Log an inbound event, create or refresh its contact, and return the
-    channel's active automations for trigger matching (the database half of
-    the ``record_inbound`` activity, on the worker's thread pool).
+    automation it starts (``_match_result``; the database half of the
+    ``record_inbound`` activity, on the worker's thread pool).
 
     A contact without any name (new, or never looked up: nothing it wrote
     before started an automation) comes back ``is_new``, so its profile is
     looked up when an automation needs it. ``on_unnamed_contact`` is called
-    with the channel's row, its active automations and whether this is the
-    contact's first message as soon as the event turns out to come from such
+    with the channel's row and the automation the event starts (a list of
+    one, or empty) as soon as the event turns out to come from such
     a contact (before its rows are written), so the caller can start that
     lookup while they are. ``then`` is called once the event is recorded (not for a
     duplicate), on the same thread, with the result, the channel's row and
@@ -145,10 +236,13 @@ def record_inbound_event(
             if ev.kind in WINDOW_KINDS:
                 changes["last_inbound_at"] = now
             contact.update(changes)
-            automations = _active_automations(conn, input.channel_id)
             unnamed = _unnamed(contact)
+            result = _match_result(
+                input, SimpleNamespace(**contact), _candidates(conn, input),
+                is_new=is_new or unnamed, has_previous=has_previous,
+            )
             if unnamed and on_unnamed_contact is not None:
-                on_unnamed_contact(channel, automations, not has_previous)
+                on_unnamed_contact(channel, result.automations)
             if is_new:
                 conn.execute(INSERT_CONTACT, contact)
             else:
@@ -176,12 +270,6 @@ def record_inbound_event(
             return retried
         EVENTS_DEDUPLICATED.inc()
         return RecordInboundResult(duplicate=True)
-    result = RecordInboundResult(
-        duplicate=False,
-        contact=snapshot(SimpleNamespace(**contact), is_new=is_new or unnamed),
-        automations=automations,
-        has_previous_inbound=has_previous,
-    )
     if then is not None:
         then(result, channel, contact)
     return result
@@ -227,13 +315,28 @@ def _own_earlier_record(engine: Engine, input: RecordInboundInput) -> RecordInbo
                 MESSAGES.c.contact_id == input.contact_id, MESSAGES.c.id < row.id
             )
         ).all()
-        automations = _active_automations(conn, input.channel_id)
-    return RecordInboundResult(
-        duplicate=False,
-        contact=snapshot(SimpleNamespace(**contact), is_new=not earlier or _unnamed(contact)),
-        automations=automations,
-        has_previous_inbound=any(m.direction == "in" and m.kind in WINDOW_KINDS for m in earlier),
+        automations = _candidates(conn, input)
+    return _match_result(
+        input, SimpleNamespace(**contact), automations,
+        is_new=not earlier or _unnamed(contact),
+        has_previous=any(m.direction == "in" and m.kind in WINDOW_KINDS for m in earlier),
     )
+
+
+def _with_set_fields(contact_id: str, fields: dict, changes: dict) -> dict:
+    """``fields`` with a flow's ``set_fields`` applied within the limits."""
+    for key, value in changes.items():
+        if isinstance(value, str):
+            value = value[:MAX_FIELD_VALUE]
+        if key not in fields and len(fields) >= MAX_FIELDS:
+            log.warning("contact %s has %d fields (MAX_FIELDS): field %r is not set", contact_id, len(fields), key)
+            continue
+        updated = {**fields, key: value}
+        if json_size(updated) > max(MAX_FIELDS_SIZE, json_size(fields)):
+            log.warning("contact %s: field %r would take its fields over MAX_FIELDS_SIZE: not set", contact_id, key)
+            continue
+        fields = updated
+    return fields
 
 
 class CrmActivities:
@@ -249,12 +352,8 @@ class CrmActivities:
             contact = db.get(Contact, input.contact_id)
             if channel is None or channel.status != "active" or contact is None:
                 return RecordInboundResult(duplicate=False, channel_active=channel is not None and channel.status == "active")
-            automations = _active_automations(db.connection(), input.channel_id)
-            return RecordInboundResult(
-                duplicate=False,
-                contact=snapshot(contact),
-                automations=automations,
-                has_previous_inbound=True,
+            return _match_result(
+                input, contact, _candidates(db.connection(), input), is_new=False, has_previous=True
             )
 
     @activity.defn(name="load_contact")
@@ -266,7 +365,12 @@ class CrmActivities:
     @activity.defn(name="update_contact")
     def update_contact(self, input: UpdateContactInput) -> ContactSnapshot:
         """Apply tag/field/takeover changes. Idempotent: adding a tag twice or
-        setting the same value again leaves the same state."""
+        setting the same value again leaves the same state.
+
+        A flow's writes keep to the API's limits (core/limits.py): a string
+        value is cut to MAX_FIELD_VALUE (a rendered template or a saved reply
+        can be longer), and a tag or field that would take the contact over
+        its count or size is not added (logged)."""
         with Session(self.engine, expire_on_commit=False) as db:
             contact = db.get(Contact, input.contact_id)
             if contact is None:
@@ -277,12 +381,14 @@ class CrmActivities:
             lowered = {t.lower() for t in tags}
             for tag in input.add_tags:
                 if tag.lower() not in lowered:
-                    tags.append(tag)
+                    if len(tags) >= MAX_TAGS:
+                        log.warning("contact %s has %d tags (MAX_TAGS): a tag is not added", contact.id, len(tags))
+                        continue
+                    tags.append(tag[:MAX_TAG])
                     lowered.add(tag.lower())
             removing = {t.lower() for t in input.remove_tags}
             tags = [t for t in tags if t.lower() not in removing]
-            fields = dict(contact.fields or {})
-            fields.update(input.set_fields)
+            fields = _with_set_fields(contact.id, dict(contact.fields or {}), input.set_fields)
             contact.tags = tags
             contact.fields = fields
             if input.human_takeover is not None:

@@ -126,21 +126,14 @@ def first_reply_plan(input: RecordInboundInput, record: RecordInboundResult) -> 
     the opening send of the automation it starts (None: nothing starts, or
     the flow opens otherwise).
 
-    The conversation matches the event again, against the same automations
-    with the same inputs, so ``record.automations`` is cut to the one matched
-    (or none): it selects the same one, and each event's history carries one
-    automation instead of every active one of the channel."""
+    ``record.automations`` is the one automation the event starts, if any
+    (``record_inbound_event`` matched it as the conversation does)."""
     event, contact = input.event, record.contact
-    if record.duplicate or not record.channel_active or contact is None:
+    if record.duplicate or not record.channel_active or contact is None or event.kind == "comment":
         return None
-    automation = None
-    if event.kind != "comment" and not flowrt.held_from_triggers(event.kind, contact):
-        automation = flowrt.select_automation(
-            record.automations, event, is_first_message=not record.has_previous_inbound, matching=input.matching
-        )
-    record.automations = [automation] if automation is not None else []
-    if automation is None:
+    if not record.automations:
         return None
+    automation = record.automations[0]
     step, _, whole_flow = flowrt.leading_send(automation.definition.get("steps", []))
     if step is None:
         return None
@@ -197,15 +190,15 @@ class _FirstReply:
         self.opening: Opening | None = None
         self.checked: _Prepared | SendMessageResult | Exception | None = None
 
-    def on_unnamed_contact(self, channel: Row, automations: list[AutomationSnapshot], first_message: bool) -> None:
-        """Database thread, before the event's rows are written. A contact is
-        looked up only for an automation their event starts (its messages may
-        greet them by name), as the conversation would."""
+    def on_unnamed_contact(self, channel: Row, automations: list[AutomationSnapshot]) -> None:
+        """Database thread, before the event's rows are written, with the
+        automation the event starts (none: nothing to look up for). A contact
+        is looked up only for an automation their event starts (its messages
+        may greet them by name), as the conversation would."""
         event = self.input.event
         if channel.platform == "telegram" or not channel.token_ciphertext or event.kind == "comment":
             return
-        matching = self.input.matching
-        if flowrt.select_automation(automations, event, is_first_message=first_message, matching=matching) is None:
+        if not automations:
             return
         try:
             creds = credentials_of(channel, self.messaging.vault, self.input.channel_id, allow_statuses={"active"})

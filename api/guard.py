@@ -22,8 +22,8 @@ import json
 from typing import Any
 
 from core.inbound import SURROGATE_RE
+from core.limits import MAX_BODY_BYTES
 
-MAX_BODY_BYTES = 1024 * 1024
 MAX_DEPTH = 32
 PREFIX = "/v1"
 

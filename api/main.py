@@ -36,6 +36,7 @@ from api.routes.webhooks import ChannelCache
 from core.codec import KeyStore, data_converter
 from core.crypto import TokenVault
 from core.db import DatabaseNotMigrated, engine_for
+from core.limits import json_size
 from core.observability import configure_logging, freeze_startup_heap
 from core.settings import Settings, get_settings
 from core.temporal import connect
@@ -48,6 +49,8 @@ RETRY_AFTER_SECONDS = 5
 # Request fields whose value a 422 never echoes back (FastAPI's errors carry
 # the input they refused: a token would end up in the client's and proxies' logs).
 SECRET_FIELDS = frozenset({"access_token", "token", "api_key", "secret", "app_secret", "password"})
+# Characters of a refused input a 422 shows.
+MAX_ECHO = 200
 
 
 def _redacted(value):
@@ -59,14 +62,23 @@ def _redacted(value):
 
 
 def without_secrets(errors) -> list:
-    """Validation errors with the secrets among their inputs redacted."""
+    """Validation errors with the secrets among their inputs redacted, and
+    no input echoed whole once it is long (a refused 10,000-step flow came
+    back in a 480 KB answer): a string cut to MAX_ECHO characters, another
+    value whose JSON is longer left out."""
     out = []
     for error in errors:
         error = dict(error)
         if "input" in error:
             leaf = error.get("loc", ())[-1:] or ("",)
             secret = str(leaf[0]).lower() in SECRET_FIELDS
-            error["input"] = "[redacted]" if secret else _redacted(error["input"])
+            value = "[redacted]" if secret else _redacted(error["input"])
+            if isinstance(value, str):
+                error["input"] = value if len(value) <= MAX_ECHO else value[:MAX_ECHO] + "…"
+            elif json_size(jsonable_encoder(value)) <= MAX_ECHO:
+                error["input"] = value
+            else:
+                del error["input"]
         out.append(error)
     return out
 

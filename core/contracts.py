@@ -230,6 +230,8 @@ class FirstSend:
 @dataclass
 class RecordInboundResult:
     duplicate: bool
+    # The contact with only the fields the matched automation reads, and that
+    # automation (none: the event starts nothing), not the channel's every one.
     contact: ContactSnapshot | None = None
     automations: list[AutomationSnapshot] = field(default_factory=list)
     channel_active: bool = True

@@ -27,7 +27,40 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.flowrt import parse_number, placeholders, re2_refusal
+from core.flowrt import parse_number, placeholders, re2_program_size, re2_refusal
+from core.limits import (
+    MAX_AI_INSTRUCTIONS,
+    MAX_AUTOMATION_NAME,
+    MAX_BUTTON_TITLE,
+    MAX_BUTTONS,
+    MAX_CHOICE,
+    MAX_CHOICES,
+    MAX_CONDITIONS,
+    MAX_DEFINITION_SIZE,
+    MAX_FIELD_KEY,
+    MAX_FIELD_VALUE,
+    MAX_HANDOFF_NOTE,
+    MAX_KEYWORD,
+    MAX_KEYWORDS,
+    MAX_MEDIA_ID,
+    MAX_MEDIA_IDS,
+    MAX_PAYLOAD,
+    MAX_PAYLOADS,
+    MAX_PLACEHOLDERS,
+    MAX_PUBLIC_REPLIES,
+    MAX_PUBLIC_REPLY,
+    MAX_QUICK_REPLIES,
+    MAX_REF,
+    MAX_REFS,
+    MAX_REGEX,
+    MAX_REGEX_PROGRAM,
+    MAX_STEPS,
+    MAX_TAG,
+    MAX_TEXT,
+    MAX_URL,
+    json_size,
+    shown,
+)
 
 __all__ = [
     "SUPPORTED_TRIGGERS",
@@ -68,10 +101,6 @@ PLANNED_STEPS = ("http_request",)
 # condition reads, or hand the conversation over); a loop without one never ends.
 LOOP_BREAKERS = ("wait_for_reply", "wait_for_event", "delay", "add_tag", "remove_tag", "set_field", "handoff")
 
-MAX_REGEX = 200
-MAX_KEYWORD = 100
-MAX_PUBLIC_REPLY = 500
-MAX_REF = 100
 # m.me / ig.me ref parameters: a-z A-Z 0-9 + / = - . : _ (plus our * wildcard).
 # One character class over the whole ref: linear (core/flowrt.py says why that matters).
 _REF_RE = re.compile(r"[A-Za-z0-9+/=\-.:_*]+")
@@ -119,18 +148,29 @@ def _compile(pattern: str, what: str) -> str:
             f"{what} {pattern!r} cannot run on RE2 (linear time, so no message can stall the automations): "
             f"{refusal}"
         )
+    size = re2_program_size(pattern)
+    if size > MAX_REGEX_PROGRAM:
+        raise _fail(
+            f"{what} {pattern!r} compiles to an RE2 program of {size} instructions; the limit is "
+            f"{MAX_REGEX_PROGRAM} (MAX_REGEX_PROGRAM: a large program is slow on every message): use "
+            "smaller repetition counts"
+        )
     return pattern
 
 
 def _check_template(text: str | None, what: str) -> str | None:
     if not text:
         return text
+    count = 0
     for placeholder in placeholders(text):
         if not _PLACEHOLDER_PATH.match(placeholder.path):
             raise _fail(
-                f"{what}: unknown placeholder {text[placeholder.start : placeholder.end]!r}; use "
+                f"{what}: unknown placeholder {shown(text[placeholder.start : placeholder.end])}; use "
                 "contact.first_name, contact.last_name, contact.username, contact.fields.<name> or context.<key>"
             )
+        count += 1
+        if count > MAX_PLACEHOLDERS:
+            raise _fail(f"{what} has more than {MAX_PLACEHOLDERS} placeholders; the limit is {MAX_PLACEHOLDERS} (MAX_PLACEHOLDERS)")
     return text
 
 
@@ -158,7 +198,7 @@ def _check_keywords(keywords: list[str], match: str) -> None:
 
 class DmKeywordTrigger(_Model):
     type: Literal["dm_keyword"]
-    keywords: list[Keyword] = Field(min_length=1, max_length=50)
+    keywords: list[Keyword] = Field(min_length=1, max_length=MAX_KEYWORDS)
     match: MatchMode = "contains"
 
     @model_validator(mode="after")
@@ -174,8 +214,8 @@ class AnyMessageTrigger(_Model):
 
 class PostbackTrigger(_Model):
     type: Literal["postback"]
-    payloads: list[Annotated[str, StringConstraints(min_length=1, max_length=1000)]] = Field(
-        min_length=1, max_length=50
+    payloads: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PAYLOAD)]] = Field(
+        min_length=1, max_length=MAX_PAYLOADS
     )
 
     @field_validator("payloads")
@@ -198,13 +238,13 @@ class CommentTrigger(_Model):
     """
 
     type: Literal["comment"]
-    media_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=100)]] = Field(
-        default_factory=list, max_length=100
+    media_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_MEDIA_ID)]] = Field(
+        default_factory=list, max_length=MAX_MEDIA_IDS
     )
-    keywords: list[Keyword] = Field(default_factory=list, max_length=50)
+    keywords: list[Keyword] = Field(default_factory=list, max_length=MAX_KEYWORDS)
     match: MatchMode = "contains"
     public_replies: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_PUBLIC_REPLY)]] = Field(
-        default_factory=list, max_length=10
+        default_factory=list, max_length=MAX_PUBLIC_REPLIES
     )
     only_top_level: bool = True
 
@@ -224,7 +264,7 @@ class StoryReplyTrigger(_Model):
     """A DM replying to one of the account's stories; empty ``keywords``: any reply."""
 
     type: Literal["story_reply"]
-    keywords: list[Keyword] = Field(default_factory=list, max_length=50)
+    keywords: list[Keyword] = Field(default_factory=list, max_length=MAX_KEYWORDS)
     match: MatchMode = "contains"
 
     @model_validator(mode="after")
@@ -242,7 +282,7 @@ class RefLinkTrigger(_Model):
 
     type: Literal["ref_link"]
     refs: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_REF)]] = Field(
-        min_length=1, max_length=50
+        min_length=1, max_length=MAX_REFS
     )
 
     @field_validator("refs")
@@ -273,8 +313,8 @@ Trigger = Annotated[
 
 
 class QuickReplyModel(_Model):
-    title: str = Field(min_length=1, max_length=20)
-    payload: str | None = Field(default=None, max_length=1000)
+    title: str = Field(min_length=1, max_length=MAX_BUTTON_TITLE)
+    payload: str | None = Field(default=None, max_length=MAX_PAYLOAD)
 
     @model_validator(mode="after")
     def _default_payload(self) -> QuickReplyModel:
@@ -284,7 +324,7 @@ class QuickReplyModel(_Model):
         return self
 
 
-QuickReplyTitle = Annotated[str, StringConstraints(min_length=1, max_length=20)]
+QuickReplyTitle = Annotated[str, StringConstraints(min_length=1, max_length=MAX_BUTTON_TITLE)]
 QuickReplyItem = Annotated[
     Annotated[QuickReplyTitle, Tag("title")] | Annotated[QuickReplyModel, Tag("object")],
     Discriminator(lambda v: "title" if isinstance(v, str) else "object"),
@@ -292,9 +332,9 @@ QuickReplyItem = Annotated[
 
 
 class ButtonModel(_Model):
-    title: str = Field(min_length=1, max_length=20)
-    payload: str | None = Field(default=None, min_length=1, max_length=1000)
-    url: str | None = Field(default=None, max_length=2000)
+    title: str = Field(min_length=1, max_length=MAX_BUTTON_TITLE)
+    payload: str | None = Field(default=None, min_length=1, max_length=MAX_PAYLOAD)
+    url: str | None = Field(default=None, max_length=MAX_URL)
 
     @model_validator(mode="after")
     def _payload_or_url(self) -> ButtonModel:
@@ -326,9 +366,9 @@ class _Step(_Model):
 
 class SendMessageStep(_Step):
     type: Literal["send_message"]
-    text: str = Field(min_length=1, max_length=1000)
-    quick_replies: list[QuickReplyItem] = Field(default_factory=list, max_length=13)
-    buttons: list[ButtonModel] = Field(default_factory=list, max_length=3)
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    quick_replies: list[QuickReplyItem] = Field(default_factory=list, max_length=MAX_QUICK_REPLIES)
+    buttons: list[ButtonModel] = Field(default_factory=list, max_length=MAX_BUTTONS)
 
     @model_validator(mode="after")
     def _check(self) -> SendMessageStep:
@@ -352,9 +392,9 @@ class MessageContent(_Model):
     placeholders (no ``context``: there is no run), and it carries quick
     replies or buttons."""
 
-    text: str = Field(min_length=1, max_length=1000)
-    quick_replies: list[QuickReplyItem] = Field(default_factory=list, max_length=13)
-    buttons: list[ButtonModel] = Field(default_factory=list, max_length=3)
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
+    quick_replies: list[QuickReplyItem] = Field(default_factory=list, max_length=MAX_QUICK_REPLIES)
+    buttons: list[ButtonModel] = Field(default_factory=list, max_length=MAX_BUTTONS)
 
     @model_validator(mode="after")
     def _check(self) -> MessageContent:
@@ -376,11 +416,11 @@ class WaitForReplyStep(_Step):
         default="none", alias="validate"
     )
     pattern: str | None = None
-    choices: list[Annotated[str, StringConstraints(min_length=1, max_length=1000)]] | None = Field(
-        default=None, max_length=50
+    choices: list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_CHOICE)]] | None = Field(
+        default=None, max_length=MAX_CHOICES
     )
     save_to_field: FieldName | None = None
-    retry_prompt: str | None = Field(default=None, min_length=1, max_length=1000)
+    retry_prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
     max_retries: int = Field(default=2, ge=0, le=10)
     on_timeout: Target = "end"
     on_invalid: Target = "end"
@@ -435,7 +475,7 @@ _TAG_OPS = ("has", "not_has", "equals", "not_equals")
 
 class Condition(_Model):
     subject: Literal["field", "tag", "reply"]
-    name: str | None = Field(default=None, min_length=1, max_length=64)
+    name: str | None = Field(default=None, min_length=1, max_length=MAX_FIELD_KEY)
     op: ConditionOp
     value: str | bool | int | float | None = None
 
@@ -468,7 +508,7 @@ class Condition(_Model):
 
 class ConditionStep(_Step):
     type: Literal["condition"]
-    conditions: list[Condition] = Field(min_length=1, max_length=20)
+    conditions: list[Condition] = Field(min_length=1, max_length=MAX_CONDITIONS)
     match: Literal["all", "any"] = "all"
     then: Target
     else_: Target = Field(alias="else")
@@ -485,7 +525,7 @@ class ConditionStep(_Step):
         return [("then", self.then), ("else", self.else_)]
 
 
-TagName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=64)]
+TagName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_TAG)]
 
 
 class AddTagStep(_Step):
@@ -506,6 +546,11 @@ class SetFieldStep(_Step):
     @model_validator(mode="after")
     def _check(self) -> SetFieldStep:
         if isinstance(self.value, str):
+            if len(self.value) > MAX_FIELD_VALUE:
+                raise _fail(
+                    f"step {self.id!r}: value is {len(self.value)} characters long; the limit is "
+                    f"{MAX_FIELD_VALUE} (MAX_FIELD_VALUE)"
+                )
             _check_template(self.value, f"step {self.id!r}: value")
         return self
 
@@ -533,11 +578,11 @@ class DelayStep(_Step):
 
 class AiReplyStep(_Step):
     type: Literal["ai_reply"]
-    instructions: str = Field(min_length=1, max_length=4000)
+    instructions: str = Field(min_length=1, max_length=MAX_AI_INSTRUCTIONS)
     fallback_text: str = Field(
         default="Thanks for your message! A teammate will get back to you shortly.",
         min_length=1,
-        max_length=1000,
+        max_length=MAX_TEXT,
     )
     history_messages: int = Field(default=12, ge=0, le=50)
 
@@ -551,8 +596,8 @@ class AiReplyStep(_Step):
 
 class HandoffStep(_Step):
     type: Literal["handoff"]
-    message: str | None = Field(default=None, min_length=1, max_length=1000)
-    note: str | None = Field(default=None, max_length=2000)
+    message: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
+    note: str | None = Field(default=None, max_length=MAX_HANDOFF_NOTE)
 
     @model_validator(mode="after")
     def _check(self) -> HandoffStep:
@@ -683,7 +728,7 @@ class AutomationDefinition(_Model):
     """The part of an automation a run interprets: trigger + steps."""
 
     trigger: Trigger
-    steps: list[Step] = Field(min_length=1, max_length=100)
+    steps: list[Step] = Field(min_length=1, max_length=MAX_STEPS)
 
     @field_validator("trigger", mode="before")
     @classmethod
@@ -700,9 +745,19 @@ class AutomationDefinition(_Model):
     def _cross_check(cls, value: list[_Step]) -> list[_Step]:
         return _check_steps(value)
 
+    @model_validator(mode="after")
+    def _size(self) -> AutomationDefinition:
+        size = json_size(definition_dict(self))
+        if size > MAX_DEFINITION_SIZE:
+            raise _fail(
+                f"the definition (trigger and steps) is {size} bytes of JSON; the limit is "
+                f"{MAX_DEFINITION_SIZE} (MAX_DEFINITION_SIZE)"
+            )
+        return self
+
 
 class AutomationCreate(AutomationDefinition):
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=MAX_AUTOMATION_NAME)
     channel_id: str = Field(min_length=1)
     status: Literal["active", "paused"] = "active"
 
@@ -715,9 +770,9 @@ class AutomationCreate(AutomationDefinition):
 class AutomationUpdate(_Model):
     """A partial update; ``merge_definition`` validates the combined flow."""
 
-    name: str | None = Field(default=None, min_length=1, max_length=200)
+    name: str | None = Field(default=None, min_length=1, max_length=MAX_AUTOMATION_NAME)
     trigger: Trigger | None = None
-    steps: list[Step] | None = Field(default=None, min_length=1, max_length=100)
+    steps: list[Step] | None = Field(default=None, min_length=1, max_length=MAX_STEPS)
     status: Literal["active", "paused"] | None = None
 
     @field_validator("name")
@@ -749,8 +804,14 @@ def definition_dict(model: BaseModel) -> dict:
 def merge_definition(current: dict, update: AutomationUpdate) -> dict:
     """Apply an update's trigger/steps to the current definition and validate the result.
 
+    An update of neither keeps ``current`` as stored, unchecked: renaming or
+    pausing an automation saved before a limit existed must not be refused
+    for the limit.
+
     Raises pydantic.ValidationError (or ValueError when ``current`` is not a definition).
     """
+    if update.trigger is None and update.steps is None:
+        return current
     if not isinstance(current, dict):
         raise ValueError("the current definition is not an object")
     new_definition = {

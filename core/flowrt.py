@@ -126,6 +126,13 @@ def re2_refusal(pattern: str) -> str:
     return f"{reason} (RE2 does not support this syntax)"
 
 
+def re2_program_size(pattern: str) -> int:
+    """The size of RE2's program for ``pattern`` as it runs (0: RE2 cannot
+    run it); its time per character of text grows with it."""
+    compiled = _re2_pattern(pattern)
+    return compiled.programsize if compiled is not None else 0
+
+
 def pattern_search(pattern: str, text: str, matching: int = MATCHING) -> bool:
     """Does a customer's pattern occur in ``text`` (case-insensitive)? A
     pattern that does not compile matches nothing (under RE2 since
@@ -783,6 +790,30 @@ def leading_send(steps: list[dict]) -> tuple[dict | None, bool, bool]:
     if nxt is None:
         return steps[0], False, True
     return steps[0], steps[nxt].get("type") == "wait_for_reply", False
+
+
+def fields_read(definition: Any) -> set[str]:
+    """The contact fields a flow can read, lowercased (``_resolve`` looks a
+    template's field up case-insensitively; a condition by its exact name):
+    the first name after ``contact.fields.`` in any placeholder of any of its
+    texts, and the names of its field conditions. A run needs no other field
+    of the contact."""
+    names: set[str] = set()
+    stack = [definition]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if value.get("subject") == "field" and isinstance(value.get("name"), str):
+                names.add(value["name"].lower())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str) and "{{" in value:
+            for placeholder in placeholders(value):
+                parts = [p.strip() for p in placeholder.path.split(".")]
+                if len(parts) >= 3 and parts[0].lower() == "contact" and parts[1].lower() == "fields":
+                    names.add(parts[2].lower())
+    return names
 
 
 def uses_contact(template: str) -> bool:

@@ -28,10 +28,13 @@ from api.routes.privacy_callbacks import SignedRequestError, parse_signed_reques
 from core import flow, flowrt
 from core.contracts import ContactSnapshot
 from core.inbound import parse_meta_webhook, parse_telegram_update
+from core.limits import MAX_REGEX_PROGRAM
 from core.observability import _SECRET_PATTERNS, REDACTED, redact
 
 N = 100_000
 BOUND_SECONDS = 0.1
+LARGEST_PROGRAM = r"(?:\w\W?){138}z"
+assert 0.99 * MAX_REGEX_PROGRAM < flowrt.re2_program_size(LARGEST_PROGRAM) <= MAX_REGEX_PROGRAM
 
 
 def contact(**kw) -> ContactSnapshot:
@@ -177,6 +180,9 @@ CASES: list[tuple[str, Callable[[], object]]] = [
     ("parse_meta_webhook: a long text", lambda: parse_meta_webhook(_meta("\udfff" * N))),
     ("privacy_callbacks.parse_signed_request", lambda: _signed("a" * N + "=")),
     ("api.guard.body_problem", lambda: body_problem(b'["' + b"a" * N + b'"]')),
+    # RE2 is linear, but its time per character grows with the program: the
+    # largest one a customer may save (core.limits.MAX_REGEX_PROGRAM).
+    ("pattern_search: the largest RE2 program allowed", lambda: flowrt.pattern_search(LARGEST_PROGRAM, "a " * (N // 2))),
 ]
 
 

@@ -45,6 +45,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from activities.crm import matched_automations
 from activities.messaging import first_reply_plan
 from core import flowrt
 from core.contracts import (
@@ -195,11 +196,13 @@ class Mocks:
             if self.refused_text is not None and input.event.text == self.refused_text:
                 raise ApplicationError("the database refused this event", type="UnrecordableEvent", non_retryable=True)
             self.inbound.append(input)
+            first_message = len(self.inbound) == 1
             record = RecordInboundResult(
                 duplicate=False,
                 contact=replace(self.contact),
-                automations=list(self.automations),
-                has_previous_inbound=len(self.inbound) > 1,
+                # Like the real activity: only the automation the event starts.
+                automations=matched_automations(input, self.automations, self.contact, first_message=first_message),
+                has_previous_inbound=not first_message,
             )
             # Like the real activity: the reply matched and sent right after
             # the recording when the conversation leaves it to this activity.
@@ -220,7 +223,8 @@ class Mocks:
         async def load_match_context(input: RecordInboundInput) -> RecordInboundResult:
             self.rematched.append(input)
             return RecordInboundResult(
-                duplicate=False, contact=replace(self.contact), automations=list(self.automations),
+                duplicate=False, contact=replace(self.contact),
+                automations=matched_automations(input, self.automations, self.contact, first_message=False),
                 has_previous_inbound=True,
             )
 

@@ -6,12 +6,23 @@ from datetime import datetime
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Response, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
-from sqlmodel import col, delete, select, update
+from sqlmodel import col, delete, func, select, update
 
-from api.deps import COUNT_DESCRIPTION, DEFAULT_PAGE_SIZE, CurrentWorkspace, Limit, Offset, SessionDep, paged
+from api.deps import (
+    COUNT_DESCRIPTION,
+    DEFAULT_PAGE_SIZE,
+    CurrentWorkspace,
+    Limit,
+    Offset,
+    SessionDep,
+    paged,
+    unprocessable,
+)
 from core.db import Automation, AutomationVersion, Channel, new_id, utcnow
 from core.flow import AutomationCreate, AutomationUpdate, definition_dict, merge_definition
+from core.limits import MAX_AUTOMATIONS_PER_CHANNEL, MAX_AUTOMATIONS_PER_WORKSPACE
 
 router = APIRouter(prefix="/v1/automations", tags=["automations"])
 
@@ -54,8 +65,25 @@ def get_owned(session, workspace_id: str, automation_id: str) -> Automation:
     return automation
 
 
-def _unprocessable(loc: list, msg: str) -> HTTPException:
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, [{"loc": loc, "msg": msg, "type": "value_error"}])
+def _check_room(session, workspace_id: str, channel_id: str) -> None:
+    """422 when the workspace or the channel has as many automations as its
+    limit allows (every active one of a channel is matched against each of
+    its events)."""
+    count = func.count(col(Automation.id))
+    in_workspace = session.exec(select(count).where(Automation.workspace_id == workspace_id)).one()
+    if in_workspace >= MAX_AUTOMATIONS_PER_WORKSPACE:
+        raise unprocessable(
+            ["body"],
+            f"the workspace has {in_workspace} automations; the limit is {MAX_AUTOMATIONS_PER_WORKSPACE} "
+            "(MAX_AUTOMATIONS_PER_WORKSPACE): delete one first",
+        )
+    in_channel = session.exec(select(count).where(Automation.channel_id == channel_id)).one()
+    if in_channel >= MAX_AUTOMATIONS_PER_CHANNEL:
+        raise unprocessable(
+            ["body", "channel_id"],
+            f"the channel has {in_channel} automations; the limit is {MAX_AUTOMATIONS_PER_CHANNEL} "
+            "(MAX_AUTOMATIONS_PER_CHANNEL): delete one first",
+        )
 
 
 @router.post(
@@ -65,16 +93,18 @@ def _unprocessable(loc: list, msg: str) -> HTTPException:
     operation_id="create_automation",
     summary="Create an automation",
     description=(
-        "The flow is validated as a whole: unknown step types, dangling targets and missing texts get 422. "
-        "409 when the channel is disconnected."
+        "The flow is validated as a whole: unknown step types, dangling targets and missing texts get 422, "
+        "and so does a size over its limit (docs/limits.md: automations per workspace and per channel, the "
+        "definition's size, steps, texts). 409 when the channel is disconnected."
     ),
 )
 def create_automation(body: AutomationCreate, workspace: CurrentWorkspace, session: SessionDep) -> AutomationPublic:
     channel = session.get(Channel, body.channel_id)
     if channel is None or channel.workspace_id != workspace.id:
-        raise _unprocessable(["body", "channel_id"], f"no channel {body.channel_id!r} in this workspace")
+        raise unprocessable(["body", "channel_id"], f"no channel {body.channel_id!r} in this workspace")
     if channel.status == "disconnected":
         raise HTTPException(status.HTTP_409_CONFLICT, "the channel is disconnected: connect it again first")
+    _check_room(session, workspace.id, channel.id)
     definition = definition_dict(body)
     automation = Automation(
         id=new_id("au"),
@@ -116,7 +146,11 @@ def get_automation(automation_id: str, workspace: CurrentWorkspace, session: Ses
     response_model=AutomationPublic,
     operation_id="update_automation",
     summary="Update an automation",
-    description="A change to the trigger or steps creates a new version; running runs keep the version they started with.",
+    description=(
+        "A change to the trigger or steps creates a new version; running runs keep the version they started "
+        "with. The new definition is checked against today's limits; a rename or a status change alone is "
+        "not (an automation saved before a limit can still be paused)."
+    ),
 )
 def update_automation(
     automation_id: str, body: AutomationUpdate, workspace: CurrentWorkspace, session: SessionDep
@@ -129,11 +163,10 @@ def update_automation(
     try:
         definition = merge_definition(automation.definition, body)
     except ValidationError as exc:
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, exc.errors(include_url=False, include_context=False)
-        ) from None
+        # Answered as a refused body is (api/main.py): the input of an error about the whole flow is not echoed.
+        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from None
     except ValueError as exc:
-        raise _unprocessable(["body"], str(exc)) from None
+        raise unprocessable(["body"], str(exc)) from None
     if body.name is not None:
         automation.name = body.name
     if body.status is not None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import asdict
 from datetime import datetime
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 from sqlmodel import col, select
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -27,17 +28,30 @@ from core.audit import audit
 from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress, broadcast_workflow_id
 from core.db import Broadcast, Channel, count_sends, new_id, utcnow
 from core.flow import MessageContent
+from core.limits import (
+    MAX_AUTOMATION_NAME,
+    MAX_FIELD_KEY,
+    MAX_FIELD_VALUE,
+    MAX_FIELDS,
+    MAX_SEGMENT_TAGS,
+    MAX_TAG,
+)
 from workflows.common import BULK_PRIORITY, search_attributes
 
 router = APIRouter(prefix="/v1/broadcasts", tags=["broadcasts"])
 
 
+SegmentTag = Annotated[str, StringConstraints(max_length=MAX_TAG)]
+SegmentKey = Annotated[str, StringConstraints(min_length=1, max_length=MAX_FIELD_KEY)]
+SegmentValue = Annotated[str, StringConstraints(max_length=MAX_FIELD_VALUE)] | int | float | bool
+
+
 class Segment(BaseModel):
     model_config = {"extra": "forbid"}
-    tags_any: list[str] = Field(default_factory=list, max_length=50)
-    tags_all: list[str] = Field(default_factory=list, max_length=50)
-    tags_none: list[str] = Field(default_factory=list, max_length=50)
-    fields: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    tags_any: list[SegmentTag] = Field(default_factory=list, max_length=MAX_SEGMENT_TAGS)
+    tags_all: list[SegmentTag] = Field(default_factory=list, max_length=MAX_SEGMENT_TAGS)
+    tags_none: list[SegmentTag] = Field(default_factory=list, max_length=MAX_SEGMENT_TAGS)
+    fields: dict[SegmentKey, SegmentValue] = Field(default_factory=dict, max_length=MAX_FIELDS)
     last_seen_within_hours: float | None = Field(None, gt=0, le=24 * 365)
 
 
@@ -46,7 +60,7 @@ class BroadcastCreate(MessageContent):
     and ``quick_replies`` or ``buttons`` as in a flow's ``send_message`` step."""
 
     channel_id: str
-    name: str = Field("", max_length=200)
+    name: str = Field("", max_length=MAX_AUTOMATION_NAME)
     segment: Segment = Field(default_factory=Segment)
 
 

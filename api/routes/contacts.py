@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import secrets
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StrictBool, StringConstraints, field_validator
+from pydantic_core import PydanticCustomError
 from sqlmodel import col, select
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -21,6 +22,7 @@ from api.deps import (
     SettingsDep,
     TemporalDep,
     paged,
+    unprocessable,
 )
 from api.dispatch import conversation_start, signal_conversation
 from core.audit import audit
@@ -32,6 +34,21 @@ from core.contracts import (
     conversation_workflow_id,
 )
 from core.db import Channel, Contact, ContactTag, Message, Run, tag_key, utcnow
+from core.limits import (
+    FIELD_KEY_ALPHABET,
+    FIELD_KEY_RE,
+    MAX_FIELD_KEY,
+    MAX_FIELD_VALUE,
+    MAX_FIELDS,
+    MAX_FIELDS_SIZE,
+    MAX_NAME,
+    MAX_TAG,
+    MAX_TAGS,
+    MAX_TEXT,
+    json_size,
+    shown,
+    value_length,
+)
 
 router = APIRouter(prefix="/v1/contacts", tags=["contacts"])
 
@@ -59,16 +76,73 @@ class ContactList(BaseModel):
 
 class ContactUpdate(BaseModel):
     model_config = {"extra": "forbid"}
-    first_name: str | None = Field(None, max_length=200)
-    last_name: str | None = Field(None, max_length=200)
-    tags: list[str] | None = Field(None, max_length=200, description="Replaces the contact's tags.")
-    fields: dict[str, Any] | None = Field(None, description="Merged into the contact's fields; null values delete a field.")
-    processing_restricted: bool | None = Field(
+    first_name: str | None = Field(None, max_length=MAX_NAME)
+    last_name: str | None = Field(None, max_length=MAX_NAME)
+    tags: list[Annotated[str, StringConstraints(max_length=MAX_TAG)]] | None = Field(
+        None,
+        max_length=MAX_TAGS,
+        description=f"Replaces the contact's tags: at most {MAX_TAGS}, each at most {MAX_TAG} characters.",
+    )
+    fields: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "Merged into the contact's fields; null values delete a field. A key is 1 to "
+            f"{MAX_FIELD_KEY} {FIELD_KEY_ALPHABET}; a value at most {MAX_FIELD_VALUE} characters (another "
+            f"value's JSON too); at most {MAX_FIELDS} fields and {MAX_FIELDS_SIZE} bytes of JSON in all "
+            "(docs/limits.md)."
+        ),
+    )
+    # Strict: a privacy decision is never read into "yes" or 0.
+    processing_restricted: StrictBool | None = Field(
         None, description="Restrict processing: inbound messages are logged, no automation runs, nothing is sent."
     )
-    consent_withdrawn: bool | None = Field(
+    consent_withdrawn: StrictBool | None = Field(
         None, description="The person withdrew consent: same effect as a restriction, recorded separately."
     )
+
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key, item in (value or {}).items():
+            if item is None:
+                continue  # deleting: any key stored before the limits can go
+            if not FIELD_KEY_RE.fullmatch(key):
+                raise PydanticCustomError(
+                    "field_key",
+                    f"field key {shown(key)} must be 1 to {MAX_FIELD_KEY} characters of {FIELD_KEY_ALPHABET} "
+                    "(MAX_FIELD_KEY)",
+                )
+            if value_length(item) > MAX_FIELD_VALUE:
+                raise PydanticCustomError(
+                    "field_value",
+                    f"field {key!r}: the value is {value_length(item)} characters long; the limit is "
+                    f"{MAX_FIELD_VALUE} (MAX_FIELD_VALUE)",
+                )
+        return value
+
+
+def _merged_fields(current: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """The contact's fields with ``changes`` applied; 422 when they add to a
+    contact over its limits (count, total size). A contact stored over them
+    before they existed can still be updated if the update does not grow it."""
+    fields = dict(current)
+    for key, value in changes.items():
+        if value is None:
+            fields.pop(key, None)
+        else:
+            fields[key] = value
+    if len(fields) > MAX_FIELDS and len(fields) > len(current):
+        raise unprocessable(
+            ["body", "fields"],
+            f"the contact would have {len(fields)} fields; the limit is {MAX_FIELDS} (MAX_FIELDS)",
+        )
+    size = json_size(fields)
+    if size > MAX_FIELDS_SIZE and size > json_size(current):
+        raise unprocessable(
+            ["body", "fields"],
+            f"the contact's fields would be {size} bytes of JSON; the limit is {MAX_FIELDS_SIZE} (MAX_FIELDS_SIZE)",
+        )
+    return fields
 
 
 class MessagePublic(BaseModel):
@@ -163,13 +237,7 @@ async def update_contact(
     if body.tags is not None:
         contact.tags = list(dict.fromkeys(t.strip() for t in body.tags if t.strip()))
     if body.fields is not None:
-        fields = dict(contact.fields or {})
-        for key, value in body.fields.items():
-            if value is None:
-                fields.pop(key, None)
-            else:
-                fields[key] = value
-        contact.fields = fields
+        contact.fields = _merged_fields(dict(contact.fields or {}), body.fields)
     if body.processing_restricted is not None:
         contact.processing_restricted = body.processing_restricted
         audit(session, workspace.id, "api_key", f"contact.restrict.{str(body.processing_restricted).lower()}", contact.id)
@@ -244,7 +312,7 @@ def list_messages(
 
 class HumanMessageCreate(BaseModel):
     model_config = {"extra": "forbid"}
-    text: str = Field(min_length=1, max_length=1000)
+    text: str = Field(min_length=1, max_length=MAX_TEXT)
 
 
 class HumanMessageSent(BaseModel):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, ValidationInfo
+from pydantic_core import PydanticCustomError
 from sqlmodel import col, select
 from temporalio.client import WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
@@ -27,6 +28,7 @@ from api.deps import (
 from api.dispatch import signal_conversation
 from core.contracts import AutomationSnapshot, ExternalEventSignal, RunStatus, StartAutomationSignal
 from core.db import Automation, Channel, Contact, Run
+from core.limits import MAX_RUN_CONTEXT_SIZE, json_size
 from core.observability import RUNS_STARTED
 
 router = APIRouter(tags=["runs"])
@@ -34,10 +36,27 @@ router = APIRouter(tags=["runs"])
 QUERY_TIMEOUT_SECONDS = 5.0
 
 
+def _bounded(value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+    """A dict a run carries (its input, a signal): at most MAX_RUN_CONTEXT_SIZE bytes of JSON."""
+    size = json_size(value)
+    if size > MAX_RUN_CONTEXT_SIZE:
+        raise PydanticCustomError(
+            "too_large",
+            f"{info.field_name} is {size} bytes of JSON; the limit is {MAX_RUN_CONTEXT_SIZE} (MAX_RUN_CONTEXT_SIZE)",
+        )
+    return value
+
+
+RunData = Annotated[dict[str, Any], AfterValidator(_bounded)]
+
+
 class RunStart(BaseModel):
     model_config = {"extra": "forbid"}
     contact_id: str
-    context: dict[str, Any] = Field(default_factory=dict, description="Available to templates as {{context.<key>}}.")
+    context: RunData = Field(
+        default_factory=dict,
+        description=f"Available to templates as {{{{context.<key>}}}}; at most {MAX_RUN_CONTEXT_SIZE} bytes of JSON.",
+    )
 
 
 class RunStarted(BaseModel):
@@ -74,7 +93,7 @@ class RunList(BaseModel):
 
 class SignalBody(BaseModel):
     model_config = {"extra": "forbid"}
-    payload: dict[str, Any] = Field(default_factory=dict)
+    payload: RunData = Field(default_factory=dict, description=f"At most {MAX_RUN_CONTEXT_SIZE} bytes of JSON.")
 
 
 def _public(run: Run, *, current_step: str = "", trail=None, status_: str | None = None, source="database") -> RunPublic:

@@ -416,21 +416,22 @@ def test_sandbox_payload_builders_parse() -> None:
     from sandbox import payloads
 
     [ig] = parse_meta_webhook(
-        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "link?", media_id="m1", comment_id="c1", username="ana")
+        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "link?", media_id="m1", comment_id="17800000000000001",
+                                   username="ana")
     ).events
     assert (ig.kind, ig.comment_id, ig.media_id, ig.username, ig.is_top_level_comment) == (
-        "comment", "c1", "m1", "ana", True
+        "comment", "17800000000000001", "m1", "ana", True
     )
     [ig_reply] = parse_meta_webhook(
-        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "me too", media_id="m1", parent_id="c1")
+        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "me too", media_id="m1", parent_id="17800000000000001")
     ).events
     assert ig_reply.is_top_level_comment is False and ig_reply.comment_id
 
     [fb] = parse_meta_webhook(
-        payloads.page_comment(PAGE_ID, PSID, "info", post_id=POST_ID, comment_id="c2", name="Ana Lima")
+        payloads.page_comment(PAGE_ID, PSID, "info", post_id=POST_ID, comment_id="900000000000001_700000000000002", name="Ana Lima")
     ).events
     assert (fb.kind, fb.comment_id, fb.media_id, fb.first_name, fb.is_top_level_comment) == (
-        "comment", "c2", POST_ID, "Ana", True
+        "comment", "900000000000001_700000000000002", POST_ID, "Ana", True
     )
     removed = parse_meta_webhook(payloads.page_comment(PAGE_ID, PSID, "", post_id=POST_ID, verb="remove"))
     assert removed.events == [] and removed.ignored[0][1] == "comment deleted"

@@ -22,7 +22,7 @@ from core.platforms import (
 )
 
 GRAPH_TOKEN = "IGAAKsecretTOKENvalue1234567890"
-TG_TOKEN = "7000000001:AAH-secretTelegramToken_xyz"
+TG_TOKEN = "7000000001:AAH-secretTelegramToken_xyz0123456789"
 
 Handler = Callable[[httpx.Request], httpx.Response]
 

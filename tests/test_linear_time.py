@@ -27,6 +27,7 @@ from api.guard import body_problem
 from api.routes.privacy_callbacks import SignedRequestError, parse_signed_request
 from core import flow, flowrt
 from core.contracts import ContactSnapshot
+from core.ids import KINDS, conforms
 from core.inbound import parse_meta_webhook, parse_telegram_update
 from core.observability import _SECRET_PATTERNS, REDACTED, redact
 
@@ -177,6 +178,7 @@ CASES: list[tuple[str, Callable[[], object]]] = [
     ("parse_meta_webhook: a long text", lambda: parse_meta_webhook(_meta("\udfff" * N))),
     ("privacy_callbacks.parse_signed_request", lambda: _signed("a" * N + "=")),
     ("api.guard.body_problem", lambda: body_problem(b'["' + b"a" * N + b'"]')),
+    *[(f"ids.conforms: {kind}", lambda kind=kind: conforms("1" * (N // 2) + ":" + "_" * (N // 2), kind)) for kind in KINDS],
 ]
 
 

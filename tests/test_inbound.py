@@ -899,3 +899,31 @@ def test_an_id_longer_than_any_platform_id_is_not_one_and_a_huge_timestamp_is_no
     item = payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "hi")
     item["timestamp"] = "9" * 5000  # int() refuses it: the parse must not fail
     assert _one(payloads.instagram_webhook({IG_ACCOUNT: [item]})).timestamp_ms == 0
+
+
+@pytest.mark.parametrize("bad", ["..", "%2e%2e", "1/../me", "1?x", "me", "-1", "1 "])
+def test_items_whose_ids_could_change_a_platform_path_are_ignored(bad: str) -> None:
+    """Those ids go into the platforms' URLs (core/ids.py): such an item is
+    ignored with its reason, and the batch's other items are still parsed."""
+    from sandbox import payloads
+
+    good = payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "hi")
+    by_sender = {"object": "instagram", "entry": [{"id": IG_ACCOUNT, "messaging": [
+        payloads.instagram_dm(IG_ACCOUNT, bad, "hi"), good]}]}
+    by_account = {"object": "instagram", "entry": [{"id": bad, "messaging": [good]}, {"id": IG_ACCOUNT,
+                                                                                     "messaging": [good]}]}
+    for hook in (by_sender, by_account):
+        result = parse_meta_webhook(hook)
+        assert [(e.account_id, e.sender_id) for e in result.events] == [(IG_ACCOUNT, IGSID_A)]
+        assert len(result.ignored) == 1 and "is not a Meta id" in result.ignored[0][1]
+    for comment in (payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "x", media_id="1", comment_id=bad),
+                    payloads.instagram_comment(IG_ACCOUNT, bad, "x", media_id="1"),
+                    _page_feed(_feed_comment(comment_id=bad)),
+                    _page_feed(_feed_comment(**{"from": {"id": bad, "name": "Ana"}}))):
+        result = parse_meta_webhook(comment)
+        assert result.events == [] and "is not a Meta" in result.ignored[0][1], result.ignored
+    if bad != "-1":  # a group's chat id (refused for its chat type)
+        update = payloads.telegram_message_update(1, 42, "hi")
+        update["message"]["chat"]["id"] = bad
+        result = parse_telegram_update(update, BOT_ID)
+        assert result.events == [] and result.ignored == [("tg:1", "chat.id is not a Telegram chat id")]

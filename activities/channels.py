@@ -33,7 +33,7 @@ from core.contracts import (
 )
 from core.crypto import TokenVault, token_context, webhook_secret_context
 from core.db import Channel, Contact, Run, utcnow
-from core.platforms import GraphClient, PlatformError, TelegramClient
+from core.platforms import GraphClient, PlatformError, TelegramClient, UnsafeValue
 
 # The webhook fields each platform needs for the features we run; nothing more
 # (minimum data: DESIGN.md privacy promises).
@@ -156,7 +156,9 @@ class ChannelActivities:
     async def revoke_token(self, input: ChannelRef) -> RevokeResult:
         """Revoke our access at the platform: Meta ``DELETE /{user}/permissions``,
         Telegram ``deleteWebhook``. A token the platform already rejects counts
-        as revoked."""
+        as revoked; a stored value that cannot be put into the call's URL
+        (``UnsafeValue``) does not: nothing was sent, and the result says so
+        (the token is deleted all the same, ``purge_data``)."""
         try:
             creds = await asyncio.to_thread(
                 load_credentials,
@@ -171,7 +173,9 @@ class ChannelActivities:
             if creds.platform == "telegram":
                 await self.telegram.delete_webhook(creds.token)
             else:
-                await self._meta(creds.platform).revoke(creds.platform_user_id or "me", creds.token)
+                await self._meta(creds.platform).revoke(creds.platform_user_id, creds.token)
+        except UnsafeValue as err:
+            return RevokeResult(revoked=False, detail=err.message)
         except PlatformError as err:
             if err.kind == "token_invalid":
                 return RevokeResult(revoked=True, detail="the platform had already invalidated the token")

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
-from api import openapi
+from api import openapi, problems
 from api.guard import ApiGuard
 from api.inbox import InboxState, InboxWriter, run_relay
 from api.ingress import Ingress, WorkerFactory, api_identity
@@ -54,6 +54,8 @@ MAX_ECHO = 200
 
 
 def _redacted(value):
+    if isinstance(value, bytes):  # a body that is not JSON, maybe not UTF-8 either
+        return value.decode("utf-8", "replace")
     if isinstance(value, dict):
         return {k: "[redacted]" if str(k).lower() in SECRET_FIELDS else _redacted(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -192,7 +194,8 @@ def create_app(
         log.error("%s %s: Temporal refused the call (%s)", request.method, request.url.path, exc.status.name)
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
-    openapi.install(app, routers)  # the /v1 routes' error answers (api/openapi.py)
+    problems.install(app)  # 405s' Allow (api/problems.py)
+    openapi.install(app, routers)  # the routes' error answers (api/openapi.py)
 
     @app.get("/healthz", tags=["health"], operation_id="healthz", summary="Liveness")
     def healthz() -> dict:

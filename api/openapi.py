@@ -1,5 +1,8 @@
-"""The error answers of the ``/v1`` routes, written into the OpenAPI document
-in one place (the routes raise them; this keeps the document saying so)."""
+"""The error answers of every route, written into the OpenAPI document in
+one place (the routes raise them; this keeps the document saying so): the
+``/v1`` routes' by kind of route, the webhooks', codec's and privacy pages'
+each. A 422's ``detail`` is always the validation error array
+(``api/problems.py``)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,47 @@ WRITES = {"post", "put", "patch"}
 EXTRA = {
     "send_human_message": {"502": "The platform refused the message; the message says why."},
 }
+# The routes outside /v1 (platforms, the Temporal UI, people following a
+# status link), each with what it answers.
+_WEBHOOK_BODY = {
+    "413": "Body larger than the webhook limit (`VECTORY_MAX_WEBHOOK_BODY_BYTES`).",
+    "503": "Neither Temporal nor the durable inbox could take the events: nothing was kept; the platform retries.",
+}
+_META_CALLBACK = {
+    "400": "`signed_request` missing, forged, expired or malformed, or the body is not a form (not ASCII, say).",
+    "413": "Body larger than the callback limit.",
+    "415": "Not `application/x-www-form-urlencoded`.",
+    "503": "Temporal is not reachable: nothing was started; Meta calls again.",
+}
+_CODEC = {
+    "400": "A payload that is not base64, or encrypted with a key this server does not know.",
+    "401": "Missing or invalid codec token.",
+    "404": "The codec server is disabled (no `VECTORY_CODEC_TOKEN`).",
+    "410": "The payload's workspace was erased: its key is destroyed.",
+}
+OPERATIONS = {
+    "meta_webhook_verify": {"403": "Not a subscription handshake, or the verify token is wrong."},
+    "meta_webhook_receive": {
+        "400": "The body is not JSON (not UTF-8, say) or not shaped like a Meta webhook.",
+        "401": "`X-Hub-Signature-256` missing or not the app secret's signature of the body.",
+        **_WEBHOOK_BODY,
+    },
+    "telegram_webhook_receive": {
+        "400": "The body is not JSON (not UTF-8, say) or not a Telegram update.",
+        "403": "`X-Telegram-Bot-Api-Secret-Token` missing or wrong.",
+        "404": "No Telegram channel with this id.",
+        **_WEBHOOK_BODY,
+    },
+    "meta_deauthorize_callback": _META_CALLBACK,
+    "meta_data_deletion_callback": _META_CALLBACK,
+    "codec_decode": _CODEC,
+    "codec_encode": _CODEC,
+    "deletion_status": {"404": "Unknown code."},
+}
+VALIDATION_422 = {
+    "description": COMMON["422"],
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -67,21 +111,26 @@ def install(app: FastAPI, routers: Iterable[APIRouter]) -> None:
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for path, operations in schema.get("paths", {}).items():
-            if not path.startswith("/v1/"):
-                continue
             for method, operation in operations.items():
+                op = operation.get("operationId", "")
+                responses = operation.setdefault("responses", {})
+                if not path.startswith("/v1/"):
+                    for code, description in OPERATIONS.get(op, {}).items():
+                        responses[code] = _error(description)
+                    if "422" in responses:
+                        responses["422"] = VALIDATION_422
+                    continue
                 codes = dict(COMMON)
                 if "{" in path:
                     codes |= BY_ID
-                op = operation.get("operationId", "")
                 if op in calls_temporal:
                     codes |= TEMPORAL
                 if method in WRITES and op != "create_workspace":
                     codes |= CONFLICTS
                 codes |= EXTRA.get(op, {})
-                responses = operation.setdefault("responses", {})
                 for code, description in codes.items():
                     responses.setdefault(code, _error(description))
+                responses["422"] = VALIDATION_422
         app.openapi_schema = schema
         return schema
 

@@ -16,7 +16,9 @@ when it carries a referral), ``postback``, ``referral``, ``reaction``,
 Telegram: one update per request; the event id is ``tg:<update_id>``.
 
 Every text of an event is bounded (``_bounded``: the limits below), so no
-event outgrows what Temporal takes in one payload.
+event outgrows what Temporal takes in one payload. An item whose account,
+sender or comment id is not of the documented shape (``core/ids.py``: those
+ids go into the platforms' URLs) is ignored.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core.contracts import Attachment, InboundEvent
+from core.ids import conforms
 
 __all__ = [
     "MalformedPayload",
@@ -142,6 +145,13 @@ def _id(value: Any) -> str:
     return _clean(text) if len(text) <= ID_MAX else ""
 
 
+def _shaped(value: str, kind: str, what: str, event_id: str) -> str:
+    """``value``, or ``_Skip`` when it is not of the shape of ``kind``."""
+    if not conforms(value, kind):
+        raise _Skip(event_id, f"{what} is not a {kind}")
+    return value
+
+
 def _str(value: Any) -> str:
     """A string field as the database can store it (``_clean``), or "" when
     not a string."""
@@ -254,6 +264,7 @@ def _instagram_comment(value: dict[str, Any], entry_id: str, entry_time: int) ->
         raise _Skip(comment_id, "comment without from.id")
     if not entry_id:
         raise _Skip(comment_id, "comment without entry id")
+    _ids_shaped(comment_id, sender_id, entry_id)
     if sender_id == entry_id:
         raise _Skip(comment_id, "own comment")
     return InboundEvent(
@@ -269,6 +280,12 @@ def _instagram_comment(value: dict[str, Any], entry_id: str, entry_time: int) ->
         media_id=_id(_dict(value.get("media")).get("id")),
         is_top_level_comment=not _id(value.get("parent_id")),
     )
+
+
+def _ids_shaped(comment_id: str, sender_id: str, entry_id: str) -> None:
+    _shaped(comment_id, "Meta comment id", "comment id", comment_id)
+    _shaped(sender_id, "Meta id", "from.id", comment_id)
+    _shaped(entry_id, "Meta id", "entry id", comment_id)
 
 
 def _page_feed_comment(value: dict[str, Any], entry_id: str, entry_time: int) -> InboundEvent:
@@ -291,6 +308,7 @@ def _page_feed_comment(value: dict[str, Any], entry_id: str, entry_time: int) ->
         raise _Skip(comment_id, "comment without from.id")
     if not entry_id:
         raise _Skip(comment_id, "comment without entry id")
+    _ids_shaped(comment_id, sender_id, entry_id)
     if sender_id == entry_id:
         raise _Skip(comment_id, "own comment")
     post_id = _id(value.get("post_id"))
@@ -326,6 +344,8 @@ def _meta_messaging_item(item: Any, platform: str, entry_id: str) -> InboundEven
     account_id = entry_id or _id(_dict(item.get("recipient")).get("id"))
     if not account_id:
         raise _Skip(guess_id, "messaging item without entry id or recipient.id")
+    _shaped(sender_id, "Meta id", "sender.id", guess_id)
+    _shaped(account_id, "Meta id", "entry id" if entry_id else "recipient.id", guess_id)
     timestamp = _time_ms(_int(item.get("timestamp")))
 
     def event(event_id: str, kind: str, **kwargs: Any) -> InboundEvent:
@@ -453,7 +473,7 @@ def _private_chat_id(chat: Any, event_id: str) -> str:
     chat_id = _id(chat.get("id"))
     if not chat_id:
         raise _Skip(event_id, "chat without id")
-    return chat_id
+    return _shaped(chat_id, "Telegram chat id", "chat.id", event_id)
 
 
 def _telegram_message(message: Any, event_id: str, bot_id: str) -> InboundEvent:
@@ -490,6 +510,7 @@ def _telegram_callback(callback: Any, event_id: str, bot_id: str) -> InboundEven
         sender_id = _id(sender.get("id"))
     if not sender_id:
         raise _Skip(event_id, "callback_query without a chat or sender id")
+    _shaped(sender_id, "Telegram chat id", "from.id", event_id)
     callback_id = _id(callback.get("id"))
     if not callback_id:
         raise _Skip(event_id, "callback_query without id")

@@ -14,6 +14,12 @@ Access tokens never appear in errors or logs. Graph tokens travel in the
 client (``core/http.py``) never puts the URL in its ``HttpFailure``, and that
 is replaced by a ``PlatformError`` raised outside the ``except`` block: no
 ``__cause__`` and no ``__context__``.
+
+Every stored value in a URL's path (a bot token, an account, user or comment
+id) goes through ``segment``: one of another shape (``core/ids.py``) raises
+``UnsafeValue`` before any request, so no stored value can change the path.
+Logs and errors name the path by its kinds (``graph DELETE {Meta id}/permissions``),
+never by the ids in it.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import quote
 
+from core import ids
 from core.contracts import Button, QuickReply
 from core.http import HttpClient, HttpFailure, HttpResponse
 
@@ -30,6 +38,7 @@ __all__ = [
     "GraphClient",
     "PlatformError",
     "TelegramClient",
+    "UnsafeValue",
     "build_meta_message",
     "build_telegram_message",
     "classify_meta_error",
@@ -47,7 +56,6 @@ META_TOKEN_CODES = frozenset({190, 102})
 # 10 or 100 on Messenger).
 META_WINDOW_SUBCODES = frozenset({2534022, 2018278})
 
-_PATH_SEGMENT = re.compile(r"[A-Za-z0-9_.\-]+")
 _TELEGRAM_METHOD = re.compile(r"[A-Za-z]+")
 
 
@@ -115,6 +123,18 @@ def _rebuild_error(kind: str, message: str, fields: dict[str, Any]) -> PlatformE
     return PlatformError(kind, message, **fields)
 
 
+class UnsafeValue(PlatformError):
+    """A stored value that cannot be put into a URL's path: no request was
+    made. A token is ``token_invalid`` (the channel needs reconnecting), an id
+    ``rejected``; neither is retried. Never holds the value."""
+
+    def __init__(self, what: str, platform: str) -> None:
+        kind = "token_invalid" if what.endswith("token") else "rejected"
+        super().__init__(
+            kind, f"the stored {what} is malformed ({ids.SHAPES[what]}); nothing was sent", platform=platform
+        )
+
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -152,24 +172,42 @@ def _json(response: HttpResponse) -> Any:
         return None
 
 
-def _check_token(token: str, platform: str) -> None:
-    # Non-ASCII or whitespace in a token would make the HTTP client raise
-    # while building the request, with the token in the exception's args.
-    if (
-        not isinstance(token, str)
-        or not token
-        or not token.isascii()
-        or not token.isprintable()
-        or " " in token
-    ):
-        raise PlatformError("token_invalid", "access token is empty or malformed", platform=platform)
+def _check_graph_token(token: str) -> None:
+    # A header, not a path, but one of another shape (a newline, non-ASCII)
+    # could make the HTTP client raise while building the request, with the
+    # token in the exception's args.
+    if not ids.conforms(token, "Meta token"):
+        raise UnsafeValue("Meta token", "meta")
 
 
-def _check_segment(value: str, what: str, platform: str) -> str:
-    value = str(value)
-    if not _PATH_SEGMENT.fullmatch(value):
-        raise PlatformError("rejected", f"invalid {what}", platform=platform)
-    return value
+def segment(value: str, kind: str, platform: str = "meta") -> str:
+    """``value`` as one path segment of a platform URL, percent-encoded.
+    ``UnsafeValue`` when it is not of the shape of ``kind`` (``core/ids.py``)."""
+    if not ids.conforms(value, kind):
+        raise UnsafeValue(kind, platform)
+    # ':' stays: a path character (RFC 3986), and the one a bot token has.
+    return quote(value, safe=":")
+
+
+class _Path(NamedTuple):
+    path: str  # each value checked and encoded
+    label: str  # what logs and errors show: values named by their kind
+    values: tuple[str, ...]  # scrubbed from the platform's error messages too
+
+
+def _path(*parts: str | tuple[str, str]) -> _Path:
+    """A Graph path from literal parts and (value, kind) parts (``segment``)."""
+    path, label, values = [], [], []
+    for part in parts:
+        if isinstance(part, tuple):
+            value, kind = part
+            path.append(segment(value, kind))
+            label.append(f"{{{kind}}}")
+            values.append(value)
+        else:
+            path.append(part)
+            label.append(part)
+    return _Path("/".join(path), "/".join(label), tuple(values))
 
 
 def _network_error(platform: str, action: str, exc: HttpFailure) -> PlatformError:
@@ -267,19 +305,16 @@ class GraphClient:
     async def _call(
         self,
         method: str,
-        path: str,
+        path: _Path,
         token: str,
         *,
         params: dict[str, str] | None = None,
         json: dict[str, Any] | None = None,
         versioned: bool = True,
-        label: str | None = None,
     ) -> Any:
-        """``label``: what logs and errors call the path instead of the path
-        itself (one that holds a person's id)."""
-        _check_token(token, "meta")
-        url = f"{self._base}/{self._version}/{path}" if versioned else f"{self._base}/{path}"
-        action = f"graph {method} {label or path}"
+        _check_graph_token(token)
+        url = f"{self._base}/{self._version}/{path.path}" if versioned else f"{self._base}/{path.path}"
+        action = f"graph {method} {path.label}"
         failure: PlatformError | None = None
         try:
             response = await self._http.request(
@@ -297,6 +332,9 @@ class GraphClient:
         if response.status >= 400 or (isinstance(body, dict) and "error" in body):
             error = classify_meta_error(response.status, body, response.headers)
             error.message = _scrub(error.message, token)
+            for value in path.values:  # "(#100) Object with ID '1254...' does not exist"
+                if len(value) >= 6:  # a shorter one would cut into error codes, and names nobody
+                    error.message = error.message.replace(value, "[id]")
             error.args = (error.message,)
             log.warning("%s failed: %s", action, error)
             raise error
@@ -305,21 +343,19 @@ class GraphClient:
         return body
 
     async def get_me(self, token: str) -> dict[str, Any]:
-        body = await self._call("GET", "me", token, params={"fields": "id,name,username"})
+        body = await self._call("GET", _path("me"), token, params={"fields": "id,name,username"})
         return _expect_dict(body, "me", "meta")
 
     async def get_profile(
         self, user_id: str, token: str, fields: str = "name,first_name,last_name,username"
     ) -> dict[str, Any]:
-        user_id = _check_segment(user_id, "user id", "meta")
-        body = await self._call("GET", user_id, token, params={"fields": fields}, label="<a person's profile>")
+        body = await self._call("GET", _path((user_id, "Meta id")), token, params={"fields": fields})
         return _expect_dict(body, "profile", "meta")
 
     async def subscribe_app(self, account_id: str, token: str, fields: list[str]) -> None:
-        account_id = _check_segment(account_id, "account id", "meta")
         body = await self._call(
             "POST",
-            f"{account_id}/subscribed_apps",
+            _path((account_id, "Meta id"), "subscribed_apps"),
             token,
             params={"subscribed_fields": ",".join(fields)},
         )
@@ -327,14 +363,14 @@ class GraphClient:
             raise PlatformError("rejected", "subscribed_apps did not report success")
 
     async def revoke(self, user_id: str, token: str) -> None:
-        user_id = _check_segment(user_id, "user id", "meta")
-        body = await self._call("DELETE", f"{user_id}/permissions", token)
+        """Revoke the grant of ``user_id`` (empty: of the token's own user, ``me``)."""
+        user = (user_id, "Meta id") if user_id else "me"
+        body = await self._call("DELETE", _path(user, "permissions"), token)
         if not (body is True or (isinstance(body, dict) and body.get("success") is True)):
             raise PlatformError("rejected", "permission revoke did not report success")
 
     async def send_message(self, account_id: str, token: str, body: dict[str, Any]) -> str:
-        account_id = _check_segment(account_id, "account id", "meta")
-        result = await self._call("POST", f"{account_id}/messages", token, json=body)
+        result = await self._call("POST", _path((account_id, "Meta id"), "messages"), token, json=body)
         message_id = result.get("message_id") if isinstance(result, dict) else None
         if not message_id:
             # Not retryable: the message may well have been delivered.
@@ -345,17 +381,21 @@ class GraphClient:
         """Instagram Login: exchange a long-lived token (older than 24 h) for a
         fresh 60-day one. Returns (token, expires_in seconds)."""
         body = await self._call(
-            "GET", "refresh_access_token", token, params={"grant_type": "ig_refresh_token"}, versioned=False
+            "GET", _path("refresh_access_token"), token, params={"grant_type": "ig_refresh_token"}, versioned=False
         )
         new_token = body.get("access_token") if isinstance(body, dict) else None
         if not new_token:
             raise PlatformError("rejected", "token refresh response without access_token")
+        if not ids.conforms(new_token, "Meta token"):
+            # Stored, it would fail every later call: keep the one that works.
+            raise PlatformError("rejected", "token refresh answered a malformed access_token")
         return str(new_token), int(body.get("expires_in") or 0)
 
     async def reply_to_comment(self, comment_id: str, token: str, text: str) -> str:
         """Public reply under a comment (top-level comments only)."""
-        comment_id = _check_segment(comment_id, "comment id", "meta")
-        result = await self._call("POST", f"{comment_id}/replies", token, json={"message": text})
+        result = await self._call(
+            "POST", _path((comment_id, "Meta comment id"), "replies"), token, json={"message": text}
+        )
         reply_id = result.get("id") if isinstance(result, dict) else None
         if not reply_id:
             raise PlatformError("rejected", "comment reply response without id")
@@ -379,12 +419,12 @@ class TelegramClient:
         self._base = base_url.rstrip("/")
 
     async def _call(self, token: str, method: str, payload: dict[str, Any]) -> Any:
-        _check_token(token, "telegram")
+        bot = "bot" + segment(token, "telegram token", "telegram")
         if not _TELEGRAM_METHOD.fullmatch(method):
             raise PlatformError("rejected", "invalid Bot API method", platform="telegram")
         failure: PlatformError | None = None
         try:
-            response = await self._http.request("POST", f"{self._base}/bot{token}/{method}", json=payload)
+            response = await self._http.request("POST", f"{self._base}/{bot}/{method}", json=payload)
         except HttpFailure as exc:
             failure = _network_error("telegram", f"telegram {method}", exc)
         if failure is not None:

@@ -36,7 +36,7 @@ async def test_routes_that_need_temporal_answer_503_keep_nothing_half_done_and_w
     await server.shutdown()
     state.temporal = gone
     try:
-        r = await stack.api.post("/v1/channels", json={"platform": "telegram", "access_token": "123:AAbc"},
+        r = await stack.api.post("/v1/channels", json={"platform": "telegram", "access_token": "123:AA" + "b" * 33},
                                  headers=tenant.headers)
         assert (r.status_code, r.headers.get("retry-after")) == (503, "5"), r.text
         assert "Temporal" in r.json()["detail"]

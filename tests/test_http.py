@@ -13,7 +13,7 @@ import pytest
 from core.http import AiohttpClient
 from core.platforms import GraphClient, PlatformError, TelegramClient
 
-TG_TOKEN = "7000000001:AAH-secretTelegramToken_xyz"
+TG_TOKEN = "7000000001:AAH-secretTelegramToken_xyz0123456789"
 GRAPH_TOKEN = "IGAAKsecretTOKENvalue1234567890"
 
 

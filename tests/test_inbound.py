@@ -416,21 +416,22 @@ def test_sandbox_payload_builders_parse() -> None:
     from sandbox import payloads
 
     [ig] = parse_meta_webhook(
-        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "link?", media_id="m1", comment_id="c1", username="ana")
+        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "link?", media_id="m1", comment_id="17800000000000001",
+                                   username="ana")
     ).events
     assert (ig.kind, ig.comment_id, ig.media_id, ig.username, ig.is_top_level_comment) == (
-        "comment", "c1", "m1", "ana", True
+        "comment", "17800000000000001", "m1", "ana", True
     )
     [ig_reply] = parse_meta_webhook(
-        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "me too", media_id="m1", parent_id="c1")
+        payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "me too", media_id="m1", parent_id="17800000000000001")
     ).events
     assert ig_reply.is_top_level_comment is False and ig_reply.comment_id
 
     [fb] = parse_meta_webhook(
-        payloads.page_comment(PAGE_ID, PSID, "info", post_id=POST_ID, comment_id="c2", name="Ana Lima")
+        payloads.page_comment(PAGE_ID, PSID, "info", post_id=POST_ID, comment_id="900000000000001_700000000000002", name="Ana Lima")
     ).events
     assert (fb.kind, fb.comment_id, fb.media_id, fb.first_name, fb.is_top_level_comment) == (
-        "comment", "c2", POST_ID, "Ana", True
+        "comment", "900000000000001_700000000000002", POST_ID, "Ana", True
     )
     removed = parse_meta_webhook(payloads.page_comment(PAGE_ID, PSID, "", post_id=POST_ID, verb="remove"))
     assert removed.events == [] and removed.ignored[0][1] == "comment deleted"
@@ -898,3 +899,31 @@ def test_an_id_longer_than_any_platform_id_is_not_one_and_a_huge_timestamp_is_no
     item = payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "hi")
     item["timestamp"] = "9" * 5000  # int() refuses it: the parse must not fail
     assert _one(payloads.instagram_webhook({IG_ACCOUNT: [item]})).timestamp_ms == 0
+
+
+@pytest.mark.parametrize("bad", ["..", "%2e%2e", "1/../me", "1?x", "me", "-1", "1 "])
+def test_items_whose_ids_could_change_a_platform_path_are_ignored(bad: str) -> None:
+    """Those ids go into the platforms' URLs (core/ids.py): such an item is
+    ignored with its reason, and the batch's other items are still parsed."""
+    from sandbox import payloads
+
+    good = payloads.instagram_dm(IG_ACCOUNT, IGSID_A, "hi")
+    by_sender = {"object": "instagram", "entry": [{"id": IG_ACCOUNT, "messaging": [
+        payloads.instagram_dm(IG_ACCOUNT, bad, "hi"), good]}]}
+    by_account = {"object": "instagram", "entry": [{"id": bad, "messaging": [good]}, {"id": IG_ACCOUNT,
+                                                                                     "messaging": [good]}]}
+    for hook in (by_sender, by_account):
+        result = parse_meta_webhook(hook)
+        assert [(e.account_id, e.sender_id) for e in result.events] == [(IG_ACCOUNT, IGSID_A)]
+        assert len(result.ignored) == 1 and "is not a Meta id" in result.ignored[0][1]
+    for comment in (payloads.instagram_comment(IG_ACCOUNT, IGSID_A, "x", media_id="1", comment_id=bad),
+                    payloads.instagram_comment(IG_ACCOUNT, bad, "x", media_id="1"),
+                    _page_feed(_feed_comment(comment_id=bad)),
+                    _page_feed(_feed_comment(**{"from": {"id": bad, "name": "Ana"}}))):
+        result = parse_meta_webhook(comment)
+        assert result.events == [] and "is not a Meta" in result.ignored[0][1], result.ignored
+    if bad != "-1":  # a group's chat id (refused for its chat type)
+        update = payloads.telegram_message_update(1, 42, "hi")
+        update["message"]["chat"]["id"] = bad
+        result = parse_telegram_update(update, BOT_ID)
+        assert result.events == [] and result.ignored == [("tg:1", "chat.id is not a Telegram chat id")]

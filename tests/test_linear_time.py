@@ -27,6 +27,7 @@ from api.guard import body_problem
 from api.routes.privacy_callbacks import SignedRequestError, parse_signed_request
 from core import flow, flowrt
 from core.contracts import ContactSnapshot
+from core.ids import KINDS, conforms
 from core.inbound import parse_meta_webhook, parse_telegram_update
 from core.limits import MAX_REGEX_PROGRAM
 from core.observability import _SECRET_PATTERNS, REDACTED, redact
@@ -183,6 +184,7 @@ CASES: list[tuple[str, Callable[[], object]]] = [
     # RE2 is linear, but its time per character grows with the program: the
     # largest one a customer may save (core.limits.MAX_REGEX_PROGRAM).
     ("pattern_search: the largest RE2 program allowed", lambda: flowrt.pattern_search(LARGEST_PROGRAM, "a " * (N // 2))),
+    *[(f"ids.conforms: {kind}", lambda kind=kind: conforms("1" * (N // 2) + ":" + "_" * (N // 2), kind)) for kind in KINDS],
 ]
 
 

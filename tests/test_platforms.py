@@ -17,12 +17,13 @@ from core.platforms import (
     GraphClient,
     PlatformError,
     TelegramClient,
+    UnsafeValue,
     build_meta_message,
     build_telegram_message,
 )
 
 GRAPH_TOKEN = "IGAAKsecretTOKENvalue1234567890"
-TG_TOKEN = "7000000001:AAH-secretTelegramToken_xyz"
+TG_TOKEN = "7000000001:AAH-secretTelegramToken_xyz0123456789"
 
 Handler = Callable[[httpx.Request], httpx.Response]
 
@@ -167,12 +168,80 @@ async def test_graph_send_message() -> None:
     assert_graph_auth(req)
 
 
-async def test_graph_rejects_unsafe_path_segments() -> None:
-    rec = Recorder(httpx.Response(200, json={}))
-    with pytest.raises(PlatformError) as info:
-        await graph(rec).send_message("123/../../me", GRAPH_TOKEN, {})
-    assert info.value.kind == "rejected"
+UNSAFE_IDS = ["123/../../me", "..", "%2e%2e", "1?fields=x", "1#x", " 1", "1\n", "me", "", "1.5"]
+
+
+@pytest.mark.parametrize("unsafe", UNSAFE_IDS)
+async def test_graph_never_puts_an_id_of_another_shape_into_a_path(unsafe: str) -> None:
+    rec = Recorder(httpx.Response(200, json={"success": True, "message_id": "m", "id": "1"}))
+    client = graph(rec)
+    calls = [
+        lambda: client.get_profile(unsafe, GRAPH_TOKEN),
+        lambda: client.subscribe_app(unsafe, GRAPH_TOKEN, ["messages"]),
+        lambda: client.send_message(unsafe, GRAPH_TOKEN, {}),
+        lambda: client.reply_to_comment(unsafe, GRAPH_TOKEN, "hi"),
+    ]
+    if unsafe:  # empty: the token's own user (me)
+        calls.append(lambda: client.revoke(unsafe, GRAPH_TOKEN))
+    for call in calls:
+        with pytest.raises(UnsafeValue) as info:
+            await call()
+        assert info.value.kind == "rejected" and not info.value.retryable
     assert rec.requests == []
+
+
+async def test_graph_revoke_without_a_user_revokes_the_tokens_own() -> None:
+    rec = Recorder(httpx.Response(200, json={"success": True}))
+    await graph(rec).revoke("", GRAPH_TOKEN)
+    assert rec.last.url.path == "/v21.0/me/permissions"
+
+
+async def test_page_comment_ids_keep_their_underscore() -> None:
+    rec = Recorder(httpx.Response(200, json={"id": "r1"}))
+    await graph(rec).reply_to_comment("900000000000001_700000000000001", GRAPH_TOKEN, "hi")
+    assert rec.last.url.path == "/v21.0/900000000000001_700000000000001/replies"
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "7000000999:x/../../graph/v21.0/me?",
+        "7000000999:%2e%2e%2f%2e%2e%2fgraph%2fv21.0%2fme",
+        "7000000999:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA/../me",
+        "7000000999:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA?x",
+        "../7000000999:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        "7000000999:short",
+        "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+    ],
+)
+async def test_telegram_never_puts_a_token_of_another_shape_into_a_path(token: str) -> None:
+    rec = Recorder(httpx.Response(200, json={"ok": True, "result": {"message_id": 1}}))
+    for call in (lambda: telegram(rec).get_me(token),
+                 lambda: telegram(rec).send_message(token, {"chat_id": 1, "text": "x"})):
+        with pytest.raises(UnsafeValue) as info:
+            await call()
+        assert info.value.kind == "token_invalid" and not info.value.retryable
+        assert token not in str(info.value) and token not in repr(info.value)
+    assert rec.requests == []
+
+
+async def test_graph_token_of_another_shape_is_never_sent() -> None:
+    rec = Recorder(httpx.Response(200, json={}))
+    for token in ("IGAA/../x", "IGAA\r\nX-Evil: 1", "IGAA%2e", ""):
+        with pytest.raises(UnsafeValue):
+            await graph(rec).get_me(token)
+    assert rec.requests == []
+
+
+async def test_a_failed_graph_call_logs_the_paths_kinds_not_its_ids(caplog: pytest.LogCaptureFixture) -> None:
+    person = "1254477718923456"
+    rec = Recorder(meta_error(400, 100, f"(#100) Object with ID '{person}' does not exist"))
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(PlatformError) as info:
+        await graph(rec).revoke(person, GRAPH_TOKEN)
+    assert "graph DELETE {Meta id}/permissions failed" in caplog.text
+    for text in (caplog.text, str(info.value), repr(info.value)):
+        assert person not in text and GRAPH_TOKEN not in text
 
 
 # -------------------------------------------------------- Graph classification

@@ -20,6 +20,9 @@ from helpers import (
     wait_for_messages,
 )
 
+# Comment ids are digits (core/ids.py); new ones each session (the sandbox keeps one private reply per id).
+C_1, C_2, C_3, C_P1 = (new_sender() for _ in range(4))
+
 
 async def private_replies(stack, comment_id=None):
     calls = (await stack.sandbox.get("/_sandbox/calls", params={"path_contains": "/messages"})).json()["calls"]
@@ -39,30 +42,30 @@ async def test_comment_keyword_gets_one_private_reply_a_public_reply_and_the_flo
     )
     person = new_sender()
     r = await post_meta(stack, payloads.instagram_comment(account_id, person, "GUIDE please", media_id="media_1",
-                                                          comment_id="c_1"))
+                                                          comment_id=C_1))
     assert r.status_code == 200 and r.json()["dispatched"] == 1
 
     async def replied():
-        return await private_replies(stack, "c_1")
+        return await private_replies(stack, C_1)
 
     calls = await wait_for(replied)
     assert calls and text_of(calls[0]) == "Here is the guide: https://example.com/guide"
     async def public_replies():
         return [p for p in (await stack.sandbox.get("/_sandbox/comment_replies")).json()["replies"]
-                if p["comment_id"] == "c_1"]
+                if p["comment_id"] == C_1]
 
     public = await wait_for(public_replies)
     assert len(public) == 1 and public[0]["message"] in ("Sent you a DM!", "Check your inbox!")
 
     # Same person, same post, same automation: no second private reply.
     await post_meta(stack, payloads.instagram_comment(account_id, person, "guide again", media_id="media_1",
-                                                      comment_id="c_2"))
+                                                      comment_id=C_2))
     # The account's own comment never triggers.
     await post_meta(stack, payloads.instagram_comment(account_id, account_id, "guide", media_id="media_1",
-                                                      comment_id="c_3"))
+                                                      comment_id=C_3))
     await asyncio.sleep(1.5)
-    assert len(await private_replies(stack, "c_1")) == 1
-    assert await private_replies(stack, "c_2") == [] and await private_replies(stack, "c_3") == []
+    assert len(await private_replies(stack, C_1)) == 1
+    assert await private_replies(stack, C_2) == [] and await private_replies(stack, C_3) == []
     # The second step waits: a private reply opens no window until the person writes.
     assert await sandbox_messages(stack, person) == []
     await send_dm(stack, account_id, person, "thanks!")
@@ -112,7 +115,7 @@ async def test_a_commenters_conversation_yields_to_a_dm_senders_when_tasks_back_
     )
     commenter, writer = new_sender(), new_sender()
     await post_meta(stack, payloads.instagram_comment(account_id, commenter, "link?", media_id="media_p",
-                                                      comment_id="c_p1"))
+                                                      comment_id=C_P1))
     await send_dm(stack, account_id, writer, "hello")
 
     async def priority_of(person: str) -> int:
@@ -120,7 +123,7 @@ async def test_a_commenters_conversation_yields_to_a_dm_senders_when_tasks_back_
         handle = stack.client.get_workflow_handle(conversation_workflow_id(tenant.workspace_id, channel["id"], contact))
         return (await handle.describe()).raw_description.workflow_execution_info.priority.priority_key
 
-    assert await wait_for(lambda: private_replies(stack, "c_p1"))  # the comment's run answered
+    assert await wait_for(lambda: private_replies(stack, C_P1))  # the comment's run answered
     assert await priority_of(commenter) == BULK_PRIORITY.priority_key == 4
     assert await priority_of(writer) == CONVERSATION_PRIORITY.priority_key == 2
     run = [wf async for wf in stack.client.list_workflows(f"ContactId = '{contact_id_of(stack, channel['id'], commenter)}'"

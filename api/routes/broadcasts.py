@@ -23,6 +23,7 @@ from api.deps import (
     TemporalDep,
     paged,
 )
+from api.problems import unprocessable
 from core import flowrt
 from core.audit import audit
 from core.contracts import BROADCAST_WORKFLOW, BroadcastInput, BroadcastProgress, broadcast_workflow_id
@@ -142,7 +143,7 @@ async def create_broadcast(
 ) -> BroadcastPublic:
     channel = session.get(Channel, body.channel_id)
     if channel is None or channel.workspace_id != workspace.id:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, f"no channel {body.channel_id!r} in this workspace")
+        raise unprocessable(("body", "channel_id"), f"no channel {body.channel_id!r} in this workspace")
     if channel.status != "active":
         raise HTTPException(status.HTTP_409_CONFLICT, "the channel is not active")
     content = body.model_dump(include={"quick_replies", "buttons"})

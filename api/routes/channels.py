@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, ValidationInfo, field_validator
 from sqlmodel import col, select
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.service import RPCError, RPCStatusCode
@@ -35,6 +35,7 @@ from core.contracts import (
 )
 from core.crypto import token_context
 from core.db import Channel, new_id
+from core.ids import SHAPES, conforms
 from workflows.common import search_attributes
 
 router = APIRouter(prefix="/v1/channels", tags=["channels"])
@@ -48,12 +49,34 @@ class ChannelCreate(BaseModel):
     access_token: SecretStr = Field(
         min_length=1,
         max_length=4096,
-        description="Instagram/Page access token or Telegram bot token. Encrypted at rest, never returned.",
+        description=(
+            "Instagram/Page access token (letters, digits, `_`, `-`) or Telegram bot token "
+            "(`<bot id>:<30 to 64 letters, digits, _ or ->`). Encrypted at rest, never returned."
+        ),
     )
     name: str = Field("", max_length=200)
     platform_user_id: str = Field(
-        "", max_length=64, description="Meta user whose grant is revoked on disconnect (default: the token's user)."
+        "",
+        max_length=64,
+        description="Meta user (digits) whose grant is revoked on disconnect (default: the token's user).",
     )
+
+    # Tokens and ids go into the platforms' URLs (core/ids.py): one of
+    # another shape is refused here, naming the field.
+    @field_validator("access_token")
+    @classmethod
+    def _token_shape(cls, token: SecretStr, info: ValidationInfo) -> SecretStr:
+        kind = "telegram token" if info.data.get("platform") == "telegram" else "Meta token"
+        if not conforms(token.get_secret_value(), kind):
+            raise ValueError(f"not a {kind}: {SHAPES[kind]}")
+        return token
+
+    @field_validator("platform_user_id")
+    @classmethod
+    def _user_id_shape(cls, user_id: str) -> str:
+        if user_id and not conforms(user_id, "Meta id"):
+            raise ValueError(f"not a Meta user id: {SHAPES['Meta id']}")
+        return user_id
 
 
 class ChannelPublic(BaseModel):

@@ -26,6 +26,7 @@ from api.deps import (
     paged,
 )
 from api.dispatch import signal_conversation
+from api.problems import unprocessable
 from core.contracts import AutomationSnapshot, ExternalEventSignal, RunStatus, StartAutomationSignal
 from core.db import Automation, Channel, Contact, Run
 from core.limits import MAX_RUN_CONTEXT_SIZE, json_size
@@ -145,7 +146,7 @@ async def start_run(
     if contact is None or contact.workspace_id != workspace.id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, "contact not found")
     if contact.channel_id != automation.channel_id:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "the contact is on another channel than the automation")
+        raise unprocessable(("body", "contact_id"), "the contact is on another channel than the automation")
     if contact.processing_restricted or contact.consent_withdrawn:
         raise HTTPException(status.HTTP_409_CONFLICT, "processing is restricted for this contact")
     if contact.human_takeover:
@@ -204,7 +205,7 @@ async def signal_run(
 ) -> dict:
     run = _owned_run(session, workspace.id, run_id)
     if not name or len(name) > 64:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "event name must be 1..64 characters")
+        raise unprocessable(("path", "name"), "event name must be 1..64 characters")
     handle = temporal.get_workflow_handle(run.id)
     try:
         await handle.signal("external_event", ExternalEventSignal(name=name, payload=body.payload))

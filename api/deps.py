@@ -66,11 +66,6 @@ VaultDep = Annotated[TokenVault, Depends(get_vault)]
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
-def unprocessable(loc: list, msg: str) -> HTTPException:
-    """A 422 of one problem, shaped as FastAPI's validation errors are."""
-    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, [{"loc": loc, "msg": msg, "type": "value_error"}])
-
-
 def _unauthorized(detail: str) -> HTTPException:
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": "Bearer"})
 

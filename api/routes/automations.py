@@ -18,8 +18,8 @@ from api.deps import (
     Offset,
     SessionDep,
     paged,
-    unprocessable,
 )
+from api.problems import unprocessable
 from core.db import Automation, AutomationVersion, Channel, new_id, utcnow
 from core.flow import AutomationCreate, AutomationUpdate, definition_dict, merge_definition
 from core.limits import MAX_AUTOMATIONS_PER_CHANNEL, MAX_AUTOMATIONS_PER_WORKSPACE

@@ -22,9 +22,9 @@ from api.deps import (
     SettingsDep,
     TemporalDep,
     paged,
-    unprocessable,
 )
 from api.dispatch import conversation_start, signal_conversation
+from api.problems import unprocessable
 from core.audit import audit
 from core.contracts import (
     HumanMessageInput,

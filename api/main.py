@@ -106,7 +106,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.environment != "test":
-            configure_logging("api")
+            configure_logging("api", settings.log_level)
         tasks = []
         if app.state.temporal is None:
             # Start even when Temporal is down: webhooks then fill the inbox.

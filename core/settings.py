@@ -95,6 +95,12 @@ class Settings(BaseSettings):
     worker_workflow_pollers: int = Field(5, ge=1)
     worker_activity_pollers: int = Field(5, ge=1)
     worker_max_concurrent_activities: int = Field(100, ge=1)
+    # The worker's metrics (core/observability.py): its own counters and the
+    # Temporal SDK's, each on its own port of metrics_host; 0 disables one.
+    worker_metrics_port: int = Field(9464, ge=0, le=65535)
+    sdk_metrics_port: int = Field(9465, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")
     def _refuse_default_secrets(self) -> Settings:

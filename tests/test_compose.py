@@ -604,3 +604,9 @@ def test_temporal_service_gets_the_dev_servers_dynamic_config(resolved: dict):
     config = yaml.safe_load((ROOT / mounts[target]).read_text())
     flattened = {key: str(entries[0]["value"]).lower() for key, entries in config.items()}
     assert flattened == {key: value.lower() for key, value in DEV_SERVER_DYNAMIC_CONFIG.items()}
+
+
+def test_the_configuration_page_documents_every_setting():
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    missing = sorted(env_var(field) for field in Settings.model_fields if f"`{env_var(field)}`" not in page)
+    assert not missing, f"docs/configuration.md does not document {missing}"

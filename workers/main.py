@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import signal
 from dataclasses import dataclass
 from datetime import timedelta
@@ -221,24 +220,14 @@ def build_worker(client: Client, settings: Settings, deps: WorkerDeps, *, task_q
     )
 
 
-def _env_port(name: str, default: int) -> int:
-    raw = os.environ.get(name, "").strip() or str(default)
-    if not raw.isdigit() or int(raw) > 65535:
-        raise SystemExit(f"{name} must be a port number (0 disables), not {raw!r}")
-    return int(raw)
-
-
 async def amain() -> None:
-    configure_logging("worker", os.environ.get("VECTORY_LOG_LEVEL", "INFO"))
     settings = get_settings()
-    # Metrics endpoints (core/observability.py): the worker's own counters
-    # and the Temporal SDK's metrics, each on its own port; 0 disables one.
-    metrics_host = os.environ.get("VECTORY_METRICS_HOST", "127.0.0.1")
-    worker_port = _env_port("VECTORY_WORKER_METRICS_PORT", 9464)
-    sdk_port = _env_port("VECTORY_SDK_METRICS_PORT", 9465)
-    if worker_port:
-        serve_metrics(worker_port, metrics_host)
-    runtime = start_worker_metrics(sdk_port, metrics_host) if sdk_port else None
+    configure_logging("worker", settings.log_level)
+    if settings.worker_metrics_port:
+        serve_metrics(settings.worker_metrics_port, settings.metrics_host)
+    runtime = (
+        start_worker_metrics(settings.sdk_metrics_port, settings.metrics_host) if settings.sdk_metrics_port else None
+    )
     deps = build_deps(settings)
     client = await connect(settings, data_converter(deps.keys), runtime=runtime)
     worker = build_worker(client, settings, deps)

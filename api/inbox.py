@@ -375,18 +375,18 @@ async def run_relay(app) -> None:
             pass
         inbox.wakeup.clear()
         client = app.state.temporal
-        if client is None or not getattr(app.state, "inbox_relay", True):
+        if client is None or not app.state.inbox_relay:
             continue
         try:
             while True:
                 seen = inbox.stored
-                ingress = getattr(app.state, "ingress", None)
+                ingress = app.state.ingress
                 relayed = await relay_once(
                     engine, client, app.state.settings.task_queue, inbox.in_flight,
-                    remember=ingress.remember if ingress is not None and ingress.running else None,
+                    remember=ingress.remember if ingress.running else None,
                 )
                 if relayed:
-                    app.state.temporal_down_until = 0.0  # Temporal answers again
+                    app.state.webhooks.temporal_down_until = 0.0  # Temporal answers again
                     log.info("relayed %d inbox events to Temporal", relayed)
                     continue
                 if inbox.storing == 0 and inbox.stored == seen:

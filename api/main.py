@@ -32,7 +32,7 @@ from api.routes import (
     webhooks,
     workspaces,
 )
-from api.routes.webhooks import ChannelCache
+from api.webhook_path import WebhookPath
 from core.codec import KeyStore, data_converter
 from core.crypto import TokenVault
 from core.db import DatabaseNotMigrated, engine_for
@@ -151,11 +151,9 @@ def create_app(
     app.state.temporal = temporal
     app.state.inbox = InboxState()
     app.state.inbox_writer = InboxWriter(app.state.engine)
-    app.state.channels = ChannelCache()
     app.state.ingress = Ingress(settings, worker_factory)
-    app.state.dispatching = 0  # webhooks waiting on Temporal right now
-    app.state.signal_seconds = 0.0  # recent signal-with-start latency (moving average)
-    app.state.webhook_rate, app.state.webhook_rate_at = 0.0, 0.0  # webhooks a second (moving average)
+    app.state.webhooks = WebhookPath(app.state)
+    app.state.inbox_relay = True  # tests pause it
     routers = [
         module.router
         for module in (workspaces, channels, automations, contacts, runs, webhooks, codec, privacy, export,

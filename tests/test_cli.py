@@ -304,7 +304,7 @@ async def test_inbox_dead_letters_are_listed_and_retried(stack):
             return await asyncio.to_thread(dead_letters)
 
         assert await wait_for(set_aside, timeout=15)
-        assert state.temporal_down_until < time.monotonic()  # not "Temporal is down"
+        assert state.webhooks.temporal_down_until < time.monotonic()  # not "Temporal is down"
         assert refusing.handed.count(mid) == 2  # the webhook's signal, then the relay's one attempt
         assert await sandbox_messages(stack, person) == []
     finally:

@@ -231,7 +231,7 @@ async def test_a_held_event_whose_signal_fails_is_relayed(stack):
         assert await wait_for(lambda: _zero(_inbox_rows(stack, channel_id)), timeout=10)
     finally:
         state.temporal = client
-        state.temporal_down_until = 0.0
+        state.webhooks.temporal_down_until = 0.0
     assert [c["json"]["message"]["text"] for c in await sandbox_messages(stack, person)] == ["relayed"]
 
 
@@ -252,13 +252,13 @@ async def test_after_slow_signals_the_webhook_stores_at_once_instead_of_waiting(
     state.settings = settings.model_copy(update={"webhook_ack_wait_ms": 30_000})
     waiting, hasty = new_sender(), new_sender()
     try:
-        state.signal_seconds = 0.0  # Temporal has been fast: the webhook waits for it
+        state.webhooks.signal_seconds = 0.0  # Temporal has been fast: the webhook waits for it
         r = await _post_dm(stack, account_id, waiting, "hasty one")
         assert r.status_code == 200 and len(slow.calls) == 1
         assert await _inbox_rows(stack, channel_id) == 0  # accepted by Temporal before the answer
-        assert 0.2 < state.signal_seconds < 1.5  # the 1.5 s signal moved the average
+        assert 0.2 < state.webhooks.signal_seconds < 1.5  # the 1.5 s signal moved the average
 
-        state.signal_seconds = 60.0  # Temporal has been slow
+        state.webhooks.signal_seconds = 60.0  # Temporal has been slow
         r = await _post_dm(stack, account_id, hasty, "hasty two")
         assert r.status_code == 200 and len(slow.calls) == 2
         assert await _inbox_rows(stack, channel_id) == 1  # answered from the inbox...
@@ -268,7 +268,7 @@ async def test_after_slow_signals_the_webhook_stores_at_once_instead_of_waiting(
         assert len(slow.calls) == 2  # delivered by its own signal, not relayed again
     finally:
         state.temporal, state.settings = client, settings
-        state.signal_seconds = 0.0
+        state.webhooks.signal_seconds = 0.0
     assert await _answered_once(stack, waiting)
 
 

@@ -42,7 +42,7 @@ async def api_worker(stack):
         return state.ingress.running
 
     assert await wait_for(running)
-    state.webhook_rate = 0.0
+    state.webhooks.rate = 0.0
     return state.ingress
 
 
@@ -161,15 +161,15 @@ async def test_under_load_the_workers_take_the_new_conversation(stack, api_worke
     state = stack.api_app.state
     busy = load == "another webhook in flight"
     if busy:
-        state.dispatching += 1
+        state.webhooks.dispatching += 1
     else:
-        state.webhook_rate, state.webhook_rate_at = 500.0, time.monotonic()
+        state.webhooks.rate, state.webhook_rate_at = 500.0, time.monotonic()
     try:
         await send_dm(stack, account_id, person, "hello")
         await wait_for_messages(stack, person, 1)
     finally:
         if busy:
-            state.dispatching -= 1
+            state.webhooks.dispatching -= 1
     events = await _history(stack, tenant, channel, person)
     assert _signals(events) == 1
     assert not _first_task_identity(events).endswith("/api")

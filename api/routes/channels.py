@@ -244,8 +244,8 @@ async def disconnect_channel(
         return DisconnectPublic(id=channel.id, status="disconnecting")
     finally:
         # This process routes no more webhooks to it (others within seconds,
-        # api/routes/webhooks.py ChannelCache).
-        request.app.state.channels.clear()
+        # api/webhook_path.py ChannelCache).
+        request.app.state.webhooks.channels.clear()
     return DisconnectPublic(
         id=channel.id,
         status="disconnected",

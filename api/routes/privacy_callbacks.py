@@ -42,7 +42,7 @@ from temporalio.service import RPCError
 from api.deps import SessionDep
 from api.erasure import new_job_id, start_erasure, status_url
 from api.routes.channels import start_disconnect
-from api.routes.webhooks import read_limited_body
+from api.webhook_path import read_limited_body
 from core.audit import audit
 from core.db import Channel, ErasureJob
 

@@ -16,7 +16,7 @@ from sqlmodel import Session, col, select
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from core.contracts import GenerateReplyInput, GenerateReplyResult
+from core.contracts import ErrorType, GenerateReplyInput, GenerateReplyResult
 from core.db import AiUsage, Contact, Message
 
 SYSTEM_PREAMBLE = (
@@ -38,7 +38,7 @@ class AiActivities:
         with Session(self.engine) as db:
             contact = db.get(Contact, input.contact_id)
             if contact is None:
-                raise ApplicationError("contact no longer exists", type="ContactGone", non_retryable=True)
+                raise ApplicationError("contact no longer exists", type=ErrorType.CONTACT_GONE, non_retryable=True)
             rows = db.exec(
                 select(Message)
                 .where(Message.contact_id == input.contact_id, col(Message.kind).in_(["message", "postback"]))
@@ -75,17 +75,17 @@ class AiActivities:
         try:
             completion = await self.client.chat.completions.create(model=self.model, messages=messages)
         except openai.RateLimitError as err:
-            raise ApplicationError(f"AI rate limited: {err.status_code}", type="AiThrottled") from None
+            raise ApplicationError(f"AI rate limited: {err.status_code}", type=ErrorType.AI_THROTTLED) from None
         except openai.APIStatusError as err:
             retryable = err.status_code >= 500 or err.status_code in (408, 409)
             raise ApplicationError(
-                f"AI endpoint answered {err.status_code}", type="AiError", non_retryable=not retryable
+                f"AI endpoint answered {err.status_code}", type=ErrorType.AI_ERROR, non_retryable=not retryable
             ) from None
         except (openai.APIConnectionError, openai.APITimeoutError):
-            raise ApplicationError("AI endpoint unreachable", type="AiUnavailable") from None
+            raise ApplicationError("AI endpoint unreachable", type=ErrorType.AI_UNAVAILABLE) from None
         text = (completion.choices[0].message.content or "").strip() if completion.choices else ""
         if not text:
-            raise ApplicationError("AI returned an empty reply", type="AiEmpty", non_retryable=True)
+            raise ApplicationError("AI returned an empty reply", type=ErrorType.AI_EMPTY, non_retryable=True)
         usage = completion.usage
         prompt_tokens = usage.prompt_tokens if usage else 0
         completion_tokens = usage.completion_tokens if usage else 0

@@ -24,6 +24,7 @@ from core.contracts import (
     ChannelStatusInput,
     ChannelVerified,
     ConnectChannelInput,
+    ErrorType,
     PurgeDataInput,
     RefreshTokensInput,
     RefreshTokensResult,
@@ -100,11 +101,11 @@ class ChannelActivities:
             ).first()
             if clash is not None:
                 raise ApplicationError(
-                    "this account is already connected to a channel", type="AccountAlreadyConnected", non_retryable=True
+                    "this account is already connected to a channel", type=ErrorType.ACCOUNT_ALREADY_CONNECTED, non_retryable=True
                 )
             channel = db.get(Channel, input.channel_id)
             if channel is None:
-                raise ApplicationError("channel was deleted", type="ChannelUnavailable", non_retryable=True)
+                raise ApplicationError("channel was deleted", type=ErrorType.CHANNEL_UNAVAILABLE, non_retryable=True)
             channel.external_id = external_id
             if not channel.name:
                 channel.name = name
@@ -143,7 +144,7 @@ class ChannelActivities:
         with Session(self.engine) as db:
             channel = db.get(Channel, channel_id)
             if channel is None:
-                raise ApplicationError("channel was deleted", type="ChannelUnavailable", non_retryable=True)
+                raise ApplicationError("channel was deleted", type=ErrorType.CHANNEL_UNAVAILABLE, non_retryable=True)
             channel.webhook_secret_ciphertext = self.vault.encrypt(secret, webhook_secret_context(channel_id))
             db.add(channel)
             db.commit()

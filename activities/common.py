@@ -11,6 +11,7 @@ from sqlmodel import Session
 from temporalio.exceptions import ApplicationError
 
 from core.audit import audit
+from core.contracts import ErrorType
 from core.crypto import TokenVault, token_context
 from core.db import Channel, utcnow
 from core.platforms import PlatformError
@@ -49,13 +50,13 @@ def credentials_of(channel: Any, vault: TokenVault, channel_id: str, *, allow_st
     """The credentials of a channel row (an ORM object or a Core row; None:
     the channel does not exist)."""
     if channel is None:
-        raise ApplicationError(f"channel {channel_id} does not exist", type="ChannelUnavailable", non_retryable=True)
+        raise ApplicationError(f"channel {channel_id} does not exist", type=ErrorType.CHANNEL_UNAVAILABLE, non_retryable=True)
     if channel.status not in allow_statuses:
         raise ApplicationError(
-            f"channel {channel_id} is {channel.status}", type="ChannelUnavailable", non_retryable=True
+            f"channel {channel_id} is {channel.status}", type=ErrorType.CHANNEL_UNAVAILABLE, non_retryable=True
         )
     if not channel.token_ciphertext:
-        raise ApplicationError(f"channel {channel_id} has no token", type="ChannelUnavailable", non_retryable=True)
+        raise ApplicationError(f"channel {channel_id} has no token", type=ErrorType.CHANNEL_UNAVAILABLE, non_retryable=True)
     token = vault.decrypt(channel.token_ciphertext, token_context(channel_id))
     return ChannelCredentials(
         channel_id=channel.id,
@@ -95,13 +96,13 @@ def to_application_error(err: PlatformError, *, engine: Engine | None = None, ch
     message = str(err)
     if err.kind == "throttled":
         delay = timedelta(seconds=err.retry_after) if err.retry_after else None
-        return ApplicationError(message, type="PlatformThrottled", next_retry_delay=delay)
+        return ApplicationError(message, type=ErrorType.PLATFORM_THROTTLED, next_retry_delay=delay)
     if err.kind == "unavailable":
-        return ApplicationError(message, type="PlatformUnavailable")
+        return ApplicationError(message, type=ErrorType.PLATFORM_UNAVAILABLE)
     if err.kind == "token_invalid":
         if engine is not None and channel_id:
             set_channel_status(engine, channel_id, "needs_reconnect", "the platform rejected the access token (190)")
-        return ApplicationError(message, type="TokenInvalid", non_retryable=True)
+        return ApplicationError(message, type=ErrorType.TOKEN_INVALID, non_retryable=True)
     if err.kind == "outside_window":
-        return ApplicationError(message, type="OutsideMessagingWindow", non_retryable=True)
-    return ApplicationError(message, type="PlatformRejected", non_retryable=True)
+        return ApplicationError(message, type=ErrorType.OUTSIDE_WINDOW, non_retryable=True)
+    return ApplicationError(message, type=ErrorType.PLATFORM_REJECTED, non_retryable=True)

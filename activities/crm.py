@@ -24,6 +24,7 @@ from core.contracts import (
     AutomationSnapshot,
     ContactRef,
     ContactSnapshot,
+    ErrorType,
     ProfileInput,
     RecordInboundInput,
     RecordInboundResult,
@@ -375,7 +376,7 @@ class CrmActivities:
             contact = db.get(Contact, input.contact_id)
             if contact is None:
                 raise ApplicationError(
-                    f"contact {input.contact_id} no longer exists", type="ContactGone", non_retryable=True
+                    f"contact {input.contact_id} no longer exists", type=ErrorType.CONTACT_GONE, non_retryable=True
                 )
             tags = list(contact.tags or [])
             lowered = {t.lower() for t in tags}

@@ -42,6 +42,7 @@ from core.contracts import (
     BroadcastBatchInput,
     BroadcastBatchResult,
     ContactSnapshot,
+    ErrorType,
     FirstSend,
     PublicReplyInput,
     RecordInboundInput,
@@ -85,7 +86,7 @@ def unrecordable(input: RecordInboundInput, err: BaseException) -> ApplicationEr
     EVENTS_UNRECORDABLE.inc()
     log.warning("event %s not recordable (%s): skipped", input.event.event_id, type(err).__name__)
     return ApplicationError(
-        f"the database refused this event ({type(err).__name__})", type="UnrecordableEvent", non_retryable=True
+        f"the database refused this event ({type(err).__name__})", type=ErrorType.UNRECORDABLE_EVENT, non_retryable=True
     )
 
 
@@ -289,7 +290,7 @@ class MessagingActivities:
             if key:
                 raise ApplicationError(
                     f"rate limit {key}: next slot in {wait:.1f}s",
-                    type="RateLimited",
+                    type=ErrorType.RATE_LIMITED,
                     next_retry_delay=timedelta(seconds=wait),
                 )
             if wait <= 0:
@@ -300,7 +301,7 @@ class MessagingActivities:
             if time.monotonic() > deadline:  # the worker is too busy to keep a slot: Temporal retries
                 raise ApplicationError(
                     "rate limit: woke up too late for the booked slots",
-                    type="RateLimited",
+                    type=ErrorType.RATE_LIMITED,
                     next_retry_delay=timedelta(seconds=1),
                 )
 
@@ -430,7 +431,7 @@ class MessagingActivities:
         if last is None:
             raise ApplicationError(
                 "outside the messaging window: the person has not written to us",
-                type="OutsideMessagingWindow",
+                type=ErrorType.OUTSIDE_WINDOW,
                 non_retryable=True,
             )
         if last.tzinfo is None:
@@ -440,7 +441,7 @@ class MessagingActivities:
             raise ApplicationError(
                 f"outside the {'7-day human-agent' if input.human_agent else '24-hour'} messaging window: "
                 f"the person last wrote {int(age.total_seconds() // 3600)} h ago",
-                type="OutsideMessagingWindow",
+                type=ErrorType.OUTSIDE_WINDOW,
                 non_retryable=True,
             )
 
@@ -671,11 +672,11 @@ class MessagingActivities:
                 # progress was made by the previous attempt: not counted yet.
                 result.sent += 1
             except ApplicationError as err:
-                if err.type == "OutsideMessagingWindow":
+                if err.type == ErrorType.OUTSIDE_WINDOW:
                     result.skipped["outside_window"] = result.skipped.get("outside_window", 0) + 1
-                elif err.type == "PlatformRejected":
+                elif err.type == ErrorType.PLATFORM_REJECTED:
                     result.failed += 1
-                elif err.type in ("TokenInvalid", "ChannelUnavailable"):
+                elif err.type in (ErrorType.TOKEN_INVALID, ErrorType.CHANNEL_UNAVAILABLE):
                     result.stopped = f"{err.type}: {err.message}"
                     return result
                 else:

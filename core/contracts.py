@@ -25,6 +25,26 @@ RETENTION_SWEEP_WORKFLOW = "RetentionSweep"
 BROADCAST_WORKFLOW = "Broadcast"
 REFRESH_TOKENS_WORKFLOW = "RefreshTokens"
 
+class ErrorType:
+    """The ``ApplicationError`` types activities raise and workflows (and
+    their retry policies) act on; recorded in histories, so never renamed."""
+
+    TOKEN_INVALID = "TokenInvalid"
+    OUTSIDE_WINDOW = "OutsideMessagingWindow"
+    PLATFORM_REJECTED = "PlatformRejected"
+    CHANNEL_UNAVAILABLE = "ChannelUnavailable"
+    PLATFORM_THROTTLED = "PlatformThrottled"
+    PLATFORM_UNAVAILABLE = "PlatformUnavailable"
+    ACCOUNT_ALREADY_CONNECTED = "AccountAlreadyConnected"
+    CONTACT_GONE = "ContactGone"
+    RATE_LIMITED = "RateLimited"
+    UNRECORDABLE_EVENT = "UnrecordableEvent"
+    AI_THROTTLED = "AiThrottled"
+    AI_ERROR = "AiError"
+    AI_UNAVAILABLE = "AiUnavailable"
+    AI_EMPTY = "AiEmpty"
+
+
 ERASURE_WORKFLOWS = {
     "contact": ERASE_CONTACT_WORKFLOW,
     "channels": ERASE_CHANNELS_WORKFLOW,

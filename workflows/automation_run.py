@@ -45,7 +45,7 @@ with workflow.unsafe.imports_passed_through():
         SEND_TIMEOUT,
         matching_rules,
         root_message,
-        root_type,
+        send_skipped,
     )
 
 MAX_STEPS_PER_RUN = 500
@@ -351,7 +351,7 @@ class AutomationRunWorkflow:
         except ActivityError as err:
             _reraise_cancellation(err)
             # Runs started before this policy failed here; keep them replayable.
-            if root_type(err) == "OutsideMessagingWindow" and workflow.patched("skip-outside-window"):
+            if send_skipped(err) and workflow.patched("skip-outside-window"):
                 self._note(step["id"], step["type"], "skipped", root_message(err))
                 return False
             self._note(step["id"], step["type"], "failed", root_message(err))

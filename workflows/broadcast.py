@@ -35,7 +35,7 @@ with workflow.unsafe.imports_passed_through():
         SendMessageInput,
         SendMessageResult,
     )
-    from workflows.common import DB_RETRY, DB_TIMEOUT, SEND_RETRY, SEND_TIMEOUT, root_message, root_type
+    from workflows.common import DB_RETRY, DB_TIMEOUT, SEND_RETRY, SEND_TIMEOUT, root_message, send_skipped
 
 PAGE_SIZE = 200
 IN_FLIGHT = 32
@@ -183,7 +183,7 @@ class BroadcastWorkflow:
                     )
                     self._state.sent += 1
                 except ActivityError as err:
-                    if root_type(err) == "OutsideMessagingWindow":
+                    if send_skipped(err):
                         self._state.skipped["outside_window"] = self._state.skipped.get("outside_window", 0) + 1
                     else:
                         self._state.failed += 1

@@ -14,6 +14,8 @@ from temporalio.common import (
 )
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError
 
+from core.contracts import ErrorType
+
 WORKSPACE_ID = SearchAttributeKey.for_keyword("WorkspaceId")
 CHANNEL_ID = SearchAttributeKey.for_keyword("ChannelId")
 CONTACT_ID = SearchAttributeKey.for_keyword("ContactId")
@@ -51,7 +53,7 @@ DB_TIMEOUT = timedelta(seconds=15)
 DB_RETRY = RetryPolicy(initial_interval=timedelta(milliseconds=200), maximum_interval=timedelta(seconds=5), maximum_attempts=5)
 
 # Sends: throttling advice (next_retry_delay: the platform's, or our own
-# rate limits' "RateLimited" with the wait until the next slot) overrides the
+# rate limits' ErrorType.RATE_LIMITED with the wait until the next slot) overrides the
 # backoff; clean 4xx, invalid tokens and window errors are non-retryable at
 # the source. Attempts are unlimited (0): an hourly budget can hold a send
 # for longer than any fixed count of attempts would cover, and nothing may
@@ -63,7 +65,7 @@ SEND_RETRY = RetryPolicy(
     backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=5),
     maximum_attempts=0,
-    non_retryable_error_types=["TokenInvalid", "OutsideMessagingWindow", "PlatformRejected", "ChannelUnavailable"],
+    non_retryable_error_types=[ErrorType.TOKEN_INVALID, ErrorType.OUTSIDE_WINDOW, ErrorType.PLATFORM_REJECTED, ErrorType.CHANNEL_UNAVAILABLE],
 )
 
 # Best-effort or interactive sends (Telegram button acknowledgements, a
@@ -72,7 +74,7 @@ INTERACTIVE_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(seconds=10),
     maximum_attempts=5,
-    non_retryable_error_types=["TokenInvalid", "OutsideMessagingWindow", "PlatformRejected", "ChannelUnavailable"],
+    non_retryable_error_types=[ErrorType.TOKEN_INVALID, ErrorType.OUTSIDE_WINDOW, ErrorType.PLATFORM_REJECTED, ErrorType.CHANNEL_UNAVAILABLE],
 )
 
 # AI: bounded attempts, then the step's fallback text is sent.
@@ -94,7 +96,7 @@ PROFILE_LATER_RETRY = RetryPolicy(
     backoff_coefficient=3.0,
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=4,
-    non_retryable_error_types=["TokenInvalid", "PlatformRejected", "ChannelUnavailable"],
+    non_retryable_error_types=[ErrorType.TOKEN_INVALID, ErrorType.PLATFORM_REJECTED, ErrorType.CHANNEL_UNAVAILABLE],
 )
 
 # Platform lifecycle calls (verify, subscribe, revoke).
@@ -103,7 +105,7 @@ PLATFORM_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=6,
-    non_retryable_error_types=["TokenInvalid", "PlatformRejected", "ChannelUnavailable", "AccountAlreadyConnected"],
+    non_retryable_error_types=[ErrorType.TOKEN_INVALID, ErrorType.PLATFORM_REJECTED, ErrorType.CHANNEL_UNAVAILABLE, ErrorType.ACCOUNT_ALREADY_CONNECTED],
 )
 
 
@@ -129,6 +131,12 @@ def root_type(err: BaseException) -> str:
     while cause.__cause__ is not None:
         cause = cause.__cause__
     return getattr(cause, "type", "") or ""
+
+
+def send_skipped(err: BaseException) -> bool:
+    """A send that failed because the platform's messaging window is closed:
+    the step is skipped (with its reason), not failed, and nothing retries it."""
+    return root_type(err) == ErrorType.OUTSIDE_WINDOW
 
 
 # The patch of each matching rules version after 1 (core/flowrt.py), newest

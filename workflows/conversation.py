@@ -46,6 +46,7 @@ with workflow.unsafe.imports_passed_through():
         ContactRef,
         ContactSnapshot,
         ConversationInput,
+        ErrorType,
         ExpireHistorySignal,
         FirstSend,
         HumanMessageInput,
@@ -82,6 +83,7 @@ with workflow.unsafe.imports_passed_through():
         root_message,
         root_type,
         search_attributes,
+        send_skipped,
     )
 
 MAX_SEEN_EVENT_IDS = 1000
@@ -200,7 +202,7 @@ class ConversationWorkflow:
                 retry_policy=INTERACTIVE_RETRY,
             )
         except ActivityError as err:
-            skipped = root_type(err) == "OutsideMessagingWindow"
+            skipped = send_skipped(err)
             return HumanMessageResult(status="skipped" if skipped else "failed", detail=root_message(err))
         return HumanMessageResult(status="sent", platform_message_id=result.platform_message_id)
 
@@ -301,7 +303,7 @@ class ConversationWorkflow:
         except ACTIVITY_FAILURES as err:
             # The database refused the event's content (no retry fixes that):
             # skipped, so the person's later messages are still answered.
-            if root_type(err) != "UnrecordableEvent" or not workflow.patched(SKIP_UNRECORDABLE):
+            if root_type(err) != ErrorType.UNRECORDABLE_EVENT or not workflow.patched(SKIP_UNRECORDABLE):
                 raise
             workflow.logger.warning("event %s could not be recorded: skipped", event.event_id)
             return

@@ -27,7 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from core.flowrt import parse_number, placeholders, re2_program_size, re2_refusal
+from core.flowrt import STEP_DEFAULTS, parse_number, placeholders, re2_program_size, re2_refusal
 from core.limits import (
     MAX_AI_INSTRUCTIONS,
     MAX_AUTOMATION_NAME,
@@ -411,7 +411,7 @@ class MessageContent(_Model):
 
 class WaitForReplyStep(_Step):
     type: Literal["wait_for_reply"]
-    timeout_seconds: int = Field(default=86400, ge=1, le=MAX_WAIT_REPLY)
+    timeout_seconds: int = Field(default=STEP_DEFAULTS["timeout_seconds"], ge=1, le=MAX_WAIT_REPLY)
     validate_: Literal["none", "email", "phone", "number", "regex", "choice"] = Field(
         default="none", alias="validate"
     )
@@ -421,9 +421,9 @@ class WaitForReplyStep(_Step):
     )
     save_to_field: FieldName | None = None
     retry_prompt: str | None = Field(default=None, min_length=1, max_length=MAX_TEXT)
-    max_retries: int = Field(default=2, ge=0, le=10)
-    on_timeout: Target = "end"
-    on_invalid: Target = "end"
+    max_retries: int = Field(default=STEP_DEFAULTS["max_retries"], ge=0, le=10)
+    on_timeout: Target = STEP_DEFAULTS["on_timeout"]
+    on_invalid: Target = STEP_DEFAULTS["on_invalid"]
 
     model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
 
@@ -459,8 +459,8 @@ class WaitForReplyStep(_Step):
 class WaitForEventStep(_Step):
     type: Literal["wait_for_event"]
     event: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    timeout_seconds: int = Field(default=86400, ge=1, le=MAX_WAIT_EVENT)
-    on_timeout: Target = "end"
+    timeout_seconds: int = Field(default=STEP_DEFAULTS["timeout_seconds"], ge=1, le=MAX_WAIT_EVENT)
+    on_timeout: Target = STEP_DEFAULTS["on_timeout"]
     save_to_field: FieldName | None = None
 
     def targets(self) -> list[tuple[str, str]]:
@@ -580,11 +580,11 @@ class AiReplyStep(_Step):
     type: Literal["ai_reply"]
     instructions: str = Field(min_length=1, max_length=MAX_AI_INSTRUCTIONS)
     fallback_text: str = Field(
-        default="Thanks for your message! A teammate will get back to you shortly.",
+        default=STEP_DEFAULTS["fallback_text"],
         min_length=1,
         max_length=MAX_TEXT,
     )
-    history_messages: int = Field(default=12, ge=0, le=50)
+    history_messages: int = Field(default=STEP_DEFAULTS["history_messages"], ge=0, le=50)
 
     @model_validator(mode="after")
     def _check(self) -> AiReplyStep:

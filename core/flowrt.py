@@ -749,6 +749,23 @@ def resolve_target(steps: list[dict], current_index: int, target: str | None) ->
     return step_index(steps).get(target)
 
 
+# What a step's option means when its definition leaves it out: the one
+# place for the API's schema (core/flow.py) and for the runs.
+STEP_DEFAULTS: dict[str, Any] = {
+    "timeout_seconds": 86400,  # wait_for_reply, wait_for_event
+    "max_retries": 2,  # wait_for_reply: invalid answers before on_invalid
+    "on_timeout": "end",
+    "on_invalid": "end",
+    "history_messages": 12,  # ai_reply: the conversation's last messages the model sees
+    "fallback_text": "Thanks for your message! A teammate will get back to you shortly.",
+}
+
+
+def option(step: dict, name: str) -> Any:
+    """A step's option, or its default (``STEP_DEFAULTS``)."""
+    return step.get(name, STEP_DEFAULTS[name])
+
+
 def delay_seconds(step: dict) -> int:
     def part(key: str) -> int:
         try:

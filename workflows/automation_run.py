@@ -190,22 +190,22 @@ class AutomationRunWorkflow:
     async def _step_wait_for_reply(self, pos: int, step: dict) -> str | None:
         await self._set_accepting(True)
         self._status = "waiting"
-        self._note(step["id"], "wait_for_reply", "waiting", f"timeout {int(step.get('timeout_seconds', 86400))}s")
+        self._note(step["id"], "wait_for_reply", "waiting", f"timeout {int(flowrt.option(step, 'timeout_seconds'))}s")
         target = await self._await_valid_reply(step)
         self._status = "running"
         await self._set_accepting(False)
         return target
 
     async def _await_valid_reply(self, step: dict) -> str | None:
-        timeout = timedelta(seconds=int(step.get("timeout_seconds", 86400)))
-        max_retries = int(step.get("max_retries", 2))
+        timeout = timedelta(seconds=int(flowrt.option(step, "timeout_seconds")))
+        max_retries = int(flowrt.option(step, "max_retries"))
         retries = 0
         while True:
             try:
                 await workflow.wait_condition(lambda: bool(self._replies), timeout=timeout)
             except TimeoutError:
                 self._note(step["id"], "wait_for_reply", "timed_out", "no reply before the timeout")
-                return step.get("on_timeout", "end")
+                return flowrt.option(step, "on_timeout")
             event = self._replies.popleft()
             answer = event.text or event.payload
             if not answer and event.attachments and workflow.patched("attachment-replies"):
@@ -225,7 +225,7 @@ class AutomationRunWorkflow:
             retries += 1
             if retries > max_retries:
                 self._note(step["id"], "wait_for_reply", "invalid", f"invalid reply after {max_retries} retries")
-                return step.get("on_invalid", "end")
+                return flowrt.option(step, "on_invalid")
             self._note(step["id"], "wait_for_reply", "invalid", f"invalid reply ({retries}/{max_retries})")
             if step.get("retry_prompt"):
                 text = flowrt.render(step["retry_prompt"], self._contact, self._input.context)
@@ -233,7 +233,7 @@ class AutomationRunWorkflow:
 
     async def _step_wait_for_event(self, pos: int, step: dict) -> str | None:
         name = step["event"]
-        timeout = timedelta(seconds=int(step.get("timeout_seconds", 86400)))
+        timeout = timedelta(seconds=int(flowrt.option(step, "timeout_seconds")))
         self._status = "waiting"
         self._note(step["id"], "wait_for_event", "waiting", f"event {name!r}")
         try:
@@ -241,7 +241,7 @@ class AutomationRunWorkflow:
         except TimeoutError:
             self._status = "running"
             self._note(step["id"], "wait_for_event", "timed_out", f"no {name!r} event before the timeout")
-            return step.get("on_timeout", "end")
+            return flowrt.option(step, "on_timeout")
         self._status = "running"
         payload = self._events[name].popleft()
         if step.get("save_to_field"):
@@ -292,7 +292,7 @@ class AutomationRunWorkflow:
                     contact_id=self._contact.id,
                     instructions=step["instructions"],
                     run_id=self._input.run_id,
-                    max_history=int(step.get("history_messages", 12)) or 1,
+                    max_history=int(flowrt.option(step, "history_messages")) or 1,
                 ),
                 result_type=GenerateReplyResult,
                 start_to_close_timeout=AI_TIMEOUT,
@@ -301,7 +301,7 @@ class AutomationRunWorkflow:
             text = result.text
         except ActivityError as err:
             _reraise_cancellation(err)
-            text = step.get("fallback_text") or "Thanks for your message! A teammate will get back to you shortly."
+            text = step.get("fallback_text") or flowrt.STEP_DEFAULTS["fallback_text"]
             detail = f"AI failed ({root_message(err)}); fallback sent"
         if await self._send(step, text):
             self._note(step["id"], "ai_reply", "done", detail)

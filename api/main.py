@@ -84,6 +84,7 @@ def without_secrets(errors) -> list:
         out.append(error)
     return out
 
+
 DESCRIPTION = """
 Vectory automates direct messages on Instagram, Facebook Messenger and Telegram.
 Every automation run is a durable Temporal workflow.

@@ -35,6 +35,7 @@ from core.crypto import TokenVault
 from core.db import Automation, Channel, Contact, Message, Run, utcnow
 from core.flowrt import TRIGGERING_KINDS
 from core.limits import (
+    MAX_CARRIED_DEFINITION,
     MAX_FIELD_KEY,
     MAX_FIELD_VALUE,
     MAX_FIELDS,
@@ -157,7 +158,15 @@ def matched_automations(
     automation = flowrt.select_automation(
         automations, input.event, is_first_message=first_message, matching=input.matching
     )
-    return [automation] if automation is not None else []
+    if automation is None:
+        return []
+    size = json_size(automation.definition)
+    if size > MAX_CARRIED_DEFINITION:
+        # Stored before the limits: carried, it would fail the conversation's task in a loop.
+        log.warning("automation %s not started: its definition is %d bytes (MAX_CARRIED_DEFINITION %d)",
+                    automation.id, size, MAX_CARRIED_DEFINITION)
+        return []
+    return [automation]
 
 
 def _match_result(

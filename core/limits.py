@@ -34,6 +34,9 @@ MAX_BODY_BYTES = 1024 * 1024  # any /v1 request body (413)
 MAX_AUTOMATIONS_PER_WORKSPACE = 500
 MAX_AUTOMATIONS_PER_CHANNEL = 200
 MAX_DEFINITION_SIZE = 256 * 1024  # JSON size of {"trigger": ..., "steps": [...]}
+# A definition stored before MAX_DEFINITION_SIZE and over this cannot start:
+# with the event and the contact it would not fit a 2 MB workflow payload.
+MAX_CARRIED_DEFINITION = 1024 * 1024
 MAX_STEPS = 100
 MAX_AUTOMATION_NAME = 200
 MAX_TEXT = 1000  # a message's text (send_message, retry prompts, fallbacks, handoff, broadcasts): Instagram's

@@ -39,6 +39,7 @@ from core.flow import AutomationCreate, definition_dict
 from core.limits import (
     MAX_AUTOMATIONS_PER_CHANNEL,
     MAX_AUTOMATIONS_PER_WORKSPACE,
+    MAX_CARRIED_DEFINITION,
     MAX_DEFINITION_SIZE,
     MAX_FIELD_KEY,
     MAX_FIELD_VALUE,
@@ -60,7 +61,14 @@ from core.limits import (
     json_size,
 )
 
-from helpers import connect_instagram, create_automation, create_tenant
+from helpers import (
+    connect_instagram,
+    create_automation,
+    create_tenant,
+    new_sender,
+    send_dm,
+    wait_for_messages,
+)
 
 EMOJI = "\U0001f600"  # one character, 12 bytes of JSON once escaped
 HALF_OF_TEMPORALS_LIMIT = 1024 * 1024
@@ -419,6 +427,34 @@ async def test_an_automation_stored_over_a_limit_can_be_renamed_and_paused(stack
     # A change of its steps is checked against today's limits.
     r = await stack.api.patch(url, headers=tenant.headers, json={"trigger": {"type": "api"}})
     assert "at most 100 items" in _problem(r) and len(r.content) < 2000
+
+
+async def test_an_automation_stored_too_large_to_carry_starts_nothing_and_the_contact_goes_on(stack):
+    """A definition of 2.4 MB of JSON (stored before the limits) would fail
+    the conversation's task in a loop: it starts nothing, with a log line,
+    the person's next message is answered, and the API refuses to start it."""
+    tenant = await create_tenant(stack)
+    channel, account_id, _ = await connect_instagram(stack, tenant)
+    huge = await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["hugeflow"]},
+                                   _flow())
+    await create_automation(stack, tenant, channel["id"], {"type": "dm_keyword", "keywords": ["smallflow"]},
+                            _flow("the small flow answers"))
+    definition = {"trigger": {"type": "dm_keyword", "keywords": ["hugeflow"]}, "steps": _flow(EMOJI * 200_000)}
+    assert json_size(definition) > MAX_CARRIED_DEFINITION
+    with Session(stack.deps.engine) as db:
+        row = db.get(Automation, huge["id"])
+        row.definition = definition
+        db.add(row)
+        db.commit()
+    person = new_sender()
+    await send_dm(stack, account_id, person, "hugeflow please")
+    await send_dm(stack, account_id, person, "smallflow please")
+    messages = await wait_for_messages(stack, person, 1)
+    assert [m["json"]["message"]["text"] for m in messages] == ["the small flow answers"]
+    contact = (await stack.api.get("/v1/contacts", headers=tenant.headers)).json()["data"][0]
+    r = await stack.api.post(f"/v1/automations/{huge['id']}/runs", headers=tenant.headers,
+                             json={"contact_id": contact["id"]})
+    assert r.status_code == 409 and "MAX_CARRIED_DEFINITION" in r.text, r.text
 
 
 async def _contact(stack, tenant, channel_id, **values) -> str:

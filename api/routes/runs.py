@@ -29,7 +29,7 @@ from api.dispatch import signal_conversation
 from api.problems import unprocessable
 from core.contracts import AutomationSnapshot, ExternalEventSignal, RunStatus, StartAutomationSignal
 from core.db import Automation, Channel, Contact, Run
-from core.limits import MAX_RUN_CONTEXT_SIZE, json_size
+from core.limits import MAX_CARRIED_DEFINITION, MAX_RUN_CONTEXT_SIZE, json_size
 from core.observability import RUNS_STARTED
 
 router = APIRouter(tags=["runs"])
@@ -154,6 +154,12 @@ async def start_run(
     channel = session.get(Channel, automation.channel_id)
     if channel is None or channel.status != "active":
         raise HTTPException(status.HTTP_409_CONFLICT, "the automation's channel is not active")
+    if json_size(automation.definition) > MAX_CARRIED_DEFINITION:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"the automation's definition is larger than a run can carry (MAX_CARRIED_DEFINITION "
+            f"{MAX_CARRIED_DEFINITION} bytes): edit it below MAX_DEFINITION_SIZE first",
+        )
     run_id = f"{workspace.id}/run/{automation.id}/{contact.id}/api-{secrets.token_hex(6)}"
     await signal_conversation(
         temporal,

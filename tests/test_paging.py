@@ -25,7 +25,7 @@ from activities.privacy import PrivacyActivities
 from api.deps import MAX_OFFSET
 from api.main import create_app
 from api.routes import export
-from core import personal_data as core_export
+from core import personal_data
 from core.contracts import EraseStepInput, UpdateContactInput
 from core.crypto import hash_api_key
 from core.db import (
@@ -275,7 +275,7 @@ async def test_tag_filter_pages_and_counts_follow_every_write_of_tags(app, api, 
 async def test_the_workspace_export_pages_through_contact_tags(app, tenants, monkeypatch):
     tenant = tenants()
     add_contacts(app.state.engine, tenant, [["a", "b"], ["b"], ["c", "a", "d"]])
-    monkeypatch.setattr(core_export, "BATCH_SIZE", 2)  # keyset paging over the (contact, tag) key
+    monkeypatch.setattr(personal_data, "BATCH_SIZE", 2)  # keyset paging over the (contact, tag) key
     content = b"".join(export.stream_workspace_zip(app.state.engine, tenant.id))
     with zipfile.ZipFile(io.BytesIO(content)) as zf:
         rows = [json.loads(line) for line in zf.read("contacttag.jsonl").splitlines()]

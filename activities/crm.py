@@ -43,6 +43,7 @@ from core.limits import (
     MAX_NAME,
     MAX_TAG,
     MAX_TAGS,
+    fields_refused,
     json_size,
     value_length,
 )
@@ -338,12 +339,10 @@ def _with_set_fields(contact_id: str, fields: dict, changes: dict) -> dict:
     for key, value in changes.items():
         if isinstance(value, str):
             value = value[:MAX_FIELD_VALUE]
-        if key not in fields and len(fields) >= MAX_FIELDS:
-            log.warning("contact %s has %d fields (MAX_FIELDS): field %r is not set", contact_id, len(fields), key)
-            continue
         updated = {**fields, key: value}
-        if json_size(updated) > max(MAX_FIELDS_SIZE, json_size(fields)):
-            log.warning("contact %s: field %r would take its fields over MAX_FIELDS_SIZE: not set", contact_id, key)
+        refused = fields_refused(fields, updated)
+        if refused:
+            log.warning("contact %s: field %r is not set: %s", contact_id, key, refused)
             continue
         fields = updated
     return fields

@@ -97,6 +97,18 @@ def value_length(value: Any) -> int:
     return len(value) if isinstance(value, str) else len(json.dumps(value, ensure_ascii=False, default=str))
 
 
+def fields_refused(before: dict, after: dict) -> str | None:
+    """Why a contact's fields may not go from ``before`` to ``after`` (None:
+    they may): over MAX_FIELDS fields or MAX_FIELDS_SIZE bytes, unless no
+    larger than before, so a contact stored over them can still shrink."""
+    if len(after) > MAX_FIELDS and len(after) > len(before):
+        return f"the contact would have {len(after)} fields; the limit is {MAX_FIELDS} (MAX_FIELDS)"
+    size = json_size(after)
+    if size > MAX_FIELDS_SIZE and size > json_size(before):
+        return f"the contact's fields would be {size} bytes of JSON; the limit is {MAX_FIELDS_SIZE} (MAX_FIELDS_SIZE)"
+    return None
+
+
 def shown(value: Any, limit: int = 40) -> str:
     """A refused value as an error message quotes it: its start, never all of it."""
     text = value if isinstance(value, str) else json.dumps(value, default=str)

@@ -45,7 +45,7 @@ from core.limits import (
     MAX_TAG,
     MAX_TAGS,
     MAX_TEXT,
-    json_size,
+    fields_refused,
     shown,
     value_length,
 )
@@ -131,17 +131,9 @@ def _merged_fields(current: dict[str, Any], changes: dict[str, Any]) -> dict[str
             fields.pop(key, None)
         else:
             fields[key] = value
-    if len(fields) > MAX_FIELDS and len(fields) > len(current):
-        raise unprocessable(
-            ["body", "fields"],
-            f"the contact would have {len(fields)} fields; the limit is {MAX_FIELDS} (MAX_FIELDS)",
-        )
-    size = json_size(fields)
-    if size > MAX_FIELDS_SIZE and size > json_size(current):
-        raise unprocessable(
-            ["body", "fields"],
-            f"the contact's fields would be {size} bytes of JSON; the limit is {MAX_FIELDS_SIZE} (MAX_FIELDS_SIZE)",
-        )
+    refused = fields_refused(current, fields)
+    if refused:
+        raise unprocessable(["body", "fields"], refused)
     return fields
 
 
